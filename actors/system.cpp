@@ -1,0 +1,29 @@
+#include "actors/system.hpp"
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/messages.hpp"
+
+namespace petrel {
+
+petrel_config::petrel_config(bool testing) {
+  add_message_types<caf::id_block::petrel>();
+  add_error_category(caf::atom("petrel"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
+    std::string out = std::string("petrel.") + to_string(static_cast<petrel_errc>(code));
+    if (ctx.match_elements<std::string>())
+      out += ": " + ctx.get_as<std::string>(0);
+    return out;
+  });
+  set("logger.file-verbosity", caf::atom("quiet"));
+  set("logger.console-verbosity", caf::atom("quiet"));
+  if (testing) {
+    set("scheduler.policy", caf::atom("testing"));
+  } else {
+    load<caf::io::middleman>();
+    set("scheduler.max-threads", size_t{2});
+    set("middleman.heartbeat-interval", caf::timespan{std::chrono::milliseconds(250)});
+  }
+}
+
+} // namespace petrel

@@ -1,0 +1,132 @@
+// cluster.yaml: the topology of a Petrel cluster, loaded once and validated into one struct per
+// section. Nothing reads YAML after load_cluster_config() returns. docs/cluster-yaml.md is the
+// reference for every key.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace petrel {
+
+/// A cluster.yaml problem. what() reads "FILE:LINE: what is wrong (and the fix)".
+struct config_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+using duration_ms = std::chrono::milliseconds;
+
+/// Parses "10s", "1500ms", "2m", "0.5s" (a bare number means seconds). Throws std::invalid_argument.
+duration_ms parse_duration(const std::string& text);
+
+// -- sections -------------------------------------------------------------------
+
+struct cluster_section {
+  std::string name = "petrel";
+  std::string run_dir = "/tmp/petrel"; // pid files, logs and the status socket of a running cluster
+};
+
+struct model_section {
+  std::string path;              // checkpoint directory (config.json + safetensors), or "dummy"
+  std::string dummy_config;      // with path == "dummy": a config.json to build random weights from
+  std::string served_name;       // the model name clients ask for (defaults to the directory name)
+  std::string backend = "cpu";   // cpu | cuda
+  int max_context = 0;           // 0: the model's max_position_embeddings
+  bool is_dummy() const { return path == "dummy"; }
+};
+
+struct endpoint {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;
+};
+
+struct rank_spec {
+  std::string device = "cpu"; // cpu | cuda:N
+  bool is_cuda() const { return device.rfind("cuda:", 0) == 0; }
+  int cuda_index() const; // -1 for cpu
+};
+
+struct node_section {
+  std::string name;
+  endpoint address;            // where this node's process publishes its actors (CAF middleman)
+  std::vector<rank_spec> ranks;
+  int line = 0;                // for error messages that point back into the file
+};
+
+enum class group_role { prefill, decode };
+
+struct group_section {
+  std::string name;
+  group_role role = group_role::prefill;
+  std::vector<std::string> nodes; // node names; the group's ranks are those nodes' ranks, in order
+  int ep_size = 1;                // expert-parallel width; must equal the group's rank count
+  int redundant_experts = 0;      // extra physical expert slots placed by EPLB
+  std::string init_expert_location; // optional placement file (phy2log JSON)
+  // prefill
+  int chunk_tokens = 256;         // chunked prefill: tokens of one prompt per step
+  int max_batch_tokens = 1024;    // token budget of one prefill step across requests
+  // decode
+  int max_running = 32;           // running-batch slots per group
+  int kv_pages = 256;             // KV pool pages per rank
+  int page_size = 16;             // tokens per KV page
+  int line = 0;
+};
+
+enum class restart_strategy { one_for_one, one_for_all, rest_for_one };
+
+struct supervision_section {
+  restart_strategy strategy = restart_strategy::one_for_one; // inside each node process
+  int intensity = 5;                                          // at most this many restarts ...
+  duration_ms period{10'000};                                 // ... within this window, else escalate
+  int node_intensity = 3;                                     // node-process restarts by the head
+  duration_ms node_period{30'000};
+  duration_ms heartbeat{500};                                 // head <-> node liveness probe
+};
+
+struct gateway_section {
+  endpoint address{"127.0.0.1", 8080};
+  int threads = 2;
+  int max_queued = 256;       // requests waiting for admission before 503 + Retry-After
+  int max_body_bytes = 8 << 20;
+};
+
+struct transport_section {
+  std::string kv_tls = "tcp";        // UCX transports for KV pages: tcp detects dead peers; shm does not
+  duration_ms kv_timeout{10'000};    // a KV transfer that takes longer fails (never hangs)
+  std::string expert_exchange = "inproc"; // inproc | ucx | nccl
+  endpoint head{"127.0.0.1", 0};     // the head process's CAF port (0: pick a free one)
+};
+
+/// The whole validated cluster.yaml.
+struct cluster_config {
+  std::string source;          // the file it was loaded from
+  cluster_section cluster;
+  model_section model;
+  gateway_section gateway;
+  supervision_section supervision;
+  transport_section transport;
+  std::vector<node_section> nodes;
+  std::vector<group_section> groups;
+
+  const node_section* find_node(const std::string& name) const;
+  const group_section* find_group(const std::string& name) const;
+  /// The groups a node serves (a node belongs to exactly one group).
+  const group_section* group_of(const std::string& node) const;
+  std::vector<const group_section*> groups_with(group_role role) const;
+};
+
+/// Loads and validates FILE. Relative model paths resolve against the file's directory.
+/// Throws config_error with "FILE:LINE: ..." on any problem.
+cluster_config load_cluster_config(const std::string& file);
+
+/// Same, from text (for tests); `name` is used in error messages.
+cluster_config parse_cluster_config(const std::string& yaml_text, const std::string& name,
+                                    const std::string& base_dir = ".");
+
+const char* to_string(restart_strategy s);
+const char* to_string(group_role r);
+
+} // namespace petrel
