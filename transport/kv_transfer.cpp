@@ -847,12 +847,24 @@ public:
     return kv_transfer_status::transport_error;
   }
 
+  void fail_in_stage(uint64_t seq, const transfer_record& t, const char* stage_name, ucs_status_t status) {
+    auto st = classify(t, status);
+    std::string msg = "transfer " + std::to_string(t.request.transfer_id) + " (epoch " +
+                      std::to_string(t.request.epoch) + ") ";
+    if (st == kv_transfer_status::peer_lost)
+      msg += "failed in " + std::string(stage_name) + ": peer " + std::to_string(t.request.peer) + " lost (" +
+             ucs_status_string(status) + ")";
+    else
+      msg += "failed in " + std::string(stage_name) + ": " + ucs_status_string(status);
+    finish(seq, st, std::move(msg));
+  }
+
   void on_flushed(uint64_t seq, ucs_status_t status) {
     auto it = inflight.find(seq);
     if (it == inflight.end()) return; // already ended (deadline, peer loss)
     transfer_record& t = it->second;
     auto tag = "transfer " + std::to_string(t.request.transfer_id) + ": ";
-    if (status != UCS_OK) return finish(seq, classify(t, status), tag + ucs_error("flush", status));
+    if (status != UCS_OK) return fail_in_stage(seq, t, "flush", status);
     t.flushed = clock_type::now();
     t.at = stage::notify;
     auto pit = peers.find(t.request.peer);
@@ -879,9 +891,7 @@ public:
   void on_notice_sent(uint64_t seq, ucs_status_t status) {
     auto it = inflight.find(seq);
     if (it == inflight.end()) return;
-    if (status != UCS_OK)
-      return finish(seq, classify(it->second, status),
-                    "transfer " + std::to_string(it->second.request.transfer_id) + ": " + ucs_error("notify", status));
+    if (status != UCS_OK) return fail_in_stage(seq, it->second, "notify", status);
     finish(seq, kv_transfer_status::ok, {});
   }
 
