@@ -1,0 +1,511 @@
+// Petrel's fp8 block-scaled GEMMs on sm_90a: dense, grouped-contiguous and grouped-masked.
+//
+// Layout: A e4m3 [rows, K], A scales float [K/128][ld(rows)], B e4m3 [groups, N, K],
+//         B scales float [groups, ceil(N/128), K/128], D bf16 [rows, N] (fp8_layout.hpp).
+// Bound:  compute for prefill shapes (M in thousands), weight bandwidth for decode shapes.
+//
+// Design (docs/cuda-kernels.md):
+//  * One CTA = 3 warpgroups. Warpgroup 0 is the producer: one thread issues TMA loads
+//    (cp.async.bulk.tensor, 128B swizzle) of the A tile (128 x 128 fp8), the B tile (BLOCK_N x 128 fp8)
+//    and the tile's 128 A scales for one K block into a ring of shared-memory stages, each guarded by
+//    a "full" and an "empty" mbarrier. Warpgroups 1 and 2 are consumers, 64 rows each.
+//  * Per 128-wide K block a consumer issues 4 wgmma m64nNk32 (e4m3, fp32 accumulate) into a fresh
+//    accumulator, waits for them, releases the stage, then promotes: total += acc * sa[row] * sb.
+//    Accumulating each K block separately and scaling in fp32 is the block-scaled math, and it also
+//    sidesteps the tensor cores' reduced-precision fp8 accumulation over long K.
+//  * Persistent grid (one CTA per SM) walking tiles in a rasterised order, so the producer loads the
+//    next tile while the consumers run the epilogue of the current one.
+//  * setmaxnreg moves registers from the producer (40) to the consumers (232).
+#include "kernels/cuda/grouped_gemm_fp8.hpp"
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <climits>
+#include <mutex>
+#include <string>
+
+namespace petrel::cuda {
+namespace {
+
+// -- constants --------------------------------------------------------------------------
+constexpr int block_m = 128;               // rows per tile (two consumer warpgroups x 64)
+constexpr int block_k = 128;               // K per stage = one scale block = one 128B swizzle row of fp8
+constexpr int num_threads = 384;           // producer warpgroup + 2 consumer warpgroups
+constexpr int consumer_warps = 8;
+constexpr int raster_n = 8;                // n-blocks per rasterisation column
+constexpr int smem_limit = 227 * 1024;
+
+enum class gemm_mode : int { dense = 0, contiguous = 1, masked = 2 };
+
+struct gemm_params {
+  gemm_mode mode;
+  int num_groups;
+  int m_rows;          // rows of A viewed as 2D (dense m, contiguous m_total, masked groups * max_m)
+  int max_m;           // masked only
+  int n;
+  int k;
+  int m_blocks;        // dense/contiguous: ceil(m_rows/128); masked: groups * ceil(max_m/128)
+  int m_blocks_per_group;
+  int n_blocks;
+  int num_tiles;
+  const int* m_indices;
+  const int* masked_m;
+  const float* b_scales;
+  __nv_bfloat16* d;
+};
+
+template <int BLOCK_N>
+struct tile_config {
+  static constexpr int a_bytes = block_m * block_k;
+  static constexpr int b_bytes = BLOCK_N * block_k;
+  static constexpr int sa_bytes = block_m * 4;
+  static constexpr int stage_bytes = a_bytes + b_bytes + sa_bytes;
+  static constexpr int stages = std::min(8, (smem_limit - 2048) / stage_bytes);
+  static constexpr int smem_bytes = stages * stage_bytes + stages * 16 + 1024; // + barriers + alignment slack
+  static constexpr int acc_regs = BLOCK_N / 2;
+};
+
+// -- device helpers: shared memory, mbarrier, TMA ---------------------------------------
+__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(std::uint64_t* bar, std::uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(std::uint64_t* bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t parity) {
+  std::uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void tma_load_2d(const CUtensorMap* map, void* dst, std::uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<std::uint64_t>(map)) : "memory");
+}
+
+// -- device helpers: wgmma --------------------------------------------------------------
+// Shared-memory matrix descriptor for a K-major tile whose rows are 128 bytes, 128B-swizzled, 8-row
+// core groups 1024 bytes apart (exactly what a TMA box of 128 bytes x rows with SWIZZLE_128B writes).
+__device__ __forceinline__ std::uint64_t smem_descriptor(const void* tile) {
+  const std::uint64_t addr = smem_addr(tile);
+  std::uint64_t desc = (addr & 0x3FFFFull) >> 4;     // start address
+  desc |= 1ull << 16;                                  // leading byte offset (unused for swizzled K-major)
+  desc |= static_cast<std::uint64_t>(1024 >> 4) << 32; // stride byte offset: 8 rows x 128 B
+  desc |= 1ull << 62;                                  // 128B swizzle
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// wgmma m64n64k32, e4m3 x e4m3 -> f32, A and B from shared memory (K-major, 128B swizzle).
+// scale_d == 0 overwrites the accumulators, 1 accumulates.
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b,
+                                                     int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// wgmma m64n128k32, e4m3 x e4m3 -> f32, A and B from shared memory (K-major, 128B swizzle).
+// scale_d == 0 overwrites the accumulators, 1 accumulates.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], std::uint64_t desc_a, std::uint64_t desc_b,
+                                                     int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+template <int BLOCK_N>
+__device__ __forceinline__ void wgmma_k32(float (&d)[BLOCK_N / 2], std::uint64_t desc_a, std::uint64_t desc_b, int scale_d) {
+  if constexpr (BLOCK_N == 128) wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
+  else wgmma_m64n64k32_e4m3(d, desc_a, desc_b, scale_d);
+}
+
+// -- device helpers: tile schedule ------------------------------------------------------
+struct tile_coord {
+  int a_row0;     // first row of the tile in A (and D) viewed as 2D
+  int group;      // expert
+  int n0;         // first output column
+  int rows_valid; // dense/masked: rows of the tile to store; contiguous: rows inside A
+  bool skip;
+};
+
+// Rasterised order: columns of raster_n n-blocks; inside a column, the n-blocks of one m-block are
+// consecutive, so CTAs running at the same time share A tiles and a narrow band of B in L2.
+template <int BLOCK_N>
+__device__ __forceinline__ tile_coord decode_tile(const gemm_params& p, int t) {
+  const int per_column = p.m_blocks * raster_n;
+  const int column = t / per_column;
+  const int first_n = column * raster_n;
+  const int width = min(raster_n, p.n_blocks - first_n);
+  const int r = t - column * per_column;
+  const int mb = r / width;
+  const int nb = first_n + r % width;
+  tile_coord c;
+  c.n0 = nb * BLOCK_N;
+  c.skip = false;
+  if (p.mode == gemm_mode::masked) {
+    const int g = mb / p.m_blocks_per_group;
+    const int local0 = (mb % p.m_blocks_per_group) * block_m;
+    const int count = min(max(__ldg(p.masked_m + g), 0), p.max_m);
+    c.group = g;
+    c.a_row0 = g * p.max_m + local0;
+    c.rows_valid = min(block_m, count - local0);
+    c.skip = local0 >= count;
+  } else {
+    c.a_row0 = mb * block_m;
+    c.rows_valid = min(block_m, p.m_rows - c.a_row0);
+    if (p.mode == gemm_mode::contiguous) {
+      c.group = __ldg(p.m_indices + c.a_row0);
+      c.skip = c.group < 0 || c.group >= p.num_groups;
+    } else {
+      c.group = 0;
+    }
+  }
+  return c;
+}
+
+// -- kernel -----------------------------------------------------------------------------
+template <int BLOCK_N>
+__global__ void __launch_bounds__(num_threads, 1)
+fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                   const __grid_constant__ CUtensorMap map_sa, const gemm_params p) {
+  using cfg = tile_config<BLOCK_N>;
+  constexpr int stages = cfg::stages;
+  extern __shared__ std::uint8_t smem_raw[];
+  std::uint8_t* smem = reinterpret_cast<std::uint8_t*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
+  std::uint8_t* smem_a = smem;
+  std::uint8_t* smem_b = smem_a + stages * cfg::a_bytes;
+  float* smem_sa = reinterpret_cast<float*>(smem_b + stages * cfg::b_bytes);
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_sa + stages * block_m);
+  std::uint64_t* empty = full + stages;
+
+  const int warpgroup = threadIdx.x / 128;
+  const int k_blocks = p.k / block_k;
+
+  if (threadIdx.x == 0) {
+    tma_prefetch_descriptor(&map_a);
+    tma_prefetch_descriptor(&map_b);
+    tma_prefetch_descriptor(&map_sa);
+#pragma unroll
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], consumer_warps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      std::uint32_t phase = 0;
+      for (int t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
+        const tile_coord c = decode_tile<BLOCK_N>(p, t);
+        if (c.skip) continue;
+        const int b_row0 = c.group * p.n + c.n0;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_arrive_expect_tx(&full[stage], cfg::stage_bytes);
+          tma_load_2d(&map_a, smem_a + stage * cfg::a_bytes, &full[stage], kb * block_k, c.a_row0);
+          tma_load_2d(&map_b, smem_b + stage * cfg::b_bytes, &full[stage], kb * block_k, b_row0);
+          tma_load_2d(&map_sa, smem_sa + stage * block_m, &full[stage], c.a_row0, kb);
+          if (++stage == stages) { stage = 0; phase ^= 1; }
+        }
+      }
+    }
+  } else {
+    // ---- consumers ----
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int cw = warpgroup - 1;                    // which 64-row half of the tile
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    const int row_in_tile = cw * 64 + warp * 16 + lane / 4; // this thread's rows: row_in_tile and +8
+    const int n_scale_blocks = (p.n + block_k - 1) / block_k;
+    float acc[cfg::acc_regs];
+    float total[cfg::acc_regs];
+#pragma unroll
+    for (int i = 0; i < cfg::acc_regs; ++i) acc[i] = 0.0f;
+    int stage = 0;
+    std::uint32_t phase = 0;
+    for (int t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
+      const tile_coord c = decode_tile<BLOCK_N>(p, t);
+      if (c.skip) continue;
+      const float* sb_ptr = p.b_scales + (static_cast<std::int64_t>(c.group) * n_scale_blocks + c.n0 / block_k) * k_blocks;
+#pragma unroll
+      for (int i = 0; i < cfg::acc_regs; ++i) total[i] = 0.0f;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        const float sb = __ldg(sb_ptr + kb);
+        mbar_wait(&full[stage], phase);
+        const float* sa = smem_sa + stage * block_m;
+        const float sa0 = sa[row_in_tile];
+        const float sa1 = sa[row_in_tile + 8];
+        const std::uint64_t desc_a = smem_descriptor(smem_a + stage * cfg::a_bytes + cw * 64 * block_k);
+        const std::uint64_t desc_b = smem_descriptor(smem_b + stage * cfg::b_bytes);
+        fence_registers(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int i = 0; i < block_k / 32; ++i) wgmma_k32<BLOCK_N>(acc, desc_a + 2 * i, desc_b + 2 * i, i > 0 ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_registers(acc);
+        if (lane == 0) mbar_arrive(&empty[stage]);
+        const float s0 = sa0 * sb, s1 = sa1 * sb;
+#pragma unroll
+        for (int j = 0; j < cfg::acc_regs / 4; ++j) {
+          total[4 * j + 0] = fmaf(acc[4 * j + 0], s0, total[4 * j + 0]);
+          total[4 * j + 1] = fmaf(acc[4 * j + 1], s0, total[4 * j + 1]);
+          total[4 * j + 2] = fmaf(acc[4 * j + 2], s1, total[4 * j + 2]);
+          total[4 * j + 3] = fmaf(acc[4 * j + 3], s1, total[4 * j + 3]);
+        }
+        if (++stage == stages) { stage = 0; phase ^= 1; }
+      }
+      // ---- epilogue: fp32 -> bf16, straight from registers ----
+      bool valid[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row_in_tile + 8 * h;
+        if (p.mode == gemm_mode::contiguous)
+          valid[h] = r < c.rows_valid && __ldg(p.m_indices + c.a_row0 + r) == c.group;
+        else
+          valid[h] = r < c.rows_valid;
+      }
+      const int col_base = c.n0 + (lane % 4) * 2;
+#pragma unroll
+      for (int j = 0; j < cfg::acc_regs / 4; ++j) {
+        const int col = col_base + j * 8;
+        if (col >= p.n) continue;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (!valid[h]) continue;
+          const std::int64_t row = c.a_row0 + row_in_tile + 8 * h;
+          *reinterpret_cast<__nv_bfloat162*>(p.d + row * p.n + col) =
+              __floats2bfloat162_rn(total[4 * j + 2 * h], total[4 * j + 2 * h + 1]);
+        }
+      }
+    }
+  }
+}
+
+// -- launcher ---------------------------------------------------------------------------
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult result{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &result) != cudaSuccess ||
+        result != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+int sm_count() {
+  static int count = [] {
+    int dev = 0, n = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n > 0 ? n : 132;
+  }();
+  return count;
+}
+
+bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, std::uint64_t inner, std::uint64_t outer,
+               std::uint64_t row_stride_bytes, std::uint32_t box_inner, std::uint32_t box_outer, CUtensorMapSwizzle swizzle) {
+  auto encode = tensor_map_encoder();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {row_stride_bytes};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+int block_n_override = 0;
+
+int pick_block_n(std::int64_t m_blocks, std::int64_t n) {
+  if (block_n_override == 64 || block_n_override == 128) return block_n_override;
+  // Wide tiles halve B traffic per FLOP, narrow ones double the CTAs: go narrow only when
+  // 128-wide tiles would leave most SMs idle.
+  const std::int64_t tiles128 = m_blocks * ((n + 127) / 128);
+  return tiles128 * 2 <= sm_count() ? 64 : 128;
+}
+
+template <int BLOCK_N>
+kernel_status launch(gemm_params p, const void* a_fp8, const float* a_scales, const void* b_fp8, cudaStream_t stream,
+                     const char* name) {
+  using cfg = tile_config<BLOCK_N>;
+  p.n_blocks = (p.n + BLOCK_N - 1) / BLOCK_N;
+  p.num_tiles = p.m_blocks * p.n_blocks;
+  if (p.num_tiles == 0) return kernel_status::success();
+  CUtensorMap map_a, map_b, map_sa;
+  const std::int64_t ld = fp8_scale_ld(p.m_rows);
+  if (!encode_2d(&map_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, a_fp8, p.k, p.m_rows, p.k, block_k, block_m,
+                 CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode_2d(&map_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, b_fp8, p.k, static_cast<std::uint64_t>(p.num_groups) * p.n, p.k,
+                 block_k, BLOCK_N, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode_2d(&map_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a_scales, p.m_rows, p.k / block_k, ld * 4, block_m, 1,
+                 CU_TENSOR_MAP_SWIZZLE_NONE))
+    return kernel_status::failure(std::string(name) + ": cannot encode a TMA descriptor (driver entry point missing or bad alignment)");
+  static std::once_flag attr_once;
+  std::call_once(attr_once, [] {
+    cudaFuncSetAttribute(fp8_gemm_nt_kernel<BLOCK_N>, cudaFuncAttributeMaxDynamicSharedMemorySize, cfg::smem_bytes);
+  });
+  const int grid = std::min(p.num_tiles, sm_count());
+  fp8_gemm_nt_kernel<BLOCK_N><<<grid, num_threads, cfg::smem_bytes, stream>>>(map_a, map_b, map_sa, p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return kernel_status::failure(std::string(name) + ": launch failed: " + cudaGetErrorString(err));
+  return kernel_status::success();
+}
+
+kernel_status check_common(const char* name, const void* a, const float* sa, const void* b, const float* sb, void* d,
+                           std::int64_t rows, std::int64_t n, std::int64_t k, int groups) {
+  const std::string who(name);
+  if (k <= 0 || k % block_k != 0) return kernel_status::failure(who + ": k=" + std::to_string(k) + " must be a positive multiple of 128");
+  if (n <= 0 || n % 8 != 0) return kernel_status::failure(who + ": n=" + std::to_string(n) + " must be a positive multiple of 8");
+  if (groups <= 0) return kernel_status::failure(who + ": num_groups must be positive");
+  if (rows < 0 || rows > INT_MAX - block_m || static_cast<std::int64_t>(groups) * n > INT_MAX || k > INT_MAX)
+    return kernel_status::failure(who + ": shape too large for 32-bit tile coordinates");
+  if (rows > 0 && (!a || !sa || !b || !sb || !d)) return kernel_status::failure(who + ": null pointer");
+  return kernel_status::success();
+}
+
+} // namespace
+
+void set_grouped_gemm_block_n_override(int block_n) { block_n_override = block_n; }
+
+grouped_gemm_config grouped_gemm_config_for(std::int64_t m_blocks, std::int64_t n) {
+  grouped_gemm_config c;
+  c.block_n = pick_block_n(m_blocks, n);
+  c.stages = c.block_n == 128 ? tile_config<128>::stages : tile_config<64>::stages;
+  c.tiles = static_cast<int>(m_blocks * ((n + c.block_n - 1) / c.block_n));
+  c.ctas = std::min(c.tiles, sm_count());
+  return c;
+}
+
+static kernel_status dispatch(gemm_params p, const void* a, const float* sa, const void* b, cudaStream_t stream, const char* name) {
+  return pick_block_n(p.m_blocks, p.n) == 64 ? launch<64>(p, a, sa, b, stream, name) : launch<128>(p, a, sa, b, stream, name);
+}
+
+kernel_status fp8_gemm_nt(const void* a_fp8, const float* a_scales, std::int64_t m, const void* b_fp8,
+                          const float* b_scales, std::int64_t n, std::int64_t k, void* d_bf16, cudaStream_t stream) {
+  if (auto s = check_common("fp8_gemm_nt", a_fp8, a_scales, b_fp8, b_scales, d_bf16, m, n, k, 1); !s.ok()) return s;
+  if (m == 0) return kernel_status::success();
+  gemm_params p{};
+  p.mode = gemm_mode::dense;
+  p.num_groups = 1;
+  p.m_rows = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.m_blocks = static_cast<int>((m + block_m - 1) / block_m);
+  p.m_blocks_per_group = p.m_blocks;
+  p.b_scales = b_scales;
+  p.d = static_cast<__nv_bfloat16*>(d_bf16);
+  return dispatch(p, a_fp8, a_scales, b_fp8, stream, "fp8_gemm_nt");
+}
+
+kernel_status m_grouped_fp8_gemm_nt_contiguous(const void* a_fp8, const float* a_scales, std::int64_t m_total,
+                                               const int* m_indices, const void* b_fp8, const float* b_scales,
+                                               int num_groups, std::int64_t n, std::int64_t k, void* d_bf16,
+                                               cudaStream_t stream) {
+  const char* name = "m_grouped_fp8_gemm_nt_contiguous";
+  if (auto s = check_common(name, a_fp8, a_scales, b_fp8, b_scales, d_bf16, m_total, n, k, num_groups); !s.ok()) return s;
+  if (m_total % block_m != 0)
+    return kernel_status::failure(std::string(name) + ": m_total=" + std::to_string(m_total) + " must be a multiple of 128");
+  if (m_total == 0) return kernel_status::success();
+  if (!m_indices) return kernel_status::failure(std::string(name) + ": m_indices is null");
+  gemm_params p{};
+  p.mode = gemm_mode::contiguous;
+  p.num_groups = num_groups;
+  p.m_rows = static_cast<int>(m_total);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.m_blocks = static_cast<int>(m_total / block_m);
+  p.m_blocks_per_group = p.m_blocks;
+  p.m_indices = m_indices;
+  p.b_scales = b_scales;
+  p.d = static_cast<__nv_bfloat16*>(d_bf16);
+  return dispatch(p, a_fp8, a_scales, b_fp8, stream, name);
+}
+
+kernel_status m_grouped_fp8_gemm_nt_masked(const void* a_fp8, const float* a_scales, int num_groups,
+                                           std::int64_t max_m, const int* masked_m, const void* b_fp8,
+                                           const float* b_scales, std::int64_t n, std::int64_t k, void* d_bf16,
+                                           cudaStream_t stream) {
+  const char* name = "m_grouped_fp8_gemm_nt_masked";
+  if (max_m < 0) return kernel_status::failure(std::string(name) + ": max_m must be >= 0");
+  const std::int64_t rows = static_cast<std::int64_t>(num_groups) * max_m;
+  if (auto s = check_common(name, a_fp8, a_scales, b_fp8, b_scales, d_bf16, rows, n, k, num_groups); !s.ok()) return s;
+  if (rows == 0) return kernel_status::success();
+  if (!masked_m) return kernel_status::failure(std::string(name) + ": masked_m is null");
+  gemm_params p{};
+  p.mode = gemm_mode::masked;
+  p.num_groups = num_groups;
+  p.m_rows = static_cast<int>(rows);
+  p.max_m = static_cast<int>(max_m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.m_blocks_per_group = static_cast<int>((max_m + block_m - 1) / block_m);
+  p.m_blocks = num_groups * p.m_blocks_per_group;
+  p.masked_m = masked_m;
+  p.b_scales = b_scales;
+  p.d = static_cast<__nv_bfloat16*>(d_bf16);
+  return dispatch(p, a_fp8, a_scales, b_fp8, stream, name);
+}
+
+} // namespace petrel::cuda
