@@ -370,10 +370,23 @@ public:
     ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) return R::failure(ucs_error("ucp_config_read", s));
     s = ucp_config_modify(config, "TLS", opts.transports.c_str());
-    if (s == UCS_OK && !opts.net_devices.empty()) s = ucp_config_modify(config, "NET_DEVICES", opts.net_devices.c_str());
+    std::vector<std::pair<std::string, std::string>> settings;
+    if (!opts.net_devices.empty()) settings.emplace_back("NET_DEVICES", opts.net_devices);
+    if (opts.tcp_segment_bytes > 0 && opts.transports.find("tcp") != std::string::npos) {
+      settings.emplace_back("TX_SEG_SIZE", std::to_string(opts.tcp_segment_bytes));
+      settings.emplace_back("RX_SEG_SIZE", std::to_string(opts.tcp_segment_bytes));
+    }
+    settings.insert(settings.end(), opts.ucx_config.begin(), opts.ucx_config.end());
     if (s != UCS_OK) {
       ucp_config_release(config);
       return R::failure(ucs_error(("ucp_config_modify TLS=" + opts.transports).c_str(), s));
+    }
+    for (auto& [name, value] : settings) {
+      s = ucp_config_modify(config, name.c_str(), value.c_str());
+      if (s != UCS_OK) {
+        ucp_config_release(config);
+        return R::failure(ucs_error(("ucp_config_modify " + name + "=" + value).c_str(), s));
+      }
     }
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;

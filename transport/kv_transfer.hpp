@@ -69,6 +69,11 @@ struct kv_transfer_options {
   std::string transports = "tcp";
   /// UCX_NET_DEVICES for tcp, e.g. "lo" to stay on loopback. Empty: UCX's default (all interfaces).
   std::string net_devices;
+  /// UCX tcp segment size (UCX_TCP_TX_SEG_SIZE / _RX_SEG_SIZE). UCX's default of 8 KiB costs ~3x bandwidth on
+  /// KV pages (tens of KiB each); 0 keeps UCX's default.
+  size_t tcp_segment_bytes = 256 * 1024;
+  /// Further UCX settings, name without the UCX_ prefix (e.g. {"TCP_SNDBUF", "4m"}); applied last.
+  std::vector<std::pair<std::string, std::string>> ucx_config;
   /// automatic: peer when `transports` names tcp, none otherwise.
   kv_error_mode error_mode = kv_error_mode::automatic;
   /// Every transfer ends within this time (ok or an error), unless the request sets its own deadline.
