@@ -33,6 +33,7 @@ using steady = std::chrono::steady_clock;
 namespace {
 
 constexpr const char* child_env = "PETREL_KV_TEST_CHILD_POOL";
+constexpr const char* child_tls_env = "PETREL_KV_TEST_CHILD_TLS";
 constexpr int child_report_fd = 3;
 
 uint64_t fnv1a(const uint8_t* p, size_t n) {
@@ -54,10 +55,10 @@ void write_line(int fd, const std::string& s) {
   }
 }
 
-kv_transfer_options loopback_tcp() {
+kv_transfer_options loopback(const std::string& tls = "tcp") {
   kv_transfer_options o;
-  o.transports = "tcp";
-  o.net_devices = "lo";
+  o.transports = tls;
+  o.net_devices = tls == "tcp" ? "lo" : "";
   o.transfer_deadline = 5s;
   return o;
 }
@@ -66,7 +67,7 @@ kv_transfer_options loopback_tcp() {
 /// "notice <transfer_id> <epoch> <bytes> <fnv of the whole pool>" per notice, until its stdin closes.
 class child_receiver {
 public:
-  explicit child_receiver(size_t pool_bytes) {
+  explicit child_receiver(size_t pool_bytes, const std::string& tls = "tcp") {
     int to_child[2], from_child[2];
     REQUIRE(::pipe2(to_child, O_CLOEXEC) == 0);
     REQUIRE(::pipe2(from_child, O_CLOEXEC) == 0);
@@ -78,6 +79,7 @@ public:
     std::vector<std::string> env_store;
     for (char** e = environ; *e; ++e) env_store.emplace_back(*e);
     env_store.push_back(std::string(child_env) + "=" + std::to_string(pool_bytes));
+    env_store.push_back(std::string(child_tls_env) + "=" + tls);
     std::vector<char*> envp;
     for (auto& s : env_store) envp.push_back(s.data());
     envp.push_back(nullptr);
@@ -174,9 +176,10 @@ struct sender_side {
   kv_peer_id peer = 0;
   inbox<std::pair<kv_peer_id, std::string>> lost;
 
-  sender_side(size_t bytes, const kv_pool_descriptor& remote) : pool(bytes) {
+  sender_side(size_t bytes, const kv_pool_descriptor& remote, kv_transfer_options options = loopback())
+      : pool(bytes) {
     for (size_t i = 0; i < pool.size(); ++i) pool[i] = uint8_t((i * 2654435761u) >> 9);
-    auto e = kv_transfer_engine::create(loopback_tcp());
+    auto e = kv_transfer_engine::create(std::move(options));
     REQUIRE_MESSAGE(e.has_value(), e.error());
     engine = std::move(*e);
     auto d = engine->register_pool(pool.data(), pool.size());
@@ -198,7 +201,8 @@ TEST_CASE("kv child: receiving engine (does nothing unless spawned by the tests 
   if (!pool_env) return;
   size_t bytes = std::strtoull(pool_env, nullptr, 10);
   std::vector<uint8_t> pool(bytes, 0);
-  auto e = kv_transfer_engine::create(loopback_tcp());
+  const char* tls = std::getenv(child_tls_env);
+  auto e = kv_transfer_engine::create(loopback(tls ? tls : "tcp"));
   if (!e) {
     write_line(child_report_fd, "error " + e.error());
     std::_Exit(1);
@@ -377,4 +381,51 @@ TEST_CASE("kv transfer: a peer that stops progressing (SIGSTOP) -> the transfer 
   std::this_thread::sleep_for(100ms);
   CHECK(results.items().size() == 2);
   CHECK(sender.engine->counters().failed_timeout == 1);
+}
+
+TEST_CASE("kv transfer over shm (no failure detection): a killed receiver is caught by the deadline, not a hang") {
+  constexpr uint64_t page = 64 * 1024, pages = 256;
+  inbox<kv_transfer_result> results;
+  std::atomic<bool> keep_going{true};
+  std::atomic<uint64_t> submitted{0};
+  std::function<void()> submit_one;
+  child_receiver child(pages * page, "shm");
+  auto options = loopback("shm");
+  options.transfer_deadline = 1000ms;
+  sender_side sender(pages * page, child.descriptor, options);
+  submit_one = [&] {
+    uint64_t id = submitted.fetch_add(1);
+    std::vector<kv_page_range> ranges;
+    for (uint64_t i = 0; i < 8; ++i) ranges.push_back({((id + i * 3) % pages) * page, ((id * 8 + i * 5) % pages) * page, page});
+    sender.engine->transfer(sender.peer, sender.desc.pool_id, child.descriptor, ranges, id, 1,
+                            [&](const kv_transfer_result& r) {
+                              results.push(r);
+                              if (r.ok() && keep_going.load()) submit_one();
+                            });
+  };
+  for (int i = 0; i < 8; ++i) submit_one();
+  REQUIRE(results.wait_until([](auto& v) { return v.size() >= 20; }, 10s));
+  auto killed_at = steady::now();
+  child.signal(SIGKILL);
+  child.reap();
+  bool all_done = results.wait_until(
+      [&](auto& v) {
+        bool failed = false;
+        for (auto& r : v) failed |= !r.ok();
+        if (failed) keep_going.store(false);
+        return failed && v.size() == submitted.load();
+      },
+      5s);
+  keep_going.store(false);
+  auto took = steady::now() - killed_at;
+  REQUIRE_MESSAGE(all_done, "only " << results.items().size() << " of " << submitted.load() << " callbacks came");
+  std::map<std::string, int> by_status;
+  for (auto& r : results.items()) by_status[to_string(r.status)]++;
+  std::ostringstream summary;
+  for (auto& [k, n] : by_status) summary << k << "=" << n << " ";
+  MESSAGE("shm: all " << submitted.load() << " transfers ended "
+                      << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                      << " ms after SIGKILL: " << summary.str());
+  CHECK(took < 2500ms);
+  CHECK(sender.lost.items().empty()); // error mode NONE: no peer-lost callback, by design
 }
