@@ -45,11 +45,11 @@ FIXTURES = {
                                            "mscale_all_dim": 1.0}),
                  std=0.1, prompt_len=100, seed=2000, fp8=False,
                  note="tiny fp32 model with YaRN (factor 4 over 64 original positions), prompt past 64"),
-    "fp8": dict(config=dict(vocab_size=512, hidden_size=320, intermediate_size=448, moe_intermediate_size=192,
+    "fp8": dict(config=dict(vocab_size=384, hidden_size=320, intermediate_size=320, moe_intermediate_size=160,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                             q_lora_rank=192, kv_lora_rank=160, qk_rope_head_dim=32, qk_nope_head_dim=64,
                             v_head_dim=64, max_position_embeddings=512),
-                std=0.05, prompt_len=300, seed=3000, fp8=True,
+                std=0.05, prompt_len=264, seed=3000, fp8=True,
                 note="DeepSeek fp8 block-scaled checkpoint (e4m3 + 128x128 weight_scale_inv, partial blocks); "
                      "other tensors bf16, e_score_correction_bias fp32; reference = dequantised weights in fp32"),
 }
@@ -305,16 +305,19 @@ def write_fixture(outdir, name, spec, cfg, model, store, input_ids, logits, gree
     from safetensors.torch import save_file
     d = os.path.join(outdir, name)
     os.makedirs(d, exist_ok=True)
+    cfg.architectures = ["DeepseekV3ForCausalLM"]
     cfg.save_pretrained(d)
     cpath = os.path.join(d, "config.json")
+    with open(cpath) as f:
+        cj = json.load(f)
+    # the tensors that are not fp8 are stored in bf16, as DeepSeek does
+    cj["dtype"] = "bfloat16" if spec["fp8"] else "float32"
     if spec["fp8"]:
-        with open(cpath) as f:
-            cj = json.load(f)
         cj["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}
-        with open(cpath, "w") as f:
-            json.dump(cj, f, indent=2, sort_keys=True)
-            f.write("\n")
+    with open(cpath, "w") as f:
+        json.dump(cj, f, indent=2, sort_keys=True)
+        f.write("\n")
     save_file(store, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
     L, V = logits.shape
     with open(os.path.join(d, "logits.bin"), "wb") as f:

@@ -204,13 +204,12 @@ def save_checkpoint(model, cfg, out):
     canon = to_canonical(model, cfg)
     store = {k: (v.float() if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)).contiguous().cpu()
              for k, v in canon.items()}
+    cfg.architectures = ["DeepseekV3ForCausalLM"]
     cfg.save_pretrained(out)
     p = os.path.join(out, "config.json")
     with open(p) as f:
         cj = json.load(f)
-    for key in ("dtype", "torch_dtype"):
-        if key in cj:
-            cj[key] = "bfloat16"
+    cj["dtype"] = "bfloat16"
     with open(p, "w") as f:
         json.dump(cj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -336,7 +335,7 @@ def cmd_train(args):
                 m.e_score_correction_bias.sub_(m.e_score_correction_bias.min())
                 counts[n].zero_()
         step += 1
-        acc += float(loss) if step % 10 == 0 else 0.0
+        acc += float(loss.detach()) if step % 10 == 0 else 0.0
         accn += 1 if step % 10 == 0 else 0
         if step % val_every == 0 or step == 1:
             model.eval()

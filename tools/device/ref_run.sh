@@ -3,7 +3,8 @@
 #   1. golden fixtures (tools/make_golden.py, CPU fp32)      -> $OUT/golden.tar, $OUT/golden.log
 #   2. a 20-second fortune-moe training smoke test            -> $OUT/smoke.log (stops here if it fails)
 #   3. the full fortune-moe training run ($1 seconds)         -> $OUT/fortune-moe.tar, $OUT/train.log
-# Needs device/ref/fortunes (the plain fortune files, carried). Usage: bash tools/device/ref_run.sh [seconds] [skip-golden]
+# Needs device/ref/fortunes (the plain fortune files, carried).
+# Usage: [VAL_EVERY=n] bash tools/device/ref_run.sh [train-seconds|0] [skip-golden|golden] [skip-smoke|smoke]
 set -u
 export PYTHONUNBUFFERED=1
 PY=/opt/torch/.venv/bin/python3; [ -x "$PY" ] || PY=python3
@@ -18,11 +19,13 @@ if [ "${2:-}" != skip-golden ]; then
   tar -C /tmp/g -cf "$OUT/golden.tar" golden
 fi
 [ "$TRAIN_S" = 0 ] && exit 0
-timeout 150 $PY tools/train_fortunes.py train --corpus device/ref/fortunes --out /tmp/smoke --seconds 20 \
-  --val-every 100 --samples 1 > "$OUT/smoke.log" 2>&1; rc=$?
-echo "smoke rc=$rc"; tail -c 2500 "$OUT/smoke.log"
-[ $rc = 0 ] || exit 1
+if [ "${3:-}" != skip-smoke ]; then
+  timeout 150 $PY tools/train_fortunes.py train --corpus device/ref/fortunes --out /tmp/smoke --seconds 20 \
+    --val-every 100 --samples 1 > "$OUT/smoke.log" 2>&1; rc=$?
+  echo "smoke rc=$rc"; tail -c 2500 "$OUT/smoke.log"
+  [ $rc = 0 ] || exit 1
+fi
 timeout $((TRAIN_S + 200)) $PY tools/train_fortunes.py train --corpus device/ref/fortunes --out /tmp/fortune-moe \
-  --seconds "$TRAIN_S" > "$OUT/train.log" 2>&1; echo "train rc=$?"
+  --seconds "$TRAIN_S" --val-every "${VAL_EVERY:-250}" > "$OUT/train.log" 2>&1; echo "train rc=$?"
 tail -c 4500 "$OUT/train.log"
 tar -C /tmp -cf "$OUT/fortune-moe.tar" fortune-moe
