@@ -371,14 +371,212 @@ def hf_probe(model, cfg):
         with open(os.path.join(t, "config.json")) as f:
             log("[probe] config.json:", f.read())
 
+# ---------------------------------------------------------------- independent numpy check (no torch)
+# A second implementation of the forward pass, written from the semantics in shared/DESIGN.md, in float64.
+# `--verify DIR` runs it on every fixture and compares with logits.bin and greedy_ids.
+
+def _np():
+    import numpy as np
+    return np
+
+
+def read_safetensors(path):
+    np = _np()
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        blob = f.read()
+    e4m3 = np.zeros(256, dtype=np.float64)
+    for b in range(256):
+        sgn, ex, m = b >> 7, (b >> 3) & 15, b & 7
+        if ex == 15 and m == 7:
+            v = math.nan
+        elif ex == 0:
+            v = m / 8.0 * 2.0 ** -6
+        else:
+            v = (1 + m / 8.0) * 2.0 ** (ex - 7)
+        e4m3[b] = -v if sgn else v
+    out = {}
+    for k, meta in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = meta["data_offsets"]
+        raw = blob[a:b]
+        dt = meta["dtype"]
+        if dt == "F32":
+            t = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        elif dt == "BF16":
+            t = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dt == "F8_E4M3":
+            t = e4m3[np.frombuffer(raw, dtype=np.uint8)].astype(np.float32)
+        else:
+            raise ValueError(f"{path}: tensor {k} has unsupported dtype {dt}")
+        out[k] = t.reshape(meta["shape"])
+    return out
+
+
+def np_weights(d):
+    """Checkpoint tensors as float64, fp8 ones dequantised (fp32 product, as the reference does)."""
+    np = _np()
+    raw = read_safetensors(os.path.join(d, "model.safetensors"))
+    w = {}
+    for k, v in raw.items():
+        if k.endswith("_scale_inv"):
+            continue
+        si = raw.get(k + "_scale_inv")
+        if si is not None:
+            s = np.repeat(np.repeat(si, 128, 0), 128, 1)[: v.shape[0], : v.shape[1]]
+            v = (v.astype(np.float32) * s.astype(np.float32)).astype(np.float32)
+        w[k] = v.astype(np.float64)
+    return w
+
+
+def np_rope(cfg, T):
+    """cos, sin [T, rope_dim/2] for adjacent-pair (interleaved) rotation, and the softmax scale."""
+    np = _np()
+    d = cfg["qk_rope_head_dim"]
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    base = theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    inv = 1.0 / base
+    scale = (cfg["qk_nope_head_dim"] + d) ** -0.5
+    att = 1.0
+    if kind == "yarn":
+        f = rp["factor"]
+        orig = rp["original_max_position_embeddings"]
+        bf, bs = rp.get("beta_fast", 32.0), rp.get("beta_slow", 1.0)
+
+        def dim_of(rot):
+            return d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+        lo, hi = max(math.floor(dim_of(bf)), 0), min(math.ceil(dim_of(bs)), d - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(d // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        keep = 1.0 - ramp  # 1: extrapolate (original frequency), 0: interpolate (frequency / factor)
+        inv = (1.0 / (f * base)) * (1 - keep) + inv * keep
+
+        def ms(sc, m):
+            return 1.0 if sc <= 1 else 0.1 * m * math.log(sc) + 1.0
+        att = ms(f, rp.get("mscale", 1.0)) / ms(f, rp.get("mscale_all_dim", 0.0))
+        if rp.get("mscale_all_dim"):
+            scale *= ms(f, rp["mscale_all_dim"]) ** 2
+    elif kind != "default":
+        raise ValueError(f"rope type {kind} not handled by the numpy check")
+    ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang) * att, np.sin(ang) * att, scale
+
+
+def np_forward(cfg, w, ids):
+    np = _np()
+    T = len(ids)
+    eps = cfg["rms_norm_eps"]
+    H, dn, dr, dv = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    R = cfg["kv_lora_rank"]
+    cos, sin, scale = np_rope(cfg, T)
+
+    def rms(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    def lin(x, name):
+        return x @ w[name].T
+
+    def rot(x):  # x [..., T, dr]: rotate adjacent pairs (2j, 2j+1) by angle pos * inv[j]
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = b * cos + a * sin
+        return out
+
+    def mlp(x, pre):
+        g, u = lin(x, pre + "gate_proj.weight"), lin(x, pre + "up_proj.weight")
+        return lin(g / (1 + np.exp(-g)) * u, pre + "down_proj.weight")
+
+    h = w["model.embed_tokens.weight"][ids]
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, w[p + "input_layernorm.weight"])
+        a = p + "self_attn."
+        if cfg.get("q_lora_rank"):
+            q = lin(rms(lin(x, a + "q_a_proj.weight"), w[a + "q_a_layernorm.weight"]), a + "q_b_proj.weight")
+        else:
+            q = lin(x, a + "q_proj.weight")
+        q = q.reshape(T, H, dn + dr).transpose(1, 0, 2)
+        ckv = lin(x, a + "kv_a_proj_with_mqa.weight")
+        kv = lin(rms(ckv[:, :R], w[a + "kv_a_layernorm.weight"]), a + "kv_b_proj.weight")
+        kv = kv.reshape(T, H, dn + dv).transpose(1, 0, 2)
+        qpe, kpe = rot(q[..., dn:]), rot(ckv[:, R:])
+        sc = (q[..., :dn] @ kv[..., :dn].transpose(0, 2, 1) + qpe @ kpe.T) * scale + causal
+        sc = np.exp(sc - sc.max(-1, keepdims=True))
+        sc /= sc.sum(-1, keepdims=True)
+        o = (sc @ kv[..., dn:]).transpose(1, 0, 2).reshape(T, H * dv)
+        h = h + lin(o, a + "o_proj.weight")
+        x = rms(h, w[p + "post_attention_layernorm.weight"])
+        m = p + "mlp."
+        if i < cfg["first_k_dense_replace"]:
+            h = h + mlp(x, m)
+            continue
+        E, G, tg, k = cfg["n_routed_experts"], cfg["n_group"], cfg["topk_group"], cfg["num_experts_per_tok"]
+        s = 1 / (1 + np.exp(-(x @ w[m + "gate.weight"].T)))
+        c = s + w[m + "gate.e_score_correction_bias"]
+        gs = np.sort(c.reshape(T, G, E // G), -1)[..., -2:].sum(-1)
+        y = mlp(x, m + "shared_experts.")
+        for t in range(T):
+            groups = np.argsort(-gs[t], kind="stable")[:tg]
+            ct = np.full(E, -np.inf)
+            for g in groups:
+                ct[g * (E // G):(g + 1) * (E // G)] = c[t, g * (E // G):(g + 1) * (E // G)]
+            sel = np.argsort(-ct, kind="stable")[:k]
+            wt = s[t, sel]
+            if cfg.get("norm_topk_prob", True):
+                wt = wt / (wt.sum() + 1e-20)
+            wt = wt * cfg["routed_scaling_factor"]
+            for e, we in zip(sel, wt):
+                y[t] += we * mlp(x[t:t + 1], f"{m}experts.{e}.")[0]
+        h = h + y
+    h = rms(h, w["model.norm.weight"])
+    return h @ w["lm_head.weight"].T
+
+
+def verify(root):
+    np = _np()
+    ok = True
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(d, "golden.json")):
+            continue
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(d, "golden.json")) as f:
+            g = json.load(f)
+        L, V = g["prompt_len"], g["vocab_size"]
+        ref = np.fromfile(os.path.join(d, "logits.bin"), dtype="<f4").reshape(L, V)
+        w = np_weights(d)
+        full = g["input_ids"] + g["greedy_ids"][:-1]
+        lg = np_forward(cfg, w, np.array(full))
+        diff = float(np.abs(lg[:L] - ref).max())
+        greedy = [int(v) for v in lg[L - 1:].argmax(-1)]
+        good = diff < 1e-3 and greedy == g["greedy_ids"]
+        ok &= good
+        log(f"[verify {name}] numpy float64 vs HF float32: max |dlogit| {diff:.3e} (max |logit| "
+            f"{float(np.abs(ref).max()):.3f}); greedy {'matches' if greedy == g['greedy_ids'] else 'DIFFERS'} "
+            f"-> {'OK' if good else 'FAIL'}")
+    return ok
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output directory (one sub-directory per fixture)")
+    ap.add_argument("--out", help="output directory (one sub-directory per fixture)")
+    ap.add_argument("--verify", metavar="DIR", help="check DIR's fixtures with the numpy implementation (no torch)")
     ap.add_argument("--only", default=",".join(FIXTURES), help="comma-separated fixture names")
     ap.add_argument("--probe", action="store_true", help="print what save_pretrained writes")
     ap.add_argument("--tries", type=int, default=40, help="seeds to try per fixture")
     args = ap.parse_args()
+    if args.verify:
+        sys.exit(0 if verify(args.verify) else 1)
+    if not args.out:
+        sys.exit("make_golden: --out DIR (or --verify DIR) is required")
 
     import torch
     import transformers
