@@ -117,14 +117,14 @@ model_weights load_weights(const model_config& cfg, const checkpoint& ckpt, back
   return build(cfg, be, src, &ckpt);
 }
 
-model_weights make_dummy_weights(const model_config& cfg, backend& be, uint64_t seed) {
+model_weights make_dummy_weights(const model_config& cfg, backend& be, uint64_t seed, float stddev) {
   tensor_source src = [&](const std::string& name, const std::vector<int64_t>& shape, init_kind k) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
     std::vector<float> v(size_t(n), k == init_kind::ones ? 1.0f : 0.0f);
     if (k == init_kind::linear) {
       uint64_t s = seed ^ fnv1a(name);
-      const float a = 0.02f * std::sqrt(3.0f); // U(-a, a) has std 0.02
+      const float a = stddev * std::sqrt(3.0f); // U(-a, a) has std `stddev`
       for (auto& x : v) x = (float(splitmix(s) >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f) * a;
     }
     return v;

@@ -54,8 +54,8 @@ struct model_weights {
 /// mlp.experts.down_proj [E, H, I]) are both accepted. Throws model_load_error naming the tensor.
 model_weights load_weights(const model_config& cfg, const checkpoint& ckpt, backend& be);
 
-/// Full-shape random weights (deterministic in `seed`): linear weights ~ U(-a, a) with std 0.02, norms 1,
+/// Full-shape random weights (deterministic in `seed`): linear weights ~ U(-a, a) with std `stddev`, norms 1,
 /// router bias 0. For benchmarks at real size without a checkpoint.
-model_weights make_dummy_weights(const model_config& cfg, backend& be, uint64_t seed = 0);
+model_weights make_dummy_weights(const model_config& cfg, backend& be, uint64_t seed = 0, float stddev = 0.02f);
 
 } // namespace petrel
