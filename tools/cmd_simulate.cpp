@@ -1,0 +1,155 @@
+// petrel simulate: the discrete-event model of the SGLang PD + large-EP deployment (runtime/simulator.hpp).
+// Prints each simulated figure next to its published anchor and the ratio; --json for machines.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "runtime/expert_load.hpp"
+#include "runtime/simulator.hpp"
+#include "tools/command.hpp"
+
+namespace {
+
+using namespace petrel::sim;
+
+struct simulate_options {
+  std::string kernel_times_file, comm_file, expert_load_file, write_kernel_times, write_comm;
+  double zipf = 1.0, window_tokens = 65536, gpu_hour_usd = 2.0, tbo_overhead_us = 5;
+  double prefill_tokens = 16384, decode_seqs = 256, kv_len = 2000;
+  uint64_t seed = 1;
+  bool json = false;
+};
+
+int bad_input(const std::string& msg) {
+  std::fprintf(stderr, "petrel simulate: %s\n", msg.c_str());
+  return petrel::cli::exit_bad_input;
+}
+
+// Reads a JSON file; on failure returns the message for bad_input.
+std::string read_json(const std::string& path, const char* flag, nlohmann::json& out) {
+  std::ifstream in(path);
+  if (!in) return std::string("cannot open ") + flag + " file '" + path + "'";
+  try {
+    out = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    return std::string(flag) + " file '" + path + "' is not valid JSON: " + e.what();
+  }
+  return {};
+}
+
+int write_json(const std::string& path, const nlohmann::json& j) {
+  std::ofstream out(path);
+  if (!out) return bad_input("cannot write '" + path + "'");
+  out << j.dump(2) << "\n";
+  std::fprintf(stderr, "petrel simulate: wrote %s\n", path.c_str());
+  return petrel::cli::exit_ok;
+}
+
+int run(const simulate_options& o) {
+  if (!o.write_kernel_times.empty()) return write_json(o.write_kernel_times, to_json(derived_kernel_times()));
+  if (!o.write_comm.empty()) return write_json(o.write_comm, to_json(deepep_published_figures()));
+  suite_inputs in;
+  if (!o.kernel_times_file.empty()) {
+    nlohmann::json j;
+    if (auto err = read_json(o.kernel_times_file, "--kernel-times", j); !err.empty()) return bad_input(err);
+    try {
+      in.kernels = kernel_times_from_json(j);
+    } catch (const std::exception& e) {
+      return bad_input("--kernel-times '" + o.kernel_times_file + "': " + e.what());
+    }
+  }
+  if (!o.comm_file.empty()) {
+    nlohmann::json j;
+    if (auto err = read_json(o.comm_file, "--comm", j); !err.empty()) return bad_input(err);
+    try {
+      in.comm = comm_figures_from_json(j);
+    } catch (const std::exception& e) {
+      return bad_input("--comm '" + o.comm_file + "': " + e.what());
+    }
+  }
+  if (!o.expert_load_file.empty()) {
+    nlohmann::json j;
+    if (auto err = read_json(o.expert_load_file, "--expert-load", j); !err.empty()) return bad_input(err);
+    try {
+      in.expert_load = petrel::eplb::load_matrix_from_json(j);
+    } catch (const std::exception& e) {
+      return bad_input("--expert-load '" + o.expert_load_file + "': " + e.what());
+    }
+    if (static_cast<int>((*in.expert_load)[0].size()) != in.dep.num_experts)
+      return bad_input("--expert-load '" + o.expert_load_file + "' has " +
+                       std::to_string((*in.expert_load)[0].size()) + " experts per layer, the model has " +
+                       std::to_string(in.dep.num_experts));
+  }
+  if (!(o.zipf >= 0) || !(o.window_tokens >= 1) || !(o.gpu_hour_usd > 0) || !(o.tbo_overhead_us >= 0) ||
+      !(o.prefill_tokens >= 2) || !(o.decode_seqs >= 2) || !(o.kv_len > 0))
+    return bad_input("--zipf >= 0, --window-tokens >= 1, --gpu-hour-usd > 0, --tbo-overhead-us >= 0, "
+                     "--prefill-tokens and --decode-seqs >= 2, --kv-len > 0");
+  in.zipf_s = o.zipf;
+  in.window_tokens = o.window_tokens;
+  in.seed = o.seed;
+  in.dep.gpu_hour_usd = o.gpu_hour_usd;
+  in.dep.tbo_overhead_us = o.tbo_overhead_us;
+  in.dep.prefill_tokens_per_device = o.prefill_tokens;
+  in.dep.prefill_no_tbo_max_tokens = std::min(in.dep.prefill_no_tbo_max_tokens, o.prefill_tokens);
+  in.dep.decode_seqs_per_device = o.decode_seqs;
+  in.dep.decode_kv_len = o.kv_len;
+  if (auto err = check_deployment(in.dep); !err.empty()) return bad_input(err);
+
+  const auto res = run_anchor_suite(in);
+  const std::string label = "SIMULATED (petrel simulate); kernel times: " + in.kernels.source +
+                            "; dispatch/combine: " + in.comm.source;
+  if (o.json) {
+    nlohmann::ordered_json rows = nlohmann::ordered_json::array();
+    for (const auto& r : res.rows) {
+      nlohmann::ordered_json j = {{"metric", r.metric}, {"unit", r.unit}, {"simulated", r.simulated}};
+      j["anchor"] = r.anchor ? nlohmann::ordered_json(*r.anchor) : nlohmann::ordered_json(nullptr);
+      j["ratio"] = r.ratio() ? nlohmann::ordered_json(*r.ratio()) : nlohmann::ordered_json(nullptr);
+      j["anchor_source"] = r.anchor_source;
+      rows.push_back(j);
+    }
+    nlohmann::ordered_json out = {{"label", label}, {"rows", rows}, {"detail", res.detail}};
+    std::cout << out.dump(2) << "\n";
+    return petrel::cli::exit_ok;
+  }
+  std::cout << label << "\n";
+  std::cout << fmt::format("expert load: {}\n", res.detail["expert_load"].dump());
+  std::cout << fmt::format("{:<84} {:>12} {:>10} {:>7}  {}\n", "metric", "simulated", "anchor", "ratio", "anchor source");
+  for (const auto& r : res.rows) {
+    const bool big = r.unit == "tok/s";
+    const std::string sim = big ? fmt::format("{:.0f}", r.simulated) : fmt::format("{:.3f}", r.simulated);
+    const std::string anc = !r.anchor ? "-" : big ? fmt::format("{:.0f}", *r.anchor) : fmt::format("{:.3f}", *r.anchor);
+    const std::string ratio = r.ratio() ? fmt::format("{:.2f}", *r.ratio()) : "-";
+    std::cout << fmt::format("{:<84} {:>12} {:>10} {:>7}  {}\n", r.metric, sim, anc, ratio, r.anchor_source);
+  }
+  std::cout << fmt::format("balancedness (mean over MoE layers): {}\n", res.detail["balancedness"].dump());
+  return petrel::cli::exit_ok;
+}
+
+const bool registered = petrel::cli::register_command(
+    "simulate", "Discrete-event model of the PD + large-EP deployment; simulated figures next to published anchors",
+    [](CLI::App& sub) -> petrel::cli::command_fn {
+      auto o = std::make_shared<simulate_options>();
+      sub.add_option("--kernel-times", o->kernel_times_file,
+                     "per-layer kernel times JSON (petrel.kernel_times.v1); default: derived from published figures");
+      sub.add_option("--comm", o->comm_file, "dispatch/combine figures JSON (petrel.comm_figures.v1); default: DeepEP's");
+      sub.add_option("--expert-load", o->expert_load_file, "real expert-load dump or [[...]] matrix instead of Zipf");
+      sub.add_option("--zipf", o->zipf, "Zipf exponent of the synthetic expert load (default 1.0)");
+      sub.add_option("--window-tokens", o->window_tokens, "tokens in the synthetic long-run load EPLB sees (default 65536)");
+      sub.add_option("--seed", o->seed, "random seed (default 1)");
+      sub.add_option("--gpu-hour-usd", o->gpu_hour_usd, "price of one GPU-hour (default 2.0)");
+      sub.add_option("--tbo-overhead-us", o->tbo_overhead_us, "TBO cost per micro-batch per layer, µs (default 5)");
+      sub.add_option("--prefill-tokens", o->prefill_tokens, "prefill tokens per device (default 16384)");
+      sub.add_option("--decode-seqs", o->decode_seqs, "decode sequences per device (default 256)");
+      sub.add_option("--kv-len", o->kv_len, "decode KV length (default 2000)");
+      sub.add_option("--write-kernel-times", o->write_kernel_times, "write the default kernel-time file and exit");
+      sub.add_option("--write-comm", o->write_comm, "write the default (DeepEP published) comm file and exit");
+      sub.add_flag("--json", o->json, "print JSON instead of a table");
+      return [o] { return run(*o); };
+    });
+
+} // namespace
