@@ -64,4 +64,10 @@ using node_proxy_actor = caf::typed_actor<
     /// Periodic liveness probe of the node.
     caf::reacts_to<tick_atom>>;
 
+// -- serving ------------------------------------------------------------------------------------
+
+/// The RANK actor interface: one per GPU (or CPU worker). Detached (own thread), because it
+/// blocks on its device stream and on collectives. It owns its device, weight shard and KV pool.
+using rank_actor = liveness_protocol;
+
 } // namespace petrel

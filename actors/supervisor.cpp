@@ -108,8 +108,8 @@ void start_child(supervisor_pointer self, size_t i) {
 
 void terminate_child(supervisor_pointer self, size_t i) {
   auto& c = self->state.children[i];
-  if (!c.handle)
-    return;
+  if (!c.handle || c.expected_exit)
+    return; // not running, or already asked to terminate
   c.expected_exit = true;
   c.state = "stopping";
   ++self->state.awaiting_down;
@@ -145,8 +145,10 @@ void start_pending(supervisor_pointer self) {
 /// Terminates every child in reverse start order, then quits (with `reason` when set).
 void shut_down(supervisor_pointer self, caf::error reason) {
   auto& st = self->state;
-  if (reason)
+  if (reason && !st.escalation)
     st.escalation = std::move(reason);
+  if (st.stopping)
+    return; // already under way; finish_stop answers every waiting caller
   st.stopping = true;
   st.pending.clear();
   for (size_t i = st.children.size(); i-- > 0;)

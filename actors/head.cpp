@@ -1,0 +1,381 @@
+// The head process: cluster_supervisor over node proxies, the head actor, the run file, and the
+// client side of `petrel status` / `petrel stop`.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/cluster.hpp"
+#include "actors/node_proxy.hpp"
+#include "actors/process_signals.hpp"
+#include "actors/supervisor.hpp"
+#include "actors/system.hpp"
+
+namespace petrel {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// -- run file ----------------------------------------------------------------------------------
+
+std::string run_file_path(const cluster_config& cfg) {
+  return (fs::path(cfg.cluster.run_dir) / cfg.cluster.name / "head.json").string();
+}
+
+std::optional<run_file> read_run_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in)
+    return std::nullopt;
+  try {
+    auto j = json::parse(in);
+    run_file r;
+    r.cluster = j.at("cluster");
+    r.head_pid = j.at("head_pid");
+    r.head_host = j.at("head_host");
+    r.head_port = j.at("head_port");
+    r.gateway_host = j.value("gateway_host", "127.0.0.1");
+    r.gateway_port = j.value("gateway_port", 0);
+    r.config = j.value("config", "");
+    return r;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+namespace {
+
+void write_run_file(const std::string& path, const run_file& r) {
+  fs::create_directories(fs::path(path).parent_path());
+  json j{{"cluster", r.cluster},       {"head_pid", r.head_pid},         {"head_host", r.head_host},
+         {"head_port", r.head_port},   {"gateway_host", r.gateway_host}, {"gateway_port", r.gateway_port},
+         {"config", r.config}};
+  auto tmp = path + ".tmp";
+  std::ofstream(tmp) << j.dump(2) << "\n";
+  fs::rename(tmp, path);
+}
+
+/// An unused loopback port, found by binding to port 0.
+uint16_t pick_free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    if (fd >= 0)
+      ::close(fd);
+    throw std::runtime_error("cannot find a free port for the head");
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+/// True while `pid` runs; a zombie (exited, not yet reaped by its parent) counts as gone.
+bool process_alive(int pid) {
+  if (pid <= 0 || (::kill(pid, 0) != 0 && errno != EPERM))
+    return false;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!stat || !std::getline(stat, line))
+    return false;
+  auto close = line.rfind(')');
+  return close == std::string::npos || close + 2 >= line.size() || line[close + 2] != 'Z';
+}
+
+// -- the head actor ------------------------------------------------------------------------------
+
+struct head_state {
+  static inline const char* name = "petrel.head";
+
+  cluster_config cfg;
+  supervisor_actor cluster_supervisor;
+  std::string state = "running";
+  uint16_t gateway_port = 0;
+  std::vector<caf::response_promise> on_stopped;
+};
+
+using head_pointer = head_actor::stateful_pointer<head_state>;
+
+head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::string config_path,
+                                    uint16_t head_port) {
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  supervisor_spec spec;
+  spec.name = "cluster_supervisor";
+  spec.strategy = restart_strategy::one_for_one; // node processes fail independently
+  spec.intensity = st.cfg.supervision.node_intensity;
+  spec.period = st.cfg.supervision.node_period;
+  spec.retry_delay = std::chrono::milliseconds(500);
+  auto log_dir = fs::path(st.cfg.cluster.run_dir) / st.cfg.cluster.name;
+  fs::create_directories(log_dir);
+  for (auto& node : st.cfg.nodes) {
+    node_proxy_config pc;
+    pc.node = node.name;
+    pc.group = st.cfg.group_of(node.name)->name;
+    pc.config_path = config_path;
+    pc.head_host = "127.0.0.1";
+    pc.head_port = head_port;
+    pc.log_path = (log_dir / (node.name + ".log")).string();
+    spec.children.push_back(child_spec{node.name, restart_type::permanent,
+                                       [pc](caf::local_actor* parent, const child_context& ctx) {
+                                         return spawn_node_proxy(parent, pc, ctx.epoch);
+                                       },
+                                       {}});
+  }
+  st.cluster_supervisor = spawn_supervisor(self->home_system(), std::move(spec));
+  self->monitor(st.cluster_supervisor);
+  self->set_down_handler([self](caf::down_msg& dm) {
+    auto& st = self->state;
+    if (dm.source != st.cluster_supervisor.address())
+      return;
+    if (dm.reason && dm.reason != caf::exit_reason::user_shutdown) {
+      st.state = "escalated";
+      std::cerr << "petrel head: cluster supervisor gave up: " << describe(dm.reason)
+                << "; every node process is stopped\n";
+      self->quit(dm.reason);
+      return;
+    }
+    for (auto& rp : st.on_stopped)
+      rp.deliver(caf::ok_atom::value);
+    self->quit();
+  });
+  return {
+      [self](hello_atom, node_hello& hello) -> caf::result<caf::ok_atom> {
+        auto rp = self->make_response_promise<caf::ok_atom>();
+        self->request(self->state.cluster_supervisor, std::chrono::seconds(5), whereis_atom::value, hello.node)
+            .then(
+                [self, rp, hello](caf::actor& proxy, uint64_t epoch) mutable {
+                  if (epoch != hello.epoch) {
+                    rp.deliver(make_error(petrel_errc::stale_epoch, "node '" + hello.node + "' epoch " +
+                                                                        std::to_string(hello.epoch) +
+                                                                        " was replaced by epoch " +
+                                                                        std::to_string(epoch)));
+                    return;
+                  }
+                  self->request(caf::actor_cast<node_proxy_actor>(proxy), std::chrono::seconds(5), hello_atom::value,
+                                hello)
+                      .then([rp](caf::ok_atom) mutable { rp.deliver(caf::ok_atom::value); },
+                            [rp](caf::error& err) mutable { rp.deliver(err); });
+                },
+                [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
+      [self](status_atom) -> caf::result<cluster_status> {
+        auto rp = self->make_response_promise<cluster_status>();
+        auto& st = self->state;
+        cluster_status base{st.cfg.cluster.name, st.state, static_cast<int32_t>(::getpid()), st.gateway_port, {}};
+        self->request(st.cluster_supervisor, std::chrono::seconds(5), children_atom::value)
+            .then(
+                [self, rp, base](std::vector<child_status>& nodes) mutable {
+                  auto acc = std::make_shared<cluster_status>(base);
+                  auto remaining = std::make_shared<size_t>(nodes.size());
+                  acc->nodes.resize(nodes.size());
+                  if (nodes.empty()) {
+                    rp.deliver(*acc);
+                    return;
+                  }
+                  for (size_t i = 0; i < nodes.size(); ++i) {
+                    auto& n = nodes[i];
+                    auto* grp = self->state.cfg.group_of(n.name);
+                    acc->nodes[i] = node_status{n.name, grp ? grp->name : "", n.state, n.epoch, n.restarts, 0, {}};
+                    auto done = [rp, acc, remaining]() mutable {
+                      if (--*remaining == 0)
+                        rp.deliver(*acc);
+                    };
+                    self->request(self->state.cluster_supervisor, std::chrono::seconds(2), whereis_atom::value,
+                                  n.name)
+                        .then(
+                            [self, acc, i, done](caf::actor& proxy, uint64_t) mutable {
+                              self->request(caf::actor_cast<node_proxy_actor>(proxy), std::chrono::seconds(3),
+                                            status_atom::value)
+                                  .then(
+                                      [acc, i, done](node_status& ns) mutable {
+                                        auto& slot = acc->nodes[i];
+                                        slot.state = ns.state;
+                                        slot.pid = ns.pid;
+                                        slot.children = std::move(ns.children);
+                                        done();
+                                      },
+                                      [done](caf::error&) mutable { done(); });
+                            },
+                            [done](caf::error&) mutable { done(); });
+                  }
+                },
+                [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
+      [self](kill_atom, const std::string& node) -> caf::result<int32_t> {
+        auto rp = self->make_response_promise<int32_t>();
+        self->request(self->state.cluster_supervisor, std::chrono::seconds(5), whereis_atom::value, node)
+            .then(
+                [self, rp](caf::actor& proxy, uint64_t) mutable {
+                  self->request(caf::actor_cast<node_proxy_actor>(proxy), std::chrono::seconds(5), kill_atom::value)
+                      .then([rp](int32_t pid) mutable { rp.deliver(pid); },
+                            [rp](caf::error& err) mutable { rp.deliver(err); });
+                },
+                [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
+      [self](stop_atom) -> caf::result<caf::ok_atom> {
+        auto rp = self->make_response_promise<caf::ok_atom>();
+        auto& st = self->state;
+        st.on_stopped.push_back(rp);
+        if (st.state != "stopping") {
+          st.state = "stopping";
+          // The supervisor's own answer is not needed: its exit (down_msg) completes the stop.
+          self->request(st.cluster_supervisor, caf::infinite, stop_atom::value).then([](caf::ok_atom) {});
+        }
+        return rp;
+      },
+  };
+}
+
+} // namespace
+
+int run_head(const cluster_config& cfg, const head_options& opts) {
+  auto path = run_file_path(cfg);
+  if (auto existing = read_run_file(path); existing && process_alive(existing->head_pid))
+    throw config_error(cfg.source + ": cluster '" + cfg.cluster.name + "' is already running (head pid " +
+                       std::to_string(existing->head_pid) + "); run `petrel stop " + cfg.source +
+                       "` first or give this one another cluster.name");
+  signal_watcher signals; // blocks SIGINT/SIGTERM before CAF starts its threads
+  petrel_config sys_cfg;
+  caf::actor_system sys{sys_cfg};
+  auto config_path = fs::absolute(opts.config_path).string();
+  // The node proxies need the head's port before the head is published: pick it first.
+  uint16_t port = cfg.transport.head.port != 0 ? cfg.transport.head.port : pick_free_port();
+  auto head = sys.spawn(head_impl, cfg, config_path, port);
+  auto published = sys.middleman().publish(head, port, cfg.transport.head.host.c_str(), true);
+  if (!published) {
+    anon_send_exit(head, caf::exit_reason::kill);
+    throw std::runtime_error("cannot publish the head on " + cfg.transport.head.host + ":" + std::to_string(port) +
+                             ": " + sys.render(published.error()));
+  }
+  run_file rf{cfg.cluster.name, static_cast<int>(::getpid()), "127.0.0.1", *published,
+              cfg.gateway.address.host, cfg.gateway.address.port, config_path};
+  write_run_file(path, rf);
+  if (opts.on_ready)
+    opts.on_ready(rf);
+  signals.on_signal([head](int) { caf::anon_send(head, stop_atom::value); });
+  caf::error reason;
+  {
+    caf::scoped_actor self{sys};
+    self->monitor(head);
+    self->receive([&](caf::down_msg& dm) { reason = dm.reason; });
+  }
+  std::error_code ec;
+  fs::remove(path, ec);
+  sys.middleman().unpublish(head, *published);
+  return reason && reason != caf::exit_reason::user_shutdown ? 1 : 0;
+}
+
+// -- clients: status and stop --------------------------------------------------------------------
+
+namespace {
+
+std::string show_epoch(uint64_t epoch) {
+  if (epoch >> 32)
+    return std::to_string(epoch >> 32) + "." + std::to_string(epoch & 0xffffffffu);
+  return std::to_string(epoch);
+}
+
+template <class F>
+int with_head(const run_file& run, std::string& out, F f) {
+  if (!process_alive(run.head_pid)) {
+    out = "cluster '" + run.cluster + "' is not running (its head, pid " + std::to_string(run.head_pid) +
+          ", is gone; the run file is stale)\n";
+    return 1;
+  }
+  petrel_config sys_cfg;
+  caf::actor_system sys{sys_cfg};
+  auto head = sys.middleman().remote_actor<head_actor>(run.head_host, static_cast<uint16_t>(run.head_port));
+  if (!head) {
+    out = "cannot reach the head of cluster '" + run.cluster + "' at " + run.head_host + ":" +
+          std::to_string(run.head_port) + ": " + sys.render(head.error()) + "\n";
+    return 1;
+  }
+  return f(sys, *head);
+}
+
+} // namespace
+
+int print_cluster_status(const run_file& run, bool as_json, std::string& out) {
+  return with_head(run, out, [&](caf::actor_system& sys, head_actor head) {
+    caf::scoped_actor self{sys};
+    int rc = 1;
+    self->request(head, std::chrono::seconds(10), status_atom::value)
+        .receive(
+            [&](cluster_status& cs) {
+              rc = 0;
+              std::ostringstream os;
+              if (as_json) {
+                json j{{"cluster", cs.cluster}, {"state", cs.state}, {"head_pid", cs.head_pid},
+                       {"gateway_port", cs.gateway_port}, {"nodes", json::array()}};
+                for (auto& n : cs.nodes) {
+                  json jn{{"name", n.name}, {"group", n.group}, {"state", n.state}, {"epoch", n.epoch},
+                          {"restarts", n.restarts}, {"pid", n.pid}, {"children", json::array()}};
+                  for (auto& c : n.children)
+                    jn["children"].push_back({{"name", c.name}, {"state", c.state}, {"epoch", c.epoch},
+                                              {"restarts", c.restarts}, {"detail", c.detail}});
+                  j["nodes"].push_back(jn);
+                }
+                os << j.dump(2) << "\n";
+              } else {
+                os << "cluster " << cs.cluster << "  state " << cs.state << "  head pid " << cs.head_pid << "\n";
+                os << std::left << std::setw(10) << "NODE" << std::setw(10) << "GROUP" << std::setw(20) << "ACTOR"
+                   << std::setw(12) << "STATE" << std::setw(8) << "EPOCH" << std::setw(10) << "RESTARTS"
+                   << "PID\n";
+                for (auto& n : cs.nodes) {
+                  os << std::setw(10) << n.name << std::setw(10) << n.group << std::setw(20) << "(process)"
+                     << std::setw(12) << n.state << std::setw(8) << show_epoch(n.epoch) << std::setw(10)
+                     << n.restarts << n.pid << "\n";
+                  for (auto& c : n.children)
+                    os << std::setw(10) << "" << std::setw(10) << "" << std::setw(20) << c.name << std::setw(12)
+                       << c.state << std::setw(8) << show_epoch(c.epoch) << std::setw(10) << c.restarts
+                       << c.detail << "\n";
+                }
+              }
+              out = os.str();
+            },
+            [&](caf::error& err) { out = "the head did not answer: " + describe(err) + "\n"; });
+    return rc;
+  });
+}
+
+int stop_cluster(const run_file& run, std::chrono::milliseconds timeout, std::string& out) {
+  return with_head(run, out, [&](caf::actor_system& sys, head_actor head) {
+    caf::scoped_actor self{sys};
+    int rc = 1;
+    self->request(head, timeout, stop_atom::value)
+        .receive([&](caf::ok_atom) { rc = 0; },
+                 [&](caf::error& err) {
+                   // The head may drop the connection as it exits: judge by its process below.
+                   out = "stop: " + describe(err) + "\n";
+                 });
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (process_alive(run.head_pid) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (process_alive(run.head_pid)) {
+      out += "cluster '" + run.cluster + "' did not stop within " + std::to_string(timeout.count()) + " ms\n";
+      return 1;
+    }
+    out = "cluster '" + run.cluster + "' stopped\n";
+    (void)rc;
+    return 0;
+  });
+}
+
+} // namespace petrel

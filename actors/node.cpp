@@ -1,0 +1,85 @@
+// A node process: the node_supervisor over this node's actors, registered with the head.
+#include <unistd.h>
+
+#include <iostream>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/cluster.hpp"
+#include "actors/node_children.hpp"
+#include "actors/process_signals.hpp"
+#include "actors/supervisor.hpp"
+#include "actors/system.hpp"
+
+namespace petrel {
+
+int run_node(const cluster_config& cfg, const node_options& opts) {
+  auto* node = cfg.find_node(opts.node);
+  if (!node)
+    throw config_error(cfg.source + ": no node named '" + opts.node + "'");
+  signal_watcher signals;
+  petrel_config sys_cfg;
+  caf::actor_system sys{sys_cfg};
+
+  supervisor_spec spec;
+  spec.name = "node_supervisor(" + node->name + ")";
+  spec.strategy = cfg.supervision.strategy;
+  spec.intensity = cfg.supervision.intensity;
+  spec.period = cfg.supervision.period;
+  spec.epoch_base = opts.epoch << 32; // children epochs read NODE_EPOCH.INCARNATION
+  spec.children = node_children(cfg, *node, opts.epoch);
+  auto sup = spawn_supervisor(sys, std::move(spec));
+
+  auto published = sys.middleman().publish(sup, node->address.port, node->address.host.c_str(), true);
+  if (!published) {
+    std::cerr << "petrel node " << node->name << ": cannot publish on " << node->address.host << ":"
+              << node->address.port << ": " << sys.render(published.error()) << "\n";
+    anon_send_exit(sup, caf::exit_reason::kill);
+    return 1;
+  }
+  auto head = sys.middleman().remote_actor<head_actor>(opts.head_host, static_cast<uint16_t>(opts.head_port));
+  if (!head) {
+    std::cerr << "petrel node " << node->name << ": cannot reach the head at " << opts.head_host << ":"
+              << opts.head_port << ": " << sys.render(head.error()) << "\n";
+    anon_send_exit(sup, caf::exit_reason::kill);
+    return 1;
+  }
+  signals.on_signal([sup](int) { caf::anon_send(sup, stop_atom::value); });
+  int rc = 0;
+  caf::scoped_actor self{sys};
+  bool registered = false;
+  self->request(*head, std::chrono::seconds(10), hello_atom::value,
+                node_hello{node->name, opts.epoch, static_cast<int32_t>(::getpid()), caf::actor_cast<caf::actor>(sup)})
+      .receive([&](caf::ok_atom) { registered = true; },
+               [&](caf::error& err) {
+                 std::cerr << "petrel node " << node->name << ": the head refused registration: " << describe(err)
+                           << "\n";
+               });
+  if (!registered) {
+    anon_send_exit(sup, caf::exit_reason::kill);
+    return 1;
+  }
+  std::cerr << "petrel node " << node->name << " epoch " << opts.epoch << " pid " << ::getpid() << " running\n";
+  self->monitor(*head);
+  self->monitor(sup);
+  bool running = true;
+  while (running) {
+    self->receive([&](caf::down_msg& dm) {
+      if (dm.source == sup.address()) {
+        running = false;
+        if (dm.reason && dm.reason != caf::exit_reason::user_shutdown) {
+          std::cerr << "petrel node " << node->name << ": " << describe(dm.reason) << "\n";
+          rc = 3;
+        }
+      } else if (dm.source == head->address()) {
+        // Without its head a node has no purpose: stop the actors and leave.
+        std::cerr << "petrel node " << node->name << ": lost the head (" << describe(dm.reason) << "), stopping\n";
+        self->send(sup, stop_atom::value);
+      }
+    });
+  }
+  return rc;
+}
+
+} // namespace petrel
