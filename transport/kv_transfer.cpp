@@ -494,8 +494,10 @@ public:
       if (opts.busy_poll || commands_pending.load(std::memory_order_acquire)) continue;
       ucs_status_t s = ucp_worker_arm(worker);
       if (s == UCS_ERR_BUSY) continue; // events arrived meanwhile: progress again
-      int timeout_ms = 50;             // a safety net; real wake-ups come from the fds
-      if (!close_requests.empty()) timeout_ms = 1;
+      // Real wake-ups come from the fds; the timeout is a safety net for a missed transport event (seen with shm),
+      // short while our own transfers are in flight, longer when idle.
+      int timeout_ms = int(opts.idle_wakeup.count());
+      if (!close_requests.empty() || !inflight.empty()) timeout_ms = std::min(timeout_ms, 1);
       if (!deadlines.empty()) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadlines.begin()->first - clock_type::now());
         timeout_ms = std::clamp<int>(int(left.count()) + 1, 0, timeout_ms);

@@ -82,6 +82,9 @@ struct kv_transfer_options {
   bool allow_local_copy = true;
   /// Spin on ucp_worker_progress instead of sleeping on the worker's event fd (lower latency, burns a core).
   bool busy_poll = false;
+  /// The progress thread sleeps on the worker's event fd; it also wakes after this long when idle (1 ms while
+  /// transfers are in flight) in case a transport event was missed.
+  std::chrono::milliseconds idle_wakeup{5};
   /// Engine identity carried in addresses and notices; 0 picks a random one.
   uint64_t engine_id = 0;
   /// Names the progress thread and the UCX worker (shows up in UCX logs and `top -H`).
