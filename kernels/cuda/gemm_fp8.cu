@@ -105,4 +105,6 @@ kernel_status cublaslt_fp8_gemm_nt::run(const void* a_fp8, const float* a_scales
   return kernel_status::success();
 }
 
+std::size_t cublaslt_version() { return cublasLtGetVersion(); }
+
 } // namespace petrel::cuda

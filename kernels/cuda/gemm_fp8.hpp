@@ -35,4 +35,7 @@ private:
   std::unique_ptr<impl> impl_;
 };
 
+/// cuBLASLt's version as loaded at run time (e.g. 130100 for 13.1.0).
+std::size_t cublaslt_version();
+
 } // namespace petrel::cuda

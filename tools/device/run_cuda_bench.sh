@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# CUDA kernel checks and benchmarks on the device machine (H100), in two steps.
+#
+#   here (build machine):   tools/device/run_cuda_bench.sh package [build-dir]
+#       copies petrel, test_cuda_gemm and the non-CUDA shared libraries they need that Ubuntu 24.04
+#       lacks into device/cuda/ (git-ignored). cuBLASLt (540 MB) stays behind: the device has its own.
+#   device (repo root):     tools/device/run_cuda_bench.sh run [extra bench-kernels flags]
+#       with device/cuda carried; writes logs and bench.json under $OUT.
+set -uo pipefail
+here=device/cuda
+cmd=${1:-run}
+shift || true
+
+if [[ $cmd == package ]]; then
+  build=${1:-build-cuda}
+  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
+  cp "$build/petrel" "$build/test_cuda_gemm" "$here/bin/"
+  for lib in $(ldd "$build/petrel" "$build/test_cuda_gemm" | awk '/=>/ {print $3}' | sort -u); do
+    case $(basename "$lib") in
+      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*) ;;
+      *) cp -L "$lib" "$here/lib/" ;;
+    esac
+  done
+  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
+  # The working tree that travels is capped at 64 MiB: ship one compressed bundle.
+  tar -C "$here" -cJf /tmp/petrel-cuda-bundle.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
+  mv /tmp/petrel-cuda-bundle.tar.xz "$here/bundle.tar.xz"
+  du -sh "$here"
+  exit 0
+fi
+
+out=${OUT:-/tmp/petrel-cuda-out}
+if [[ -f $here/bundle.tar.xz ]]; then
+  mkdir -p /tmp/petrel-cuda && tar -C /tmp/petrel-cuda -xJf "$here/bundle.tar.xz" && here=/tmp/petrel-cuda
+fi
+mkdir -p "$out"
+blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH=$here/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
+  echo "cuBLASLt from: $blas_dir"
+  echo "SASS instruction counts in petrel (QGMMA = fp8 wgmma, UTMALDG = TMA load):"
+  cuobjdump -sass "$here/bin/petrel" | grep -oE '\b(QGMMA|HGMMA|HMMA|UTMALDG|UTMAPF|SYNCS)[A-Z0-9_.]*' | sort | uniq -c
+} 2>&1 | tee "$out/env.log"
+cuobjdump -sass "$here/bin/petrel" > "$out/petrel.sass" 2>&1 || true
+gzip -f "$out/petrel.sass"
+echo "== unit tests"
+timeout 120 "$here/bin/test_cuda_gemm" -s > "$out/test_cuda_gemm.log" 2>&1
+test_rc=$?
+grep -E 'MESSAGE|ERROR|FAILED|test cases|assertions|rel_l2' "$out/test_cuda_gemm.log" | head -60
+echo "unit tests rc=$test_rc"
+if [[ $test_rc != 0 ]] && command -v compute-sanitizer >/dev/null; then
+  echo "== compute-sanitizer memcheck on the unit tests"
+  timeout 150 compute-sanitizer --tool memcheck "$here/bin/test_cuda_gemm" 2>&1 | grep -vE '^\s*$' | head -40
+fi
+echo "== bench-kernels"
+timeout "${BENCH_TIMEOUT:-300}" "$here/bin/petrel" bench-kernels --check --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
+echo "bench rc=${PIPESTATUS[0]}"
+if [[ -n ${SECOND_PASS_FLAGS:-} ]]; then
+  echo "== bench-kernels (second pass: $SECOND_PASS_FLAGS)"
+  timeout 200 "$here/bin/petrel" bench-kernels $SECOND_PASS_FLAGS > "$out/bench_second.log" 2>&1
+  echo "second pass rc=$?"
+  sed -n '/^shape/,$p' "$out/bench_second.log"
+fi
