@@ -427,7 +427,7 @@ public:
 
   void teardown_ucx() {
     for (auto& [id, p] : peers) close_peer_endpoint(*p);
-    auto until = clock_type::now() + std::chrono::seconds(2);
+    auto until = clock_type::now() + std::chrono::milliseconds(500); // only a dead shm peer takes this long
     while (!close_requests.empty() && clock_type::now() < until) {
       ucp_worker_progress(worker);
       reap_close_requests();
@@ -631,9 +631,11 @@ public:
     for (auto& [key, rkey] : p.rkeys) ucp_rkey_destroy(rkey); // rkeys go before their endpoint
     p.rkeys.clear();
     if (!p.ep) return;
+    // FORCE needs error mode PEER on both sides (UCX: undefined behaviour otherwise); without it, close by flushing.
+    // A flush-close to a dead shm peer may never finish: teardown_ucx bounds the wait.
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    param.flags = error_mode_peer ? UCP_EP_CLOSE_FLAG_FORCE : 0;
     void* req = ucp_ep_close_nbx(p.ep, &param);
     if (UCS_PTR_IS_PTR(req)) close_requests.push_back(req);
     p.ep = nullptr;
