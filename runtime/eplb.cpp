@@ -100,12 +100,14 @@ std::string check_arguments(const expert_load_matrix& weight, const eplb_shape& 
   if (s.num_gpus % s.num_nodes != 0)
     return "gpus (" + std::to_string(s.num_gpus) + ") must be divisible by nodes (" + std::to_string(s.num_nodes) +
            ")";
-  if (L % s.num_groups != 0)
-    return "experts (" + std::to_string(L) + ") must be divisible by groups (" + std::to_string(s.num_groups) + ")";
   if (s.num_replicas < L)
     return "replicas (" + std::to_string(s.num_replicas) + ") must be at least the number of experts (" +
            std::to_string(L) + ")";
   if (uses_hierarchical_policy(s)) {
+    // Only the hierarchical policy splits experts into groups; the global one treats them as a single group.
+    if (L % s.num_groups != 0)
+      return "experts (" + std::to_string(L) + ") must be divisible by groups (" + std::to_string(s.num_groups) +
+             ") for the hierarchical policy";
     // Each node gets num_groups/num_nodes whole groups, so L/num_nodes experts, into num_replicas/num_nodes slots.
     if (s.num_replicas / s.num_nodes < L / s.num_nodes)
       return "each node has " + std::to_string(s.num_replicas / s.num_nodes) + " slots but holds " +

@@ -67,8 +67,8 @@ replication replicate_experts(const std::vector<double>& load, int num_physical)
 
 /// Returns "" when the arguments are usable, else a message naming what is wrong (for the CLI and the
 /// rebalancer to show the user). Checks: every layer has num_logical >= 1 loads, all finite and >= 0;
-/// num_replicas divisible by num_gpus; num_gpus divisible by num_nodes; num_logical divisible by num_groups;
-/// num_replicas >= num_logical; and, for the hierarchical policy, enough slots per node for its experts.
+/// num_replicas divisible by num_gpus; num_gpus divisible by num_nodes; num_replicas >= num_logical; and, for
+/// the hierarchical policy, num_logical divisible by num_groups and enough slots per node for its experts.
 std::string check_arguments(const expert_load_matrix& weight, const eplb_shape& shape);
 
 /// True when the hierarchical policy applies (groups divide evenly over nodes); otherwise the global

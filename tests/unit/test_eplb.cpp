@@ -135,6 +135,7 @@ TEST_CASE("eplb: invalid arguments give a clear error") {
   CHECK(err({10, 2, 2, 4}).find("replicas (10) must be divisible by gpus (4)") != std::string::npos);
   CHECK(err({12, 2, 2, 3}).find("divisible by nodes") != std::string::npos);
   CHECK(err({12, 3, 1, 4}).find("experts (8) must be divisible by groups (3)") != std::string::npos);
+  CHECK(err({12, 3, 2, 4}).empty()); // 3 groups on 2 nodes: the global policy ignores groups
   CHECK(err({4, 2, 2, 4}).find("at least the number of experts") != std::string::npos);
   CHECK(err({0, 2, 2, 4}).find("replicas must be positive") != std::string::npos);
   CHECK(check_arguments({{1, 2}, {1, 2, 3}}, {4, 1, 1, 2}).find("layer 1 has 3 experts") != std::string::npos);
