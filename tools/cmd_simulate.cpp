@@ -21,6 +21,7 @@ struct simulate_options {
   std::string kernel_times_file, comm_file, expert_load_file, write_kernel_times, write_comm;
   double zipf = 1.0, window_tokens = 65536, gpu_hour_usd = 2.0, tbo_overhead_us = 5;
   double prefill_tokens = 16384, decode_seqs = 256, kv_len = 2000;
+  int prefill_nodes = 4, decode_nodes = 9, prefill_slots = 288, decode_slots = 288;
   uint64_t seed = 1;
   bool json = false;
 };
@@ -98,6 +99,12 @@ int run(const simulate_options& o) {
   in.dep.prefill_no_tbo_max_tokens = std::min(in.dep.prefill_no_tbo_max_tokens, o.prefill_tokens);
   in.dep.decode_seqs_per_device = o.decode_seqs;
   in.dep.decode_kv_len = o.kv_len;
+  in.dep.prefill_nodes = o.prefill_nodes;
+  in.dep.decode_nodes = o.decode_nodes;
+  in.dep.prefill_ep = o.prefill_nodes * in.dep.gpus_per_node;
+  in.dep.decode_ep = o.decode_nodes * in.dep.gpus_per_node;
+  in.dep.prefill_slots = o.prefill_slots;
+  in.dep.decode_slots = o.decode_slots;
   if (auto err = check_deployment(in.dep); !err.empty()) return bad_input(err);
 
   const auto res = run_anchor_suite(in);
@@ -146,6 +153,10 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--prefill-tokens", o->prefill_tokens, "prefill tokens per device (default 16384)");
       sub.add_option("--decode-seqs", o->decode_seqs, "decode sequences per device (default 256)");
       sub.add_option("--kv-len", o->kv_len, "decode KV length (default 2000)");
+      sub.add_option("--prefill-nodes", o->prefill_nodes, "prefill nodes of 8 GPUs; EP = 8 x nodes (default 4)");
+      sub.add_option("--decode-nodes", o->decode_nodes, "decode nodes of 8 GPUs; EP = 8 x nodes (default 9)");
+      sub.add_option("--prefill-slots", o->prefill_slots, "expert slots in the prefill EP group (default 288)");
+      sub.add_option("--decode-slots", o->decode_slots, "expert slots in the decode EP group (default 288)");
       sub.add_option("--write-kernel-times", o->write_kernel_times, "write the default kernel-time file and exit");
       sub.add_option("--write-comm", o->write_comm, "write the default (DeepEP published) comm file and exit");
       sub.add_flag("--json", o->json, "print JSON instead of a table");
