@@ -1,6 +1,7 @@
 #include "runtime/cluster_config.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -8,6 +9,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include <yaml-cpp/yaml.h>
 
@@ -26,6 +28,8 @@ duration_ms parse_duration(const std::string& text) {
     throw std::invalid_argument("'" + text + "' is not a duration (write e.g. 500ms, 10s, 2m)");
   }
   std::string unit = text.substr(pos);
+  // "10 s" is as clear as "10s": allow blanks between the number and its unit.
+  unit.erase(0, std::min(unit.find_first_not_of(" \t"), unit.size()));
   double ms = 0;
   if (unit.empty() || unit == "s")
     ms = value * 1000;
@@ -33,12 +37,17 @@ duration_ms parse_duration(const std::string& text) {
     ms = value;
   else if (unit == "m" || unit == "min")
     ms = value * 60'000;
+  else if (unit == "h")
+    ms = value * 3'600'000;
   else if (unit == "us")
     ms = value / 1000;
   else
-    throw std::invalid_argument("'" + text + "' has unknown unit '" + unit + "' (use ms, s or m)");
+    throw std::invalid_argument("'" + text + "' has unknown unit '" + unit + "' (use us, ms, s, m or h)");
   if (!(ms >= 0) || !std::isfinite(ms))
     throw std::invalid_argument("'" + text + "' must be a non-negative duration");
+  // More than a year is a typo, and it would overflow the clocks that add it to now().
+  if (ms > 365.0 * 24 * 3'600'000)
+    throw std::invalid_argument("'" + text + "' is longer than a year");
   return duration_ms{static_cast<int64_t>(std::llround(ms))};
 }
 
@@ -90,16 +99,67 @@ std::vector<const group_section*> cluster_config::groups_with(group_role role) c
 
 namespace {
 
+/// Edits (insert, delete, substitute, swap two neighbours) that turn a into b.
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::vector<size_t>> d(a.size() + 1, std::vector<size_t>(b.size() + 1));
+  for (size_t i = 0; i <= a.size(); ++i)
+    d[i][0] = i;
+  for (size_t j = 0; j <= b.size(); ++j)
+    d[0][j] = j;
+  for (size_t i = 1; i <= a.size(); ++i)
+    for (size_t j = 1; j <= b.size(); ++j) {
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1])
+        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  return d[a.size()][b.size()];
+}
+
+/// " (did you mean 'X'?)" for the closest of `known`, when it is close enough to be a typo
+/// (at most 1 edit for short words, at most 3 for long ones), else "".
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& known) {
+  size_t limit = std::clamp<size_t>(word.size() / 3, 1, 3);
+  std::string best;
+  size_t best_d = limit + 1;
+  for (auto& k : known)
+    if (size_t d = edit_distance(word, k); d < best_d) {
+      best_d = d;
+      best = k;
+    }
+  return best.empty() ? "" : " (did you mean '" + best + "'?)";
+}
+
+std::string join(const std::vector<std::string>& words, const std::string& last_sep = ", ") {
+  std::string out;
+  for (size_t i = 0; i < words.size(); ++i)
+    out += (i == 0 ? "" : i + 1 == words.size() ? last_sep : ", ") + words[i];
+  return out;
+}
+
+/// Names end up in paths (RUN_DIR/CLUSTER/NODE.log) and on command lines (`petrel node --node NAME`).
+bool is_valid_name(const std::string& s) {
+  if (s.empty() || s.size() > 64 || s[0] == '.' || s[0] == '-')
+    return false;
+  return std::all_of(s.begin(), s.end(),
+                     [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.'; });
+}
+
 // -- a small schema walker: every error names file:line, unknown keys are refused -------------
 
 class reader {
 public:
   explicit reader(std::string file) : file_(std::move(file)) {}
 
-  [[noreturn]] void fail(const YAML::Node& at, const std::string& what) const {
-    int line = at.IsDefined() && at.Mark().line >= 0 ? at.Mark().line + 1 : 0;
-    fail_line(line, what);
+  /// Points at `at`. A null value (`key:` with nothing after it) carries the position of the next
+  /// token, which may be lines further down: errors about a section as a whole use fail_key.
+  [[noreturn]] void fail(const YAML::Node& at, const std::string& what) const { fail_line(line_of(at), what); }
+
+  /// Points at the line of `key` inside `map` (or at `map` itself when the key is absent).
+  [[noreturn]] void fail_key(const YAML::Node& map, const std::string& key, const std::string& what) const {
+    int line = key_line(map, key);
+    fail_line(line > 0 ? line : line_of(map), what);
   }
+
   [[noreturn]] void fail_line(int line, const std::string& what) const {
     std::ostringstream os;
     os << file_;
@@ -109,52 +169,81 @@ public:
     throw config_error(os.str());
   }
 
-  int line_of(const YAML::Node& n) const { return n.Mark().line >= 0 ? n.Mark().line + 1 : 0; }
+  static int line_of(const YAML::Node& n) {
+    return n.IsDefined() && n.Mark().line >= 0 ? n.Mark().line + 1 : 0;
+  }
 
-  /// Refuses keys of `map` outside `known`, suggesting the closest known key.
-  void only_keys(const YAML::Node& map, const std::string& where, std::initializer_list<const char*> known) const {
+  /// The line of the key `key` in `map` (1-based), 0 when absent.
+  static int key_line(const YAML::Node& map, const std::string& key) {
+    if (!map.IsDefined() || !map.IsMap())
+      return 0;
+    for (auto it = map.begin(); it != map.end(); ++it)
+      if (it->first.IsScalar() && it->first.Scalar() == key)
+        return line_of(it->first);
+    return 0;
+  }
+
+  /// Line of the value of `key` when it has one, else of the key itself.
+  static int value_line(const YAML::Node& map, const std::string& key) {
+    auto v = map[key];
+    return v.IsDefined() && !v.IsNull() && line_of(v) > 0 ? line_of(v) : key_line(map, key);
+  }
+
+  /// `map` must be a mapping whose keys are scalars from `known`, each at most once. `line` is where
+  /// to point when `map` is not a mapping at all (the line of its key in the parent).
+  void only_keys(const YAML::Node& map, const std::string& where, const std::vector<std::string>& known,
+                 int line) const {
     if (!map.IsMap())
-      fail(map, where + " must be a mapping");
+      fail_line(line > 0 ? line : line_of(map), where + " must be a mapping (key: value lines or {key: value})");
+    std::map<std::string, int> seen;
     for (auto it = map.begin(); it != map.end(); ++it) {
-      auto key = it->first.as<std::string>();
-      bool ok = false;
-      for (auto* k : known)
-        ok |= key == k;
-      if (ok)
+      if (!it->first.IsScalar())
+        fail(it->first, "a key in " + where + " must be a plain word, not a list or a mapping");
+      auto key = it->first.Scalar();
+      if (auto s = seen.find(key); s != seen.end())
+        fail(it->first, "key '" + key + "' appears twice in " + where + " (first on line " +
+                            std::to_string(s->second) + "); keep one");
+      seen[key] = line_of(it->first);
+      if (std::find(known.begin(), known.end(), key) != known.end())
         continue;
-      std::string best;
-      size_t best_d = 99;
-      for (auto* k : known) {
-        size_t d = edit_distance(key, k);
-        if (d < best_d) {
-          best_d = d;
-          best = k;
-        }
-      }
-      std::string hint = best_d <= 3 ? " (did you mean '" + best + "'?)" : "";
-      std::string list;
-      for (auto* k : known)
-        list += std::string(list.empty() ? "" : ", ") + k;
-      fail(it->first, "unknown key '" + key + "' in " + where + hint + "; known keys: " + list);
+      fail(it->first,
+           "unknown key '" + key + "' in " + where + did_you_mean(key, known) + "; known keys: " + join(known));
     }
   }
 
   template <class T>
   T scalar(const YAML::Node& n, const std::string& what) const {
     if (!n.IsScalar())
-      fail(n, what + " must be a scalar value");
+      fail(n, what + " must be a single value, not a list or a mapping");
     try {
       return n.as<T>();
     } catch (const YAML::Exception&) {
-      fail(n, what + " has the wrong type ('" + n.Scalar() + "')");
+      fail(n, what + " has the wrong type ('" + n.Scalar() + "' is not " + type_name<T>() + ")");
     }
   }
 
-  template <class T>
-  void opt(const YAML::Node& map, const char* key, T& out, const std::string& where) const {
+  void opt_string(const YAML::Node& map, const char* key, std::string& out, const std::string& where,
+                  bool allow_empty = false) const {
     auto n = map[key];
-    if (n.IsDefined() && !n.IsNull())
-      out = scalar<T>(n, where + "." + key);
+    if (!n.IsDefined() || n.IsNull())
+      return;
+    auto v = scalar<std::string>(n, where + "." + key);
+    if (v.empty() && !allow_empty)
+      fail(n, where + "." + key + " must not be empty");
+    out = v;
+  }
+
+  /// A string that must be one of `options`.
+  void opt_choice(const YAML::Node& map, const char* key, std::string& out, const std::string& where,
+                  const std::vector<std::string>& options) const {
+    auto n = map[key];
+    if (!n.IsDefined() || n.IsNull())
+      return;
+    auto v = scalar<std::string>(n, where + "." + key);
+    if (std::find(options.begin(), options.end(), v) == options.end())
+      fail(n, where + "." + key + " '" + v + "' is unknown" + did_you_mean(v, options) + "; use " +
+                  join(options, " or "));
+    out = v;
   }
 
   void opt_int(const YAML::Node& map, const char* key, int& out, const std::string& where, int lo,
@@ -169,7 +258,9 @@ public:
     out = static_cast<int>(v);
   }
 
-  void opt_duration(const YAML::Node& map, const char* key, duration_ms& out, const std::string& where) const {
+  /// A duration; `positive` refuses 0.
+  void opt_duration(const YAML::Node& map, const char* key, duration_ms& out, const std::string& where,
+                    bool positive) const {
     auto n = map[key];
     if (!n.IsDefined() || n.IsNull())
       return;
@@ -178,61 +269,86 @@ public:
     } catch (const std::invalid_argument& e) {
       fail(n, where + "." + key + ": " + e.what());
     }
+    if (positive && out.count() <= 0)
+      fail(n, where + "." + key + " must be longer than 0 (write e.g. 500ms or 10s)");
   }
 
   void opt_endpoint(const YAML::Node& map, endpoint& out, const std::string& where) const {
-    opt(map, "host", out.host, where);
+    opt_string(map, "host", out.host, where);
     int port = out.port;
     opt_int(map, "port", port, where, 0, 65535);
     out.port = static_cast<uint16_t>(port);
   }
 
-  const std::string& file() const { return file_; }
-
 private:
-  static size_t edit_distance(const std::string& a, const std::string& b) {
-    std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-    for (size_t j = 0; j <= b.size(); ++j)
-      prev[j] = j;
-    for (size_t i = 1; i <= a.size(); ++i) {
-      cur[0] = i;
-      for (size_t j = 1; j <= b.size(); ++j)
-        cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      std::swap(prev, cur);
-    }
-    return prev[b.size()];
+  template <class T>
+  static const char* type_name() {
+    if constexpr (std::is_same_v<T, std::string>)
+      return "text";
+    else if constexpr (std::is_same_v<T, bool>)
+      return "true or false";
+    else
+      return "a whole number";
   }
 
   std::string file_;
 };
 
-restart_strategy parse_strategy(const reader& r, const YAML::Node& n) {
-  auto s = r.scalar<std::string>(n, "supervision.strategy");
-  if (s == "one_for_one")
-    return restart_strategy::one_for_one;
-  if (s == "one_for_all")
-    return restart_strategy::one_for_all;
-  if (s == "rest_for_one")
-    return restart_strategy::rest_for_one;
-  r.fail(n, "supervision.strategy '" + s + "' is unknown; use one_for_one, one_for_all or rest_for_one");
-}
+/// The fixed ports of the cluster, so that two listeners never ask for the same one.
+class port_table {
+public:
+  /// The owner of a fixed port that clashes with host:port, or "" (port 0 never clashes).
+  std::string clash(const std::string& host, uint16_t port) const {
+    if (port == 0)
+      return "";
+    for (auto& e : entries_)
+      if (e.port == port && (same_host(e.host, host)))
+        return e.owner;
+    return "";
+  }
+  void add(const std::string& host, uint16_t port, std::string owner) {
+    if (port != 0)
+      entries_.push_back({host, port, std::move(owner)});
+  }
+
+private:
+  static bool wildcard(const std::string& h) { return h == "0.0.0.0" || h == "::" || h == "*"; }
+  static std::string canonical(const std::string& h) { return h == "localhost" ? "127.0.0.1" : h; }
+  static bool same_host(const std::string& a, const std::string& b) {
+    return wildcard(a) || wildcard(b) || canonical(a) == canonical(b);
+  }
+  struct entry {
+    std::string host;
+    uint16_t port;
+    std::string owner;
+  };
+  std::vector<entry> entries_;
+};
 
 rank_spec parse_rank(const reader& r, const YAML::Node& n, const std::string& where) {
   rank_spec spec;
-  if (n.IsScalar()) {
-    spec.device = r.scalar<std::string>(n, where);
+  if (n.IsMap()) {
+    r.only_keys(n, where, {"device"}, 0);
+    r.opt_string(n, "device", spec.device, where);
   } else {
-    r.only_keys(n, where, {"device"});
-    r.opt(n, "device", spec.device, where);
+    spec.device = r.scalar<std::string>(n, where);
   }
   if (spec.device != "cpu") {
-    bool ok = spec.device.rfind("cuda:", 0) == 0 && spec.device.size() > 5 &&
-              std::all_of(spec.device.begin() + 5, spec.device.end(), ::isdigit);
+    // cuda:N with N a plain number below 1024 (so that cuda_index() cannot overflow).
+    bool ok = spec.device.rfind("cuda:", 0) == 0 && spec.device.size() > 5 && spec.device.size() <= 9 &&
+              std::all_of(spec.device.begin() + 5, spec.device.end(), ::isdigit) &&
+              std::stoi(spec.device.substr(5)) < 1024;
     if (!ok)
-      r.fail(n, where + ".device '" + spec.device + "' is not a device; use cpu or cuda:N");
+      r.fail(n, where + " device '" + spec.device + "' is not a device; use cpu or cuda:N (N = 0..1023)");
   }
   return spec;
 }
+
+// UCX transport names (UCX_TLS) that Petrel accepts in transport.kv_tls.
+const std::vector<std::string> ucx_transports{
+    "all",  "tcp",    "shm",  "sm",   "posix", "sysv", "cma",     "knem",      "xpmem",    "self",
+    "mm",   "ib",     "rc",   "rc_v", "rc_x",  "ud",   "ud_v",    "ud_x",      "dc",       "dc_x",
+    "cuda", "cuda_copy", "cuda_ipc", "gdr_copy", "rocm", "rocm_copy", "rocm_ipc"};
 
 } // namespace
 
@@ -241,180 +357,265 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   reader r(name);
   YAML::Node root;
   try {
-    root = YAML::Load(yaml_text);
+    auto docs = YAML::LoadAll(yaml_text);
+    if (!docs.empty())
+      root = docs[0];
+    for (size_t i = 1; i < docs.size(); ++i)
+      if (!docs[i].IsNull())
+        r.fail(docs[i], "a second YAML document starts here ('---'); a cluster.yaml holds one");
   } catch (const YAML::ParserException& e) {
-    r.fail_line(e.mark.line + 1, "not valid YAML: " + e.msg);
+    r.fail_line(e.mark.line >= 0 ? e.mark.line + 1 : 0, "not valid YAML: " + e.msg);
   }
   if (!root.IsMap())
-    r.fail_line(1, "the top level must be a mapping with keys model, nodes, groups (see docs/cluster-yaml.md)");
-  r.only_keys(root, "the top level",
-              {"cluster", "model", "gateway", "nodes", "groups", "supervision", "transport"});
+    r.fail_line(std::max(1, reader::line_of(root)),
+                "the top level must be a mapping with the sections model, nodes and groups (see docs/cluster-yaml.md)");
+  r.only_keys(root, "the top level", {"cluster", "model", "gateway", "nodes", "groups", "supervision", "transport"},
+              1);
 
   cluster_config cfg;
   cfg.source = name;
+  auto section_line = [&](const char* key) { return reader::key_line(root, key); };
+  // Relative paths resolve against the directory of the file, so every process (and `petrel status`
+  // run from elsewhere) finds the same checkpoint and the same run directory.
+  auto resolve = [&](std::string p) {
+    return p.empty() || fs::path(p).is_absolute() ? p : (fs::path(base_dir) / p).lexically_normal().string();
+  };
 
   if (auto c = root["cluster"]; c.IsDefined()) {
-    r.only_keys(c, "cluster", {"name", "run_dir"});
-    r.opt(c, "name", cfg.cluster.name, "cluster");
-    r.opt(c, "run_dir", cfg.cluster.run_dir, "cluster");
+    r.only_keys(c, "cluster", {"name", "run_dir"}, section_line("cluster"));
+    r.opt_string(c, "name", cfg.cluster.name, "cluster");
+    r.opt_string(c, "run_dir", cfg.cluster.run_dir, "cluster");
+    cfg.cluster.run_dir = resolve(cfg.cluster.run_dir);
+    if (!is_valid_name(cfg.cluster.name))
+      r.fail(c["name"], "cluster.name '" + cfg.cluster.name +
+                            "' is not a valid name; use letters, digits, '_', '-' and '.' (it names a directory)");
   }
 
   // model
   auto m = root["model"];
   if (!m.IsDefined())
     r.fail_line(1, "missing section 'model' (add e.g. `model: {path: tests/data/fortune-moe}`)");
-  r.only_keys(m, "model", {"path", "dummy_config", "name", "backend", "max_context"});
-  r.opt(m, "path", cfg.model.path, "model");
-  r.opt(m, "dummy_config", cfg.model.dummy_config, "model");
-  r.opt(m, "name", cfg.model.served_name, "model");
-  r.opt(m, "backend", cfg.model.backend, "model");
+  r.only_keys(m, "model", {"path", "dummy_config", "name", "backend", "max_context"}, section_line("model"));
+  r.opt_string(m, "path", cfg.model.path, "model");
+  r.opt_string(m, "dummy_config", cfg.model.dummy_config, "model");
+  r.opt_string(m, "name", cfg.model.served_name, "model");
+  r.opt_choice(m, "backend", cfg.model.backend, "model", {"cpu", "cuda"});
   r.opt_int(m, "max_context", cfg.model.max_context, "model", 0);
   if (cfg.model.path.empty())
-    r.fail(m, "model.path is required: a checkpoint directory, or 'dummy' with model.dummy_config");
-  if (cfg.model.backend != "cpu" && cfg.model.backend != "cuda")
-    r.fail(m["backend"], "model.backend '" + cfg.model.backend + "' is unknown; use cpu or cuda");
-  auto resolve = [&](std::string p) {
-    return p.empty() || fs::path(p).is_absolute() ? p : (fs::path(base_dir) / p).lexically_normal().string();
-  };
+    r.fail_line(section_line("model"),
+                "model.path is required: a checkpoint directory, or 'dummy' with model.dummy_config");
+  std::error_code ec;
   if (cfg.model.is_dummy()) {
     if (cfg.model.dummy_config.empty())
-      r.fail(m, "model.path is 'dummy' but model.dummy_config is missing: name a config.json to size the weights");
+      r.fail_key(m, "path",
+                 "model.path is 'dummy' but model.dummy_config is missing: name a config.json to size the weights");
     cfg.model.dummy_config = resolve(cfg.model.dummy_config);
-    if (!fs::exists(cfg.model.dummy_config))
+    // A checkpoint directory works as well as its config.json.
+    if (fs::is_directory(cfg.model.dummy_config, ec))
+      cfg.model.dummy_config = (fs::path(cfg.model.dummy_config) / "config.json").string();
+    if (!fs::is_regular_file(cfg.model.dummy_config, ec))
       r.fail(m["dummy_config"], "model.dummy_config '" + cfg.model.dummy_config + "' does not exist");
   } else {
     cfg.model.path = resolve(cfg.model.path);
-    if (!fs::exists(fs::path(cfg.model.path) / "config.json"))
+    if (!fs::is_regular_file(fs::path(cfg.model.path) / "config.json", ec))
       r.fail(m["path"], "model.path '" + cfg.model.path +
                             "' has no config.json (point it at a Hugging Face checkpoint directory)");
   }
   if (cfg.model.served_name.empty())
-    cfg.model.served_name =
-        cfg.model.is_dummy() ? "dummy" : fs::path(cfg.model.path).filename().string();
+    cfg.model.served_name = cfg.model.is_dummy() ? "dummy" : fs::path(cfg.model.path).filename().string();
+  const bool cuda = cfg.model.backend == "cuda";
+
+  port_table ports;
 
   // gateway
   if (auto g = root["gateway"]; g.IsDefined()) {
-    r.only_keys(g, "gateway", {"host", "port", "threads", "max_queued", "max_body_bytes"});
+    r.only_keys(g, "gateway", {"host", "port", "threads", "max_queued", "max_body_bytes"}, section_line("gateway"));
     r.opt_endpoint(g, cfg.gateway.address, "gateway");
     r.opt_int(g, "threads", cfg.gateway.threads, "gateway", 1, 64);
     r.opt_int(g, "max_queued", cfg.gateway.max_queued, "gateway", 0);
     r.opt_int(g, "max_body_bytes", cfg.gateway.max_body_bytes, "gateway", 1024);
   }
+  ports.add(cfg.gateway.address.host, cfg.gateway.address.port, "the gateway");
 
   // supervision
   if (auto s = root["supervision"]; s.IsDefined()) {
-    r.only_keys(s, "supervision",
-                {"strategy", "intensity", "period", "node_intensity", "node_period", "heartbeat"});
-    if (s["strategy"].IsDefined())
-      cfg.supervision.strategy = parse_strategy(r, s["strategy"]);
-    r.opt_int(s, "intensity", cfg.supervision.intensity, "supervision", 0);
-    r.opt_duration(s, "period", cfg.supervision.period, "supervision");
-    r.opt_int(s, "node_intensity", cfg.supervision.node_intensity, "supervision", 0);
-    r.opt_duration(s, "node_period", cfg.supervision.node_period, "supervision");
-    r.opt_duration(s, "heartbeat", cfg.supervision.heartbeat, "supervision");
-    if (cfg.supervision.period.count() <= 0 || cfg.supervision.node_period.count() <= 0)
-      r.fail(s, "supervision periods must be positive");
+    r.only_keys(s, "supervision", {"strategy", "intensity", "period", "node_intensity", "node_period", "heartbeat"},
+                section_line("supervision"));
+    std::string strategy = to_string(cfg.supervision.strategy);
+    r.opt_choice(s, "strategy", strategy, "supervision", {"one_for_one", "one_for_all", "rest_for_one"});
+    cfg.supervision.strategy = strategy == "one_for_all"    ? restart_strategy::one_for_all
+                               : strategy == "rest_for_one" ? restart_strategy::rest_for_one
+                                                            : restart_strategy::one_for_one;
+    r.opt_int(s, "intensity", cfg.supervision.intensity, "supervision", 0, 1000);
+    r.opt_duration(s, "period", cfg.supervision.period, "supervision", true);
+    r.opt_int(s, "node_intensity", cfg.supervision.node_intensity, "supervision", 0, 1000);
+    r.opt_duration(s, "node_period", cfg.supervision.node_period, "supervision", true);
+    r.opt_duration(s, "heartbeat", cfg.supervision.heartbeat, "supervision", true);
   }
 
   // transport
   if (auto t = root["transport"]; t.IsDefined()) {
-    r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port"});
-    r.opt(t, "kv_tls", cfg.transport.kv_tls, "transport");
-    r.opt_duration(t, "kv_timeout", cfg.transport.kv_timeout, "transport");
-    r.opt(t, "expert_exchange", cfg.transport.expert_exchange, "transport");
-    r.opt(t, "head_host", cfg.transport.head.host, "transport");
-    int hp = 0;
+    r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port"},
+                section_line("transport"));
+    r.opt_string(t, "kv_tls", cfg.transport.kv_tls, "transport");
+    {
+      // UCX_TLS syntax: a comma-separated list, optionally led by '^' (= every transport but these).
+      std::string list = cfg.transport.kv_tls;
+      if (!list.empty() && list[0] == '^')
+        list.erase(0, 1);
+      std::stringstream ss(list);
+      std::string tl;
+      bool any = false;
+      while (std::getline(ss, tl, ',')) {
+        any = true;
+        if (std::find(ucx_transports.begin(), ucx_transports.end(), tl) == ucx_transports.end())
+          r.fail(t["kv_tls"], "transport.kv_tls names '" + tl + "', which is not a UCX transport" +
+                                  did_you_mean(tl, ucx_transports) + "; use e.g. tcp (detects dead peers) or shm");
+      }
+      if (!any || list.back() == ',')
+        r.fail(t["kv_tls"], "transport.kv_tls '" + cfg.transport.kv_tls +
+                                "' is not a list of UCX transports; use e.g. tcp or tcp,shm");
+    }
+    r.opt_duration(t, "kv_timeout", cfg.transport.kv_timeout, "transport", true);
+    r.opt_choice(t, "expert_exchange", cfg.transport.expert_exchange, "transport", {"inproc", "ucx", "nccl"});
+    if (cfg.transport.expert_exchange == "nccl" && !cuda)
+      r.fail(t["expert_exchange"],
+             "transport.expert_exchange 'nccl' needs model.backend: cuda; with the cpu backend use inproc or ucx");
+    r.opt_string(t, "head_host", cfg.transport.head.host, "transport");
+    int hp = cfg.transport.head.port;
     r.opt_int(t, "head_port", hp, "transport", 0, 65535);
     cfg.transport.head.port = static_cast<uint16_t>(hp);
-    static const std::set<std::string> exchanges{"inproc", "ucx", "nccl"};
-    if (!exchanges.count(cfg.transport.expert_exchange))
-      r.fail(t["expert_exchange"], "transport.expert_exchange '" + cfg.transport.expert_exchange +
-                                       "' is unknown; use inproc, ucx or nccl");
+    if (auto owner = ports.clash(cfg.transport.head.host, cfg.transport.head.port); !owner.empty())
+      r.fail(t["head_port"], "transport.head_port " + std::to_string(hp) + " is already taken by " + owner +
+                                 "; pick another port or 0 (any free port)");
   }
+  ports.add(cfg.transport.head.host, cfg.transport.head.port, "the head (transport.head_port)");
 
   // nodes
   auto nodes = root["nodes"];
-  if (!nodes.IsDefined() || !nodes.IsSequence() || nodes.size() == 0)
-    r.fail(nodes.IsDefined() ? nodes : root, "'nodes' must be a non-empty list of nodes");
-  std::map<std::pair<std::string, int>, std::string> used_ports;
+  if (!nodes.IsDefined())
+    r.fail_line(1, "missing section 'nodes' (add e.g. `nodes: [{name: n0, ranks: [cpu]}]`)");
+  if (!nodes.IsSequence() || nodes.size() == 0)
+    r.fail_line(reader::value_line(root, "nodes"), "'nodes' must be a non-empty list of nodes");
   for (auto n : nodes) {
     node_section node;
-    node.line = r.line_of(n);
-    r.only_keys(n, "a node", {"name", "host", "port", "ranks"});
-    r.opt(n, "name", node.name, "node");
+    node.line = reader::line_of(n);
+    r.only_keys(n, "a node", {"name", "host", "port", "ranks"}, 0);
+    r.opt_string(n, "name", node.name, "node");
     if (node.name.empty())
-      r.fail(n, "every node needs a name");
-    if (cfg.find_node(node.name))
-      r.fail(n, "node '" + node.name + "' is defined twice");
+      r.fail(n, "every node needs a name (add `name: n0`)");
+    if (!is_valid_name(node.name))
+      r.fail(n["name"], "node name '" + node.name + "' is not valid; use letters, digits, '_', '-' and '.'");
+    if (auto* first = cfg.find_node(node.name))
+      r.fail(n["name"], "node '" + node.name + "' is defined twice (first on line " + std::to_string(first->line) +
+                            "); node names must be unique");
     std::string where = "node '" + node.name + "'";
     r.opt_endpoint(n, node.address, where);
     auto ranks = n["ranks"];
-    if (!ranks.IsDefined())
-      r.fail(n, where + " has no ranks (write e.g. `ranks: [cpu]` or `ranks: [{device: cuda:0}]`)");
-    if (ranks.IsScalar()) {
-      int count = r.scalar<int>(ranks, where + ".ranks");
+    if (!ranks.IsDefined() || ranks.IsNull())
+      r.fail_key(n, "ranks", where + " has no ranks (write e.g. `ranks: [cpu]` or `ranks: [cuda:0, cuda:1]`)");
+    int count = 0;
+    if (ranks.IsScalar() && !YAML::convert<int>::decode(ranks, count)) {
+      // `ranks: cuda:0` is one rank, as if written `ranks: [cuda:0]`.
+      auto spec = parse_rank(r, ranks, where + " rank 0");
+      if (spec.is_cuda() != cuda)
+        r.fail(ranks, where + " rank 0 is on " + spec.device + " but model.backend is '" + cfg.model.backend +
+                          "'; " + (cuda ? "give it a GPU (cuda:N)" : "set model.backend: cuda"));
+      node.ranks.push_back(spec);
+    } else if (ranks.IsScalar()) {
       if (count < 1 || count > 64)
-        r.fail(ranks, where + ".ranks must be between 1 and 64");
-      node.ranks.assign(count, rank_spec{});
+        r.fail(ranks, where + ".ranks = " + std::to_string(count) + " is out of range [1, 64]");
+      // A count means that many ranks on the backend's devices: cpu, or cuda:0 .. cuda:N-1.
+      for (int i = 0; i < count; ++i)
+        node.ranks.push_back(rank_spec{cuda ? "cuda:" + std::to_string(i) : "cpu"});
     } else if (ranks.IsSequence()) {
-      for (size_t i = 0; i < ranks.size(); ++i)
-        node.ranks.push_back(parse_rank(r, ranks[i], where + ".ranks[" + std::to_string(i) + "]"));
-      if (node.ranks.empty())
-        r.fail(ranks, where + ".ranks is empty");
+      if (ranks.size() == 0)
+        r.fail(ranks, where + ".ranks is empty; list at least one device");
+      if (ranks.size() > 64)
+        r.fail(ranks, where + " has " + std::to_string(ranks.size()) + " ranks; at most 64");
+      std::map<std::string, int> seen_devices;
+      for (size_t i = 0; i < ranks.size(); ++i) {
+        auto item = ranks[i];
+        auto spec = parse_rank(r, item, where + " rank " + std::to_string(i));
+        if (spec.is_cuda() && !cuda)
+          r.fail(item, where + " rank " + std::to_string(i) + " is on " + spec.device + " but model.backend is '" +
+                           cfg.model.backend + "'; set model.backend: cuda");
+        if (!spec.is_cuda() && cuda)
+          r.fail(item, where + " rank " + std::to_string(i) +
+                           " is on cpu but model.backend is 'cuda'; give it a GPU (cuda:N)");
+        if (spec.is_cuda() && seen_devices.count(spec.device))
+          r.fail(item, where + " lists " + spec.device + " twice (ranks " +
+                           std::to_string(seen_devices[spec.device]) + " and " + std::to_string(i) +
+                           "); one rank per GPU");
+        seen_devices[spec.device] = static_cast<int>(i);
+        node.ranks.push_back(spec);
+      }
     } else {
       r.fail(ranks, where + ".ranks must be a count or a list of devices");
     }
-    if (node.address.port != 0) {
-      auto key = std::make_pair(node.address.host, int(node.address.port));
-      if (used_ports.count(key))
-        r.fail(n["port"], where + " uses port " + std::to_string(node.address.port) + ", already taken by node '" +
-                              used_ports[key] + "'");
-      used_ports[key] = node.name;
-    }
-    if (node.address.port != 0 && node.address.port == cfg.gateway.address.port &&
-        node.address.host == cfg.gateway.address.host)
-      r.fail(n["port"], where + " uses the gateway's port " + std::to_string(node.address.port));
+    if (auto owner = ports.clash(node.address.host, node.address.port); !owner.empty())
+      r.fail(n["port"], where + " uses port " + std::to_string(node.address.port) + ", already taken by " + owner +
+                            "; pick another port or 0 (any free port)");
+    ports.add(node.address.host, node.address.port, where);
     cfg.nodes.push_back(std::move(node));
   }
 
   // groups
   auto groups = root["groups"];
-  if (!groups.IsDefined() || !groups.IsMap())
-    r.fail(groups.IsDefined() ? groups : root,
-           "'groups' must be a mapping with 'prefill' and 'decode' lists (see docs/cluster-yaml.md)");
-  r.only_keys(groups, "groups", {"prefill", "decode"});
+  if (!groups.IsDefined())
+    r.fail_line(1, "missing section 'groups' (add `groups: {prefill: [...], decode: [...]}`)");
+  r.only_keys(groups, "groups", {"prefill", "decode"}, section_line("groups"));
+  const std::vector<std::string> common_keys{"name", "nodes", "ep_size", "redundant_experts", "init_expert_location",
+                                             "kv_pages", "page_size"};
   for (auto role : {group_role::prefill, group_role::decode}) {
-    auto list = groups[to_string(role)];
-    if (!list.IsDefined() || !list.IsSequence() || list.size() == 0)
-      r.fail(list.IsDefined() ? list : groups,
-             std::string("groups.") + to_string(role) + " must list at least one group");
+    const std::string role_name = to_string(role);
+    auto list = groups[role_name];
+    if (!list.IsDefined())
+      r.fail_line(section_line("groups"), "groups." + role_name + " is missing; list at least one " + role_name +
+                                              " group (Petrel serves with separate prefill and decode groups)");
+    if (!list.IsSequence() || list.size() == 0)
+      r.fail_line(reader::value_line(groups, role_name),
+                  "groups." + role_name + " must be a list of at least one group (`- name: ...`)");
+    auto keys = common_keys;
+    if (role == group_role::prefill)
+      keys.insert(keys.end(), {"chunk_tokens", "max_batch_tokens"});
+    else
+      keys.insert(keys.end(), {"max_running"});
     for (auto g : list) {
       group_section grp;
       grp.role = role;
-      grp.line = r.line_of(g);
-      r.only_keys(g, std::string(to_string(role)) + " group",
-                  {"name", "nodes", "ep_size", "redundant_experts", "init_expert_location", "chunk_tokens",
-                   "max_batch_tokens", "max_running", "kv_pages", "page_size"});
-      r.opt(g, "name", grp.name, "group");
+      grp.line = reader::line_of(g);
+      r.only_keys(g, role_name + " group", keys, 0);
+      r.opt_string(g, "name", grp.name, "group");
       if (grp.name.empty())
-        r.fail(g, std::string("every ") + to_string(role) + " group needs a name");
-      if (cfg.find_group(grp.name))
-        r.fail(g, "group '" + grp.name + "' is defined twice");
-      std::string where = std::string(to_string(role)) + " group '" + grp.name + "'";
+        r.fail(g, "every " + role_name + " group needs a name (add `name: " + role_name + "0`)");
+      if (!is_valid_name(grp.name))
+        r.fail(g["name"], "group name '" + grp.name + "' is not valid; use letters, digits, '_', '-' and '.'");
+      if (auto* first = cfg.find_group(grp.name))
+        r.fail(g["name"], "group '" + grp.name + "' is defined twice (first on line " +
+                              std::to_string(first->line) + "); group names must be unique");
+      std::string where = role_name + " group '" + grp.name + "'";
       auto gn = g["nodes"];
-      if (!gn.IsDefined() || !gn.IsSequence() || gn.size() == 0)
-        r.fail(g, where + " needs `nodes: [...]` with at least one node");
+      if (!gn.IsDefined() || gn.IsNull())
+        r.fail_key(g, "nodes", where + " needs `nodes: [...]` with at least one node");
+      if (!gn.IsSequence() || gn.size() == 0)
+        r.fail(gn, where + " needs `nodes: [...]` with at least one node");
       int rank_count = 0;
       for (auto node_name : gn) {
         auto nn = r.scalar<std::string>(node_name, where + ".nodes");
         auto* node = cfg.find_node(nn);
         if (!node)
-          r.fail(node_name, where + " names unknown node '" + nn + "'");
-        if (auto* other = cfg.group_of(nn))
-          r.fail(node_name, where + " names node '" + nn + "', which already belongs to group '" + other->name +
-                                "' (a node serves one group)");
+          r.fail(node_name, where + " names unknown node '" + nn + "'" + [&] {
+            std::vector<std::string> names;
+            for (auto& n : cfg.nodes)
+              names.push_back(n.name);
+            return did_you_mean(nn, names) + "; the nodes are " + join(names);
+          }());
         if (std::find(grp.nodes.begin(), grp.nodes.end(), nn) != grp.nodes.end())
           r.fail(node_name, where + " names node '" + nn + "' twice");
+        if (auto* other = cfg.group_of(nn))
+          r.fail(node_name, where + " names node '" + nn + "', which already belongs to " + to_string(other->role) +
+                                " group '" + other->name + "' (a node serves one group)");
         grp.nodes.push_back(nn);
         rank_count += static_cast<int>(node->ranks.size());
       }
@@ -422,12 +623,17 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       r.opt_int(g, "ep_size", grp.ep_size, where, 1, 1024);
       if (grp.ep_size != rank_count)
         r.fail(g["ep_size"], where + " has ep_size " + std::to_string(grp.ep_size) + " but its nodes have " +
-                                 std::to_string(rank_count) + " ranks; set ep_size: " + std::to_string(rank_count));
+                                 std::to_string(rank_count) + " ranks; set ep_size: " + std::to_string(rank_count) +
+                                 " (or leave it out)");
+      if (gn.size() > 1 && cfg.transport.expert_exchange == "inproc")
+        r.fail(gn, where + " spans " + std::to_string(gn.size()) +
+                       " node processes, but transport.expert_exchange 'inproc' stays inside one process; set "
+                       "transport.expert_exchange: " + (cuda ? "nccl" : "ucx"));
       r.opt_int(g, "redundant_experts", grp.redundant_experts, where, 0, 4096);
-      r.opt(g, "init_expert_location", grp.init_expert_location, where);
+      r.opt_string(g, "init_expert_location", grp.init_expert_location, where);
       if (!grp.init_expert_location.empty()) {
         grp.init_expert_location = resolve(grp.init_expert_location);
-        if (!fs::exists(grp.init_expert_location))
+        if (!fs::is_regular_file(grp.init_expert_location, ec))
           r.fail(g["init_expert_location"], where + ".init_expert_location '" + grp.init_expert_location +
                                                 "' does not exist");
       }
@@ -436,24 +642,25 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       r.opt_int(g, "max_running", grp.max_running, where, 1, 1 << 16);
       r.opt_int(g, "kv_pages", grp.kv_pages, where, 1, 1 << 24);
       r.opt_int(g, "page_size", grp.page_size, where, 1, 4096);
-      if (grp.max_batch_tokens < grp.chunk_tokens)
-        r.fail(g, where + ": max_batch_tokens (" + std::to_string(grp.max_batch_tokens) +
-                      ") must be at least chunk_tokens (" + std::to_string(grp.chunk_tokens) + ")");
+      if (role == group_role::prefill && grp.max_batch_tokens < grp.chunk_tokens)
+        r.fail_line(reader::key_line(g, "max_batch_tokens") ? reader::key_line(g, "max_batch_tokens")
+                                                            : reader::value_line(g, "chunk_tokens"),
+                    where + ": max_batch_tokens (" + std::to_string(grp.max_batch_tokens) +
+                        ") must be at least chunk_tokens (" + std::to_string(grp.chunk_tokens) +
+                        "), or no chunk fits in a step");
       cfg.groups.push_back(std::move(grp));
     }
   }
   for (auto& n : cfg.nodes)
     if (!cfg.group_of(n.name))
       r.fail_line(n.line, "node '" + n.name + "' belongs to no group; list it under groups.prefill or groups.decode");
-  for (auto& n : cfg.nodes)
-    for (auto& rk : n.ranks)
-      if (rk.is_cuda() && cfg.model.backend != "cuda")
-        r.fail_line(n.line, "node '" + n.name + "' has a " + rk.device + " rank but model.backend is '" +
-                                cfg.model.backend + "'; set model.backend: cuda");
   return cfg;
 }
 
 cluster_config load_cluster_config(const std::string& file) {
+  std::error_code ec;
+  if (fs::is_directory(file, ec))
+    throw config_error(file + ": is a directory; name the cluster.yaml file inside it");
   std::ifstream in(file);
   if (!in)
     throw config_error(file + ": cannot open the file (does it exist?)");
