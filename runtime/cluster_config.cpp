@@ -415,6 +415,11 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       cfg.model.dummy_config = (fs::path(cfg.model.dummy_config) / "config.json").string();
     if (!fs::is_regular_file(cfg.model.dummy_config, ec))
       r.fail(m["dummy_config"], "model.dummy_config '" + cfg.model.dummy_config + "' does not exist");
+    // The ranks and the gateway read DIR/config.json of the dummy config's directory.
+    if (fs::path(cfg.model.dummy_config).filename() != "config.json")
+      r.fail(m["dummy_config"], "model.dummy_config '" + cfg.model.dummy_config +
+                                    "' must be a file named config.json (or the directory holding one); "
+                                    "put it in a directory of its own, e.g. configs/deepseek-v3/config.json");
   } else {
     cfg.model.path = resolve(cfg.model.path);
     if (!fs::is_regular_file(fs::path(cfg.model.path) / "config.json", ec))
