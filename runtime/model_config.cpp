@@ -152,7 +152,7 @@ int64_t model_config::parameter_count() const {
   for (int64_t l = 0; l < num_hidden_layers; ++l) {
     total += attn;
     if (is_moe_layer(l))
-      total += n_routed_experts * (H + 3 * H * moe_intermediate_size) + 3 * H * moe_intermediate_size * n_shared_experts;
+      total += n_routed_experts * (H + 1 + 3 * H * moe_intermediate_size) + 3 * H * moe_intermediate_size * n_shared_experts;
     else
       total += 3 * H * intermediate_size;
   }

@@ -50,6 +50,18 @@ void cpu_backend::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
     return;
   }
+  // Few rows (decode): sgemm would pack the whole weight matrix for each call, which costs more than the math.
+  // A matrix-vector product per row streams the weights once per row instead.
+  static const int64_t small_m = [] {
+    const char* e = std::getenv("PETREL_CPU_GEMV_ROWS");
+    return e ? std::atoll(e) : 4;
+  }();
+  if (!trans_a && m <= small_m) {
+    for (int64_t i = 0; i < m; ++i)
+      cblas_sgemv(CblasRowMajor, trans_b ? CblasNoTrans : CblasTrans, int(trans_b ? n : k), int(trans_b ? k : n), alpha,
+                  b, int(ldb), a + i * lda, 1, beta, c + i * ldc, 1);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(m),
               int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
 }
