@@ -381,7 +381,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     return p.empty() || fs::path(p).is_absolute() ? p : (fs::path(base_dir) / p).lexically_normal().string();
   };
 
-  if (auto c = root["cluster"]; c.IsDefined()) {
+  if (auto c = root["cluster"]; c.IsDefined() && !c.IsNull()) {
     r.only_keys(c, "cluster", {"name", "run_dir"}, section_line("cluster"));
     r.opt_string(c, "name", cfg.cluster.name, "cluster");
     r.opt_string(c, "run_dir", cfg.cluster.run_dir, "cluster");
@@ -433,7 +433,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   port_table ports;
 
   // gateway
-  if (auto g = root["gateway"]; g.IsDefined()) {
+  if (auto g = root["gateway"]; g.IsDefined() && !g.IsNull()) {
     r.only_keys(g, "gateway", {"host", "port", "threads", "max_queued", "max_body_bytes"}, section_line("gateway"));
     r.opt_endpoint(g, cfg.gateway.address, "gateway");
     r.opt_int(g, "threads", cfg.gateway.threads, "gateway", 1, 64);
@@ -443,7 +443,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   ports.add(cfg.gateway.address.host, cfg.gateway.address.port, "the gateway");
 
   // supervision
-  if (auto s = root["supervision"]; s.IsDefined()) {
+  if (auto s = root["supervision"]; s.IsDefined() && !s.IsNull()) {
     r.only_keys(s, "supervision", {"strategy", "intensity", "period", "node_intensity", "node_period", "heartbeat"},
                 section_line("supervision"));
     std::string strategy = to_string(cfg.supervision.strategy);
@@ -459,7 +459,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   }
 
   // transport
-  if (auto t = root["transport"]; t.IsDefined()) {
+  if (auto t = root["transport"]; t.IsDefined() && !t.IsNull()) {
     r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port"},
                 section_line("transport"));
     r.opt_string(t, "kv_tls", cfg.transport.kv_tls, "transport");
@@ -502,6 +502,8 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     r.fail_line(1, "missing section 'nodes' (add e.g. `nodes: [{name: n0, ranks: [cpu]}]`)");
   if (!nodes.IsSequence() || nodes.size() == 0)
     r.fail_line(reader::value_line(root, "nodes"), "'nodes' must be a non-empty list of nodes");
+  // Which node already uses a GPU, by host: nodes that share a host must not share a GPU.
+  std::map<std::pair<std::string, std::string>, std::string> gpu_owner;
   for (auto n : nodes) {
     node_section node;
     node.line = reader::line_of(n);
@@ -557,6 +559,18 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       }
     } else {
       r.fail(ranks, where + ".ranks must be a count or a list of devices");
+    }
+    for (size_t i = 0; i < node.ranks.size(); ++i) {
+      if (!node.ranks[i].is_cuda())
+        continue;
+      auto host = node.address.host == "localhost" ? "127.0.0.1" : node.address.host;
+      auto key = std::make_pair(host, node.ranks[i].device);
+      if (auto it = gpu_owner.find(key); it != gpu_owner.end())
+        r.fail_key(n, "ranks", where + " rank " + std::to_string(i) + " uses " + node.ranks[i].device + " on host " +
+                                   host + ", which " + it->second +
+                                   " already uses; nodes on one host need different GPUs (list them: "
+                                   "`ranks: [cuda:4, cuda:5]`)");
+      gpu_owner[key] = where;
     }
     if (auto owner = ports.clash(node.address.host, node.address.port); !owner.empty())
       r.fail(n["port"], where + " uses port " + std::to_string(node.address.port) + ", already taken by " + owner +
@@ -628,7 +642,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       r.opt_int(g, "ep_size", grp.ep_size, where, 1, 1024);
       if (grp.ep_size != rank_count)
         r.fail(g["ep_size"], where + " has ep_size " + std::to_string(grp.ep_size) + " but its nodes have " +
-                                 std::to_string(rank_count) + " ranks; set ep_size: " + std::to_string(rank_count) +
+                                 std::to_string(rank_count) + (rank_count == 1 ? " rank" : " ranks") + "; set ep_size: " + std::to_string(rank_count) +
                                  " (or leave it out)");
       if (gn.size() > 1 && cfg.transport.expert_exchange == "inproc")
         r.fail(gn, where + " spans " + std::to_string(gn.size()) +
