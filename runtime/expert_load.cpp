@@ -201,10 +201,23 @@ expert_load_matrix zipf_load(int num_layers, int num_experts, int top_k, int64_t
     for (int64_t t = 0; t < tokens; ++t) {
       // top_k distinct experts per token: redraw duplicates (sampling without replacement).
       for (int k = 0; k < top_k; ++k) {
-        int e;
-        do {
-          e = pick(rng);
-        } while (std::find(picked.begin(), picked.begin() + k, e) != picked.begin() + k);
+        auto taken = [&](int e) { return std::find(picked.begin(), picked.begin() + k, e) != picked.begin() + k; };
+        int e = pick(rng);
+        // Redraw duplicates a few times (cheap when the picked experts hold little mass); when they hold most
+        // of it, draw from the remaining weights directly so the loop stays bounded for any s and top_k.
+        for (int tries = 0; taken(e) && tries < 16; ++tries) e = pick(rng);
+        if (taken(e)) {
+          double rest = 0;
+          for (int x = 0; x < num_experts; ++x)
+            if (!taken(x)) rest += w[x];
+          double u = std::uniform_real_distribution<double>(0.0, rest)(rng);
+          e = -1;
+          for (int x = 0; x < num_experts; ++x) {
+            if (taken(x)) continue;
+            e = x;
+            if ((u -= w[x]) < 0) break;
+          }
+        }
         picked[k] = e;
         ++counts[e];
       }

@@ -645,7 +645,6 @@ suite_result run_anchor_suite(const suite_inputs& in) {
                                      : eplb::zipf_load(std::max(1, moe_layers), d.num_experts, d.top_k,
                                                        static_cast<int64_t>(in.window_tokens), in.zipf_s, in.seed);
   const int p_nodes = d.prefill_nodes, dec_nodes = d.decode_nodes;
-  const double p_step_tokens = d.prefill_tokens_per_device * d.prefill_ep;
   auto p_bal = [&](bool eplb_on, double tokens_per_device) {
     return step_balance(window, d.prefill_ep, eplb_on ? d.prefill_slots : d.num_experts, d.num_groups, p_nodes,
                         d.top_k, tokens_per_device * d.prefill_ep, eplb_on, in.seed + 1);
@@ -658,7 +657,6 @@ suite_result run_anchor_suite(const suite_inputs& in) {
   const auto pb_half = p_bal(true, d.prefill_no_tbo_max_tokens);
   const auto db = d_bal(true, d.decode_seqs_per_device), db_none = d_bal(false, d.decode_seqs_per_device);
   const auto db_small = d_bal(true, 32);
-  (void)p_step_tokens;
 
   auto per_node = [&](const step_result& r) { return r.tokens_per_rank / (r.step_us * 1e-6) * d.gpus_per_node; };
   auto row = [&](std::string metric, std::string unit, double sim, std::optional<double> anchor, std::string src) {

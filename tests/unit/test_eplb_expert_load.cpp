@@ -101,6 +101,9 @@ TEST_CASE("expert_load: zipf_load is seeded, routes top_k per token, and skews w
     return *std::max_element(m[0].begin(), m[0].end()) / std::accumulate(m[0].begin(), m[0].end(), 0.0);
   };
   CHECK(max_share(zipf_load(1, 64, 8, 4000, 1.2, 1)) > max_share(zipf_load(1, 64, 8, 4000, 0.0, 1)));
+  // Extreme skew with top_k = all experts stays fast and still routes every expert exactly once per token.
+  const auto all = zipf_load(1, 16, 16, 200, 6.0, 9);
+  for (double x : all[0]) CHECK(x == 200);
 }
 
 TEST_CASE("expert_load: balancedness of hand-made placements") {
