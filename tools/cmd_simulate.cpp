@@ -133,6 +133,11 @@ int run(const simulate_options& o) {
     const std::string ratio = r.ratio() ? fmt::format("{:.2f}", *r.ratio()) : "-";
     std::cout << fmt::format("{:<84} {:>12} {:>10} {:>7}  {}\n", r.metric, sim, anc, ratio, r.anchor_source);
   }
+  std::cout << "\nstep breakdown (busiest rank)                 step ms   compute busy   comm busy   exposed comm\n";
+  for (const auto& [name, s] : res.detail["scenarios"].items())
+    std::cout << fmt::format("{:<44} {:>9.2f} {:>14.2f} {:>11.2f} {:>14.2f}\n", name, s["step_ms"].get<double>(),
+                             s["compute_busy_ms"].get<double>(), s["comm_busy_ms"].get<double>(),
+                             s["exposed_comm_ms"].get<double>());
   std::cout << fmt::format("balancedness (mean over MoE layers): {}\n", res.detail["balancedness"].dump());
   return petrel::cli::exit_ok;
 }
