@@ -20,6 +20,7 @@
 #include "actors/cluster.hpp"
 #include "actors/node_proxy.hpp"
 #include "actors/process_signals.hpp"
+#include "actors/serving.hpp"
 #include "actors/supervisor.hpp"
 #include "actors/system.hpp"
 
@@ -102,6 +103,7 @@ struct head_state {
 
   cluster_config cfg;
   supervisor_actor cluster_supervisor;
+  supervisor_actor service_supervisor; // gateway, router, schedulers
   std::string state = "running";
   uint16_t gateway_port = 0;
   std::vector<caf::response_promise> on_stopped;
@@ -110,7 +112,7 @@ struct head_state {
 using head_pointer = head_actor::stateful_pointer<head_state>;
 
 head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::string config_path,
-                                    uint16_t head_port) {
+                                    uint16_t head_port, std::shared_ptr<std::atomic<uint16_t>> gateway_port) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   supervisor_spec spec;
@@ -137,15 +139,34 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
   }
   st.cluster_supervisor = spawn_supervisor(self->home_system(), std::move(spec));
   self->monitor(st.cluster_supervisor);
+  // The serving actors run here, in the head, so their queues and request tables survive the
+  // crash of any node process (docs/architecture.md).
+  supervisor_spec services;
+  services.name = "service_supervisor";
+  services.strategy = restart_strategy::one_for_one;
+  services.intensity = st.cfg.supervision.intensity;
+  services.period = st.cfg.supervision.period;
+  services.children = service_children(
+      service_context{std::make_shared<const cluster_config>(st.cfg), caf::actor_cast<head_actor>(self), gateway_port});
+  st.service_supervisor = spawn_supervisor(self->home_system(), std::move(services));
+  self->monitor(st.service_supervisor);
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
+    if (dm.source == st.service_supervisor.address() && st.state != "stopping") {
+      st.state = "escalated";
+      std::cerr << "petrel head: the serving actors gave up: " << describe(dm.reason) << "; stopping the cluster\n";
+      self->anon_send(st.cluster_supervisor, stop_atom::value);
+      return;
+    }
     if (dm.source != st.cluster_supervisor.address())
       return;
-    if (dm.reason && dm.reason != caf::exit_reason::user_shutdown) {
+    if (st.service_supervisor)
+      self->send_exit(st.service_supervisor, caf::exit_reason::user_shutdown);
+    if ((dm.reason && dm.reason != caf::exit_reason::user_shutdown) || st.state == "escalated") {
       st.state = "escalated";
       std::cerr << "petrel head: cluster supervisor gave up: " << describe(dm.reason)
                 << "; every node process is stopped\n";
-      self->quit(dm.reason);
+      self->quit(dm.reason ? dm.reason : make_error(petrel_errc::escalated, "serving actors"));
       return;
     }
     for (auto& rp : st.on_stopped)
@@ -229,12 +250,27 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
                 [rp](caf::error& err) mutable { rp.deliver(err); });
         return rp;
       },
+      [self](whereis_atom, const std::string& node, const std::string& child) -> caf::result<caf::actor, uint64_t> {
+        auto rp = self->make_response_promise<caf::actor, uint64_t>();
+        self->request(self->state.cluster_supervisor, std::chrono::seconds(2), whereis_atom::value, node)
+            .then(
+                [self, rp, child](caf::actor& proxy, uint64_t) mutable {
+                  self->request(caf::actor_cast<node_proxy_actor>(proxy), std::chrono::seconds(2), whereis_atom::value,
+                                child)
+                      .then([rp](caf::actor& a, uint64_t e) mutable { rp.deliver(a, e); },
+                            [rp](caf::error& err) mutable { rp.deliver(err); });
+                },
+                [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto rp = self->make_response_promise<caf::ok_atom>();
         auto& st = self->state;
         st.on_stopped.push_back(rp);
         if (st.state != "stopping") {
           st.state = "stopping";
+          if (st.service_supervisor)
+            self->send_exit(st.service_supervisor, caf::exit_reason::user_shutdown);
           // The supervisor's own answer is not needed: its exit (down_msg) completes the stop.
           self->request(st.cluster_supervisor, caf::infinite, stop_atom::value).then([](caf::ok_atom) {});
         }
@@ -257,15 +293,19 @@ int run_head(const cluster_config& cfg, const head_options& opts) {
   auto config_path = fs::absolute(opts.config_path).string();
   // The node proxies need the head's port before the head is published: pick it first.
   uint16_t port = cfg.transport.head.port != 0 ? cfg.transport.head.port : pick_free_port();
-  auto head = sys.spawn(head_impl, cfg, config_path, port);
+  auto gateway_port = std::make_shared<std::atomic<uint16_t>>(0);
+  auto head = sys.spawn(head_impl, cfg, config_path, port, gateway_port);
   auto published = sys.middleman().publish(head, port, cfg.transport.head.host.c_str(), true);
   if (!published) {
     anon_send_exit(head, caf::exit_reason::kill);
     throw std::runtime_error("cannot publish the head on " + cfg.transport.head.host + ":" + std::to_string(port) +
                              ": " + sys.render(published.error()));
   }
+  // The run file names the gateway's real port (it may have been 0 = any).
+  for (int i = 0; i < 200 && gateway_port->load() == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   run_file rf{cfg.cluster.name, static_cast<int>(::getpid()), "127.0.0.1", *published,
-              cfg.gateway.address.host, cfg.gateway.address.port, config_path};
+              cfg.gateway.address.host, gateway_port->load(), config_path};
   write_run_file(path, rf);
   if (opts.on_ready)
     opts.on_ready(rf);

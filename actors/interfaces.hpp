@@ -48,7 +48,9 @@ using head_actor = caf::typed_actor<
     /// Kills a node's process (SIGKILL) as a crash would; answers its pid. For fault injection.
     caf::replies_to<kill_atom, std::string>::with<int32_t>,
     /// Stops every node process and then the head; answers once the nodes are gone.
-    caf::replies_to<stop_atom>::with<caf::ok_atom>>;
+    caf::replies_to<stop_atom>::with<caf::ok_atom>,
+    /// Resolves child `child` of node `node` (e.g. "rank0", "kv_agent"): its handle and epoch.
+    caf::replies_to<whereis_atom, std::string, std::string>::with<caf::actor, uint64_t>>;
 
 /// The NODE PROXY actor interface: the head-side stand-in of one node process, supervised by the
 /// cluster_supervisor. It lives exactly as long as its process and its connection.
@@ -62,12 +64,86 @@ using node_proxy_actor = caf::typed_actor<
     /// The reaper saw the process exit with this wait status.
     caf::reacts_to<exited_atom, int32_t, int32_t>,
     /// Periodic liveness probe of the node.
-    caf::reacts_to<tick_atom>>;
+    caf::reacts_to<tick_atom>,
+    /// Resolves a child of the node's supervisor (forwarded to it).
+    caf::replies_to<whereis_atom, std::string>::with<caf::actor, uint64_t>>;
 
 // -- serving ------------------------------------------------------------------------------------
 
 /// The RANK actor interface: one per GPU (or CPU worker). Detached (own thread), because it
-/// blocks on its device stream and on collectives. It owns its device, weight shard and KV pool.
-using rank_actor = liveness_protocol;
+/// blocks on its device stream and on collectives. It owns its device, weights and KV pool.
+using rank_actor = liveness_protocol::extend<
+    /// Answers the rank's KV geometry and the descriptor of its registered KV pool.
+    caf::replies_to<info_atom>::with<rank_info>,
+    /// Runs one forward step (prefill chunks and/or decode tokens) and answers the sampled tokens.
+    /// A step stamped with another incarnation's epoch is refused (stale_epoch).
+    caf::replies_to<forward_atom, forward_step>::with<step_output>>;
+
+/// The KV AGENT actor interface: one per node process. Owns the node's UCX KV-transfer engine
+/// (its progress thread) and moves pages: put, flush, then an active-message notice.
+using kv_agent_actor = liveness_protocol::extend<
+    /// Pushes the pages of a local pool to the destination; answers once the data is visible
+    /// there, or fails (peer lost, timeout, refused descriptor). Never hangs: every transfer has a
+    /// deadline.
+    caf::replies_to<ship_atom, kv_shipment>::with<kv_receipt>,
+    /// Internal: the engine's progress thread reports transfer `id` done (error text empty on success).
+    caf::reacts_to<ship_atom, uint64_t, kv_receipt, std::string>>;
+
+/// The PREFILL SCHEDULER actor interface: one per prefill group (runs in the head process, so its
+/// queue survives node crashes). Chunked prefill with a token budget, batched across requests.
+using prefill_scheduler_actor = caf::typed_actor<
+    /// Queues a prefill; answers ok at once. The outcome goes to the decode scheduler (kv_ready)
+    /// and, for failures, to the router (request_failure).
+    caf::replies_to<prefill_atom, prefill_job>::with<caf::ok_atom>,
+    /// Drops a request and frees its pages.
+    caf::reacts_to<abort_atom, uint64_t>,
+    /// Answers the group's load.
+    caf::replies_to<load_atom>::with<group_load>,
+    /// Periodic housekeeping: resolve ranks that are down, expire stale reservations.
+    caf::reacts_to<tick_atom>>;
+
+/// The DECODE SCHEDULER actor interface: one per decode group (in the head process). Pre-allocates
+/// KV pages, admits transferred requests, runs continuous batching with one step per rank.
+using decode_scheduler_actor = caf::typed_actor<
+    /// Reserves pages for the request on one rank (DP attention); answers the destination, or
+    /// overloaded when no rank has room.
+    caf::replies_to<admit_atom, decode_admission>::with<kv_destination>,
+    /// The request's KV arrived: it joins the running batch.
+    caf::reacts_to<ready_atom, kv_ready>,
+    /// Drops a request (client gone, stop string matched) and frees its pages.
+    caf::reacts_to<abort_atom, uint64_t>,
+    /// Answers the group's load.
+    caf::replies_to<load_atom>::with<group_load>,
+    /// Periodic housekeeping: resolve ranks that are down, expire stale reservations.
+    caf::reacts_to<tick_atom>>;
+
+/// The ROUTER actor interface (head): picks a decode and a prefill group per request, tracks each
+/// request until done, streams its tokens to the submitter, and migrates requests on failure.
+using router_actor = caf::typed_actor<
+    /// Accepts a request (answers ok) or refuses it (overloaded: the queue is full). Tokens then
+    /// flow to the submitter as (tokens_atom, token_event).
+    caf::replies_to<submit_atom, serve_request>::with<caf::ok_atom>,
+    /// New tokens of a request, from a scheduler.
+    caf::reacts_to<tokens_atom, token_event>,
+    /// A request failed on its path; the router migrates it or fails it.
+    caf::reacts_to<failed_atom, request_failure>,
+    /// The client went away or no longer needs the request.
+    caf::reacts_to<abort_atom, uint64_t>,
+    /// Answers the load of every group.
+    caf::replies_to<load_atom>::with<std::vector<group_load>>,
+    /// Periodic housekeeping: dispatch waiting requests, retry migrations.
+    caf::reacts_to<tick_atom>>;
+
+/// The GATEWAY actor interface (head): the HTTP listener. HTTP threads hand requests to it; the
+/// router streams tokens back to it.
+using gateway_actor = caf::typed_actor<
+    /// An HTTP request from a server thread (local only).
+    caf::reacts_to<http_call>,
+    /// The client of request `rid` went away (local only, from a server thread).
+    caf::reacts_to<abort_atom, uint64_t>,
+    /// Tokens of a request that this gateway submitted.
+    caf::reacts_to<tokens_atom, token_event>,
+    /// Periodic housekeeping (metrics gauges).
+    caf::reacts_to<tick_atom>>;
 
 } // namespace petrel

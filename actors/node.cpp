@@ -11,6 +11,7 @@
 #include "actors/process_signals.hpp"
 #include "actors/supervisor.hpp"
 #include "actors/system.hpp"
+#include "transport/kv_transfer.hpp"
 
 namespace petrel {
 
@@ -28,7 +29,19 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
   spec.intensity = cfg.supervision.intensity;
   spec.period = cfg.supervision.period;
   spec.epoch_base = opts.epoch << 32; // children epochs read NODE_EPOCH.INCARNATION
-  spec.children = node_children(cfg, *node, opts.epoch);
+  // The node's KV engine (UCX worker + progress thread) lives as long as the process.
+  transport::kv_transfer_options kv_opts;
+  kv_opts.transports = cfg.transport.kv_tls;
+  kv_opts.transfer_deadline = cfg.transport.kv_timeout;
+  kv_opts.name = "petrel-kv-" + node->name;
+  auto engine = transport::kv_transfer_engine::create(kv_opts);
+  if (!engine) {
+    std::cerr << "petrel node " << node->name << ": cannot start the KV transfer engine (UCX "
+              << cfg.transport.kv_tls << "): " << engine.error() << "\n";
+    return 1;
+  }
+  std::shared_ptr<transport::kv_transfer_engine> kv_engine = std::move(*engine);
+  spec.children = node_children(cfg, *node, kv_engine);
   auto sup = spawn_supervisor(sys, std::move(spec));
 
   auto published = sys.middleman().publish(sup, node->address.port, node->address.host.c_str(), true);

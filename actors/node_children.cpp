@@ -1,25 +1,42 @@
 #include "actors/node_children.hpp"
 
+#include <filesystem>
+
 #include <caf/all.hpp>
 
+#include "actors/kv_agent.hpp"
 #include "actors/rank.hpp"
 
 namespace petrel {
 
-std::vector<child_spec> node_children(const cluster_config& cfg, const node_section& node, uint64_t) {
+std::vector<child_spec> node_children(const cluster_config& cfg, const node_section& node,
+                                      std::shared_ptr<transport::kv_transfer_engine> kv_engine) {
   std::vector<child_spec> out;
+  out.push_back(child_spec{"kv_agent", restart_type::permanent,
+                           [kv_engine](caf::local_actor* parent, const child_context& ctx) {
+                             return spawn_kv_agent(parent, kv_engine, ctx);
+                           },
+                           "UCX " + cfg.transport.kv_tls});
+  auto* group = cfg.group_of(node.name);
   for (size_t i = 0; i < node.ranks.size(); ++i) {
     rank_config rc;
     rc.node = node.name;
+    rc.group = group ? group->name : "";
     rc.index = static_cast<int>(i);
     rc.device = node.ranks[i].device;
+    rc.dummy = cfg.model.is_dummy();
+    rc.model_path = rc.dummy ? std::filesystem::path(cfg.model.dummy_config).parent_path().string() : cfg.model.path;
+    rc.backend = cfg.model.backend;
+    rc.kv_pages = group ? group->kv_pages : 256;
+    rc.page_size = group ? group->page_size : 16;
+    rc.max_context = cfg.model.max_context;
+    rc.kv_engine = kv_engine;
     out.push_back(child_spec{"rank" + std::to_string(i), restart_type::permanent,
                              [rc](caf::local_actor* parent, const child_context& ctx) {
                                return spawn_rank(parent, rc, ctx);
                              },
                              "rank " + std::to_string(i) + " on " + node.ranks[i].device});
   }
-  (void)cfg;
   return out;
 }
 

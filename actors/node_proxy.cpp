@@ -168,6 +168,17 @@ node_proxy_actor::behavior_type node_proxy_impl(proxy_pointer self, node_proxy_c
                 });
         return rp;
       },
+      [self](whereis_atom, const std::string& child) -> caf::result<caf::actor, uint64_t> {
+        auto& st = self->state;
+        if (!st.node_supervisor)
+          return make_error(petrel_errc::node_unreachable, "node '" + st.config.node + "' is " + st.state);
+        auto rp = self->make_response_promise<caf::actor, uint64_t>();
+        self->request(caf::actor_cast<supervisor_actor>(st.node_supervisor), std::chrono::seconds(2),
+                      whereis_atom::value, child)
+            .then([rp](caf::actor& a, uint64_t e) mutable { rp.deliver(a, e); },
+                  [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
       [self](kill_atom) -> int32_t {
         kill_process(self, SIGKILL);
         return static_cast<int32_t>(self->state.pid);

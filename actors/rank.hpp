@@ -1,6 +1,7 @@
 // The rank actor: one per GPU or CPU worker (see interfaces.hpp, rank_actor).
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include <caf/actor.hpp>
@@ -10,13 +11,28 @@
 
 namespace petrel {
 
+namespace transport {
+class kv_transfer_engine;
+}
+
 struct rank_config {
   std::string node;
-  int index = 0;
+  std::string group;
+  int index = 0;          // index within the node
   std::string device = "cpu";
+  std::string model_path; // checkpoint directory (or the directory of the dummy config)
+  bool dummy = false;
+  std::string backend = "cpu";
+  int kv_pages = 256;
+  int page_size = 16;
+  int threads = 1;        // host math threads
+  int max_context = 0;
+  /// The node's KV engine: the rank registers its pool there so peers can write into it.
+  std::shared_ptr<transport::kv_transfer_engine> kv_engine;
 };
 
-/// Spawns a detached rank actor for incarnation `ctx.epoch`.
+/// Spawns a detached rank actor for incarnation `ctx.epoch`. It loads the model in its own thread;
+/// a load failure ends it with an error (the supervisor's restart policy applies).
 caf::actor spawn_rank(caf::local_actor* parent, const rank_config& cfg, const child_context& ctx);
 
 } // namespace petrel

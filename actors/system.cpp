@@ -12,6 +12,7 @@ petrel_config::petrel_config(bool testing) {
   // Vectors of Petrel types travel inside status replies; CAF needs them named too.
   add_message_type<std::vector<child_status>>("petrel.child_status_list");
   add_message_type<std::vector<node_status>>("petrel.node_status_list");
+  add_message_type<std::vector<group_load>>("petrel.group_load_list");
   add_error_category(caf::atom("petrel"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
     std::string out = std::string("petrel.") + to_string(static_cast<petrel_errc>(code));
     if (ctx.match_elements<std::string>())

@@ -1,0 +1,278 @@
+// decode_scheduler: reserves KV pages before the transfer (so a transferred request always fits),
+// then continuous batching: every step sends each rank its running requests (DP attention), and
+// requests join and leave at every step.
+#include <map>
+
+#include <caf/all.hpp>
+
+#include "actors/rank_slots.hpp"
+#include "actors/serving.hpp"
+#include "runtime/metrics.hpp"
+
+namespace petrel {
+
+namespace {
+
+using namespace std::chrono_literals;
+
+struct decode_entry {
+  decode_admission admission;
+  size_t rank = 0;
+  uint64_t rank_epoch = 0;
+  std::vector<int32_t> pages;
+  bool running = false;     // KV arrived
+  bool in_step = false;     // part of the step in flight
+  bool aborted = false;
+  int64_t pos = 0;          // tokens in the cache
+  int32_t last_token = 0;   // next input token
+  int32_t generated = 0;    // output position of the next token
+  caf::actor_clock::time_point reserved_at;
+};
+
+struct decode_state {
+  static inline const char* name = "petrel.decode_scheduler";
+
+  service_context sc;
+  group_section group;
+  std::vector<rank_slot> slots;
+  std::map<uint64_t, decode_entry> requests;
+  router_actor router;
+  caf::timespan reservation_timeout = std::chrono::seconds(60);
+};
+
+using decode_pointer = decode_scheduler_actor::stateful_pointer<decode_state>;
+
+void free_entry(decode_pointer self, std::map<uint64_t, decode_entry>::iterator it) {
+  auto& st = self->state;
+  auto& slot = st.slots[it->second.rank];
+  if (slot.pages && slot.epoch() == it->second.rank_epoch && !it->second.pages.empty())
+    slot.pages->free(it->second.pages);
+  st.requests.erase(it);
+}
+
+void fail(decode_pointer self, uint64_t rid, const std::string& where, const std::string& reason) {
+  auto& st = self->state;
+  auto it = st.requests.find(rid);
+  if (it == st.requests.end())
+    return;
+  bool aborted = it->second.aborted;
+  free_entry(self, it);
+  if (!aborted && st.router)
+    self->anon_send(st.router, failed_atom::value, request_failure{rid, where, reason, true});
+}
+
+/// Emits `token` for the request; true when the request is finished.
+bool emit(decode_pointer self, decode_entry& e, int32_t token) {
+  auto& a = e.admission;
+  ++e.generated;
+  bool stop = std::find(a.stop_ids.begin(), a.stop_ids.end(), token) != a.stop_ids.end();
+  bool finished = stop || e.generated >= a.generated + a.max_new_tokens;
+  if (self->state.router)
+    self->anon_send(self->state.router, tokens_atom::value, token_event{a.rid, {token}, finished, {}});
+  return finished;
+}
+
+void update_gauges(decode_pointer self) {
+  auto& st = self->state;
+  int running = 0;
+  for (auto& [rid, e] : st.requests)
+    running += e.running;
+  serving_metrics().running_requests.with({st.group.name}).set(running);
+  serving_metrics().queue_depth.with({st.group.name}).set(static_cast<double>(st.requests.size()) - running);
+}
+
+void schedule(decode_pointer self) {
+  auto& st = self->state;
+  for (size_t r = 0; r < st.slots.size(); ++r) {
+    auto& slot = st.slots[r];
+    if (!slot.up() || slot.in_flight)
+      continue;
+    forward_step step{slot.epoch(), {}};
+    std::vector<uint64_t> rids;
+    for (auto& [rid, e] : st.requests) {
+      if (e.rank != r || !e.running || e.aborted || e.rank_epoch != slot.epoch())
+        continue;
+      step_item item;
+      item.rid = rid;
+      item.tokens = {e.last_token};
+      item.start_pos = e.pos;
+      item.pages = e.pages;
+      item.sample = true;
+      item.position = e.generated;
+      item.sampling = e.admission.sampling;
+      step.items.push_back(std::move(item));
+      rids.push_back(rid);
+      e.in_step = true;
+    }
+    if (rids.empty())
+      continue;
+    slot.in_flight = true;
+    auto epoch = slot.epoch();
+    self->request(slot.handle, 60s, forward_atom::value, std::move(step))
+        .then(
+            [self, r, rids](step_output& out) {
+              auto& st = self->state;
+              st.slots[r].in_flight = false;
+              for (size_t i = 0; i < rids.size(); ++i) {
+                auto it = st.requests.find(rids[i]);
+                if (it == st.requests.end())
+                  continue;
+                auto& e = it->second;
+                e.in_step = false;
+                if (e.aborted) {
+                  free_entry(self, it);
+                  continue;
+                }
+                e.pos += 1;
+                e.last_token = out.tokens[i];
+                if (emit(self, e, out.tokens[i]))
+                  free_entry(self, it);
+              }
+              update_gauges(self);
+              schedule(self);
+            },
+            [self, r, rids, epoch](caf::error& err) {
+              auto& st = self->state;
+              if (st.slots[r].epoch() == epoch)
+                st.slots[r].in_flight = false;
+              for (auto rid : rids)
+                fail(self, rid, st.slots[r].label(), "decode step failed: " + describe(err));
+              schedule(self);
+            });
+  }
+}
+
+decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_context sc, group_section group) {
+  auto& st = self->state;
+  st.sc = std::move(sc);
+  st.group = std::move(group);
+  st.slots = make_rank_slots(*st.sc.cfg, st.group);
+  self->set_down_handler([self](caf::down_msg& dm) {
+    auto& st = self->state;
+    if (auto r = rank_went_down(self, dm.source)) {
+      std::vector<uint64_t> lost;
+      for (auto& [rid, e] : st.requests)
+        if (e.rank == *r)
+          lost.push_back(rid);
+      for (auto rid : lost)
+        fail(self, rid, st.slots[*r].label(), "rank went down: " + describe(dm.reason));
+      update_gauges(self);
+    }
+  });
+  self->send(self, tick_atom::value);
+  return {
+      [self](admit_atom, decode_admission& a) -> caf::result<kv_destination> {
+        auto& st = self->state;
+        if (!st.router)
+          st.router = caf::actor_cast<router_actor>(self->current_sender());
+        auto t0 = std::chrono::steady_clock::now();
+        int64_t total = static_cast<int64_t>(a.tokens.size()) + a.max_new_tokens;
+        // DP attention: the request lives on one rank; pick the one with the most free pages.
+        std::optional<size_t> best;
+        std::vector<int> per_rank(st.slots.size(), 0);
+        for (auto& [rid, e] : st.requests)
+          per_rank[e.rank]++;
+        for (size_t r = 0; r < st.slots.size(); ++r) {
+          auto& s = st.slots[r];
+          if (!s.up())
+            continue;
+          if (total > s.info.max_context)
+            return make_error(petrel_errc::bad_request, "prompt + max_tokens = " + std::to_string(total) +
+                                                            " exceeds the context of " +
+                                                            std::to_string(s.info.max_context));
+          if (per_rank[r] >= st.group.max_running ||
+              s.pages->free_count() < pages_for_tokens(total, s.info.page_size))
+            continue;
+          if (!best || s.pages->free_count() > st.slots[*best].pages->free_count())
+            best = r;
+        }
+        if (!best)
+          return make_error(petrel_errc::overloaded, "decode group '" + st.group.name + "' has no room");
+        auto& s = st.slots[*best];
+        auto pages = s.pages->allocate(pages_for_tokens(total, s.info.page_size));
+        decode_entry e;
+        e.admission = std::move(a);
+        e.rank = *best;
+        e.rank_epoch = s.epoch();
+        e.pages = std::move(*pages);
+        e.reserved_at = self->clock().now();
+        kv_destination dest{e.admission.rid, st.group.name, static_cast<uint32_t>(*best), s.epoch(), e.pages,
+                            s.info.pool, s.info.page_bytes, caf::actor_cast<caf::actor>(self)};
+        st.requests[e.admission.rid] = std::move(e);
+        serving_metrics().kv_transfer.with({"allocation"}).observe(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        update_gauges(self);
+        return dest;
+      },
+      [self](ready_atom, kv_ready& ready) {
+        auto& st = self->state;
+        auto it = st.requests.find(ready.rid);
+        if (it == st.requests.end())
+          return; // aborted meanwhile; its pages are already free
+        auto& e = it->second;
+        if (ready.rank_epoch != e.rank_epoch || st.slots[e.rank].epoch() != e.rank_epoch) {
+          // The pages belong to an incarnation that is gone: never read them.
+          fail(self, ready.rid, st.slots[e.rank].label(), "KV arrived for a stale incarnation");
+          return;
+        }
+        if (e.aborted) {
+          free_entry(self, it);
+          return;
+        }
+        e.running = true;
+        e.pos = static_cast<int64_t>(e.admission.tokens.size());
+        e.last_token = ready.first_token;
+        e.generated = e.admission.generated;
+        if (emit(self, e, ready.first_token))
+          free_entry(self, it);
+        update_gauges(self);
+        schedule(self);
+      },
+      [self](abort_atom, uint64_t rid) {
+        auto& st = self->state;
+        auto it = st.requests.find(rid);
+        if (it == st.requests.end())
+          return;
+        if (it->second.in_step)
+          it->second.aborted = true; // the rank may still write its pages
+        else
+          free_entry(self, it);
+        update_gauges(self);
+      },
+      [self](load_atom) {
+        auto& st = self->state;
+        group_load l{st.group.name, 0, 0, 0, 0, 0, static_cast<int32_t>(st.slots.size())};
+        for (auto& [rid, e] : st.requests)
+          (e.running ? l.running : l.queued)++;
+        for (auto& s : st.slots)
+          if (s.up()) {
+            ++l.ranks_up;
+            l.free_pages += s.pages->free_count();
+            l.total_pages += s.info.num_pages;
+          }
+        return l;
+      },
+      [self](tick_atom) {
+        auto& st = self->state;
+        resolve_ranks(self, st.sc.head, [self](size_t) { schedule(self); });
+        // A reservation whose KV never came (prefill side died, message lost) is released.
+        auto now = self->clock().now();
+        std::vector<uint64_t> expired;
+        for (auto& [rid, e] : st.requests)
+          if (!e.running && now - e.reserved_at > st.reservation_timeout)
+            expired.push_back(rid);
+        for (auto rid : expired)
+          fail(self, rid, st.group.name, "the KV transfer did not arrive in time");
+        self->delayed_send(self, 200ms, tick_atom::value);
+      },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_decode_scheduler(caf::local_actor* parent, const service_context& sc, const group_section& group,
+                                  const child_context&) {
+  return caf::actor_cast<caf::actor>(parent->spawn(decode_impl, sc, group));
+}
+
+} // namespace petrel

@@ -1,0 +1,304 @@
+// gateway: the HTTP listener (transport/http_server, Beast on Asio). Server threads hand every
+// request to this actor; it validates (runtime/openai_api), submits to the router, and streams
+// tokens back as SSE or one JSON body. A client that goes away aborts its request, which frees its
+// pages on both sides.
+#include <map>
+
+#include <caf/all.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/serving.hpp"
+#include "runtime/metrics.hpp"
+#include "runtime/model_config.hpp"
+#include "runtime/openai_api.hpp"
+#include "transport/http_server.hpp"
+
+namespace petrel {
+
+namespace {
+
+using namespace std::chrono_literals;
+using transport::response_stream;
+using clock_type = std::chrono::steady_clock;
+
+struct open_request {
+  std::unique_ptr<response_builder> builder;
+  std::shared_ptr<response_stream> out;
+  bool stream = false;
+  bool engine_done = false;
+  clock_type::time_point started, last_token;
+  bool got_first = false;
+};
+
+struct gateway_state {
+  static inline const char* name = "petrel.gateway";
+
+  service_context sc;
+  supervisor_actor services;
+  router_actor router;
+  std::unique_ptr<transport::http_server> server;
+  api_limits limits;
+  std::map<uint64_t, open_request> open;
+  uint64_t next_rid = 1;
+};
+
+using gateway_pointer = gateway_actor::stateful_pointer<gateway_state>;
+
+void count_request(const std::string& status) {
+  serving_metrics().requests.with({status}).inc();
+}
+
+void respond_error(const std::shared_ptr<response_stream>& out, const api_error& err,
+                   const transport::http_header_list& extra = {}) {
+  out->respond_json(err.status, err.to_json(), extra);
+}
+
+void close_request(gateway_pointer self, std::map<uint64_t, open_request>::iterator it, const std::string& status) {
+  auto& r = it->second;
+  serving_metrics().e2e_request_latency.get().observe(
+      std::chrono::duration<double>(clock_type::now() - r.started).count());
+  count_request(status);
+  self->state.open.erase(it);
+}
+
+void on_tokens(gateway_pointer self, token_event& ev) {
+  auto& st = self->state;
+  auto it = st.open.find(ev.rid);
+  if (it == st.open.end())
+    return;
+  auto& r = it->second;
+  auto& m = serving_metrics();
+  if (!ev.error.empty()) {
+    auto err = api_error::internal(ev.error);
+    if (r.stream && r.out->streaming()) {
+      r.out->send_event(err.to_json());
+      r.out->end_sse();
+    } else {
+      respond_error(r.out, err);
+    }
+    close_request(self, it, "failed");
+    return;
+  }
+  auto now = clock_type::now();
+  if (!ev.ids.empty()) {
+    if (!r.got_first) {
+      r.got_first = true;
+      m.time_to_first_token.get().observe(std::chrono::duration<double>(now - r.started).count());
+    } else {
+      m.inter_token_latency.get().observe(std::chrono::duration<double>(now - r.last_token).count() /
+                                          static_cast<double>(ev.ids.size()));
+    }
+    r.last_token = now;
+    m.output_tokens.get().inc(static_cast<double>(ev.ids.size()));
+  }
+  auto delta = r.builder->push(ev.ids);
+  if (ev.finished && !r.builder->finished()) {
+    auto tail = r.builder->finish(finish_reason::length);
+    delta.text += tail.text;
+    delta.finished = tail.finished;
+  }
+  if (r.stream) {
+    for (auto& payload : r.builder->stream_events(delta))
+      r.out->send_event(payload);
+  }
+  if (!r.builder->finished())
+    return;
+  if (!ev.finished) // a stop string or stop token ended it before the engine did
+    self->anon_send(st.router, abort_atom::value, ev.rid);
+  if (r.stream)
+    r.out->end_sse();
+  else
+    r.out->respond_json(200, r.builder->final_body());
+  close_request(self, it, "ok");
+}
+
+void on_generation(gateway_pointer self, api_endpoint endpoint, http_call& call) {
+  auto& st = self->state;
+  auto parsed = parse_generation_request(endpoint, call.body, st.limits);
+  if (!parsed) {
+    count_request("invalid");
+    respond_error(call.out, parsed.error());
+    return;
+  }
+  if (!st.router) {
+    count_request("unavailable");
+    respond_error(call.out, api_error::unavailable("the router is not running yet; retry shortly"),
+                  {{"Retry-After", "1"}});
+    return;
+  }
+  auto& req = parsed.value();
+  auto rid = st.next_rid++;
+  serve_request sreq;
+  sreq.rid = rid;
+  sreq.prompt = req.prompt_ids;
+  sreq.max_new_tokens = req.sampling.max_tokens;
+  sreq.sampling = sampling_spec{static_cast<float>(req.sampling.temperature), req.sampling.top_k,
+                                static_cast<float>(req.sampling.top_p),
+                                req.sampling.seed ? static_cast<uint64_t>(*req.sampling.seed) : rid};
+  sreq.stop_ids = req.sampling.stop_token_ids;
+  if (!req.sampling.ignore_eos)
+    sreq.stop_ids.push_back(byte_tokenizer::eos_id);
+  open_request r;
+  r.stream = req.stream;
+  r.out = call.out;
+  r.started = clock_type::now();
+  r.builder = std::make_unique<response_builder>(std::move(req));
+  auto prompt_tokens = sreq.prompt.size();
+  st.open.emplace(rid, std::move(r));
+  call.out->on_disconnect([me = caf::actor_cast<gateway_actor>(self), rid] { caf::anon_send(me, abort_atom::value, rid); });
+  self->request(st.router, 10s, submit_atom::value, std::move(sreq))
+      .then(
+          [self, rid, prompt_tokens](caf::ok_atom) {
+            auto it = self->state.open.find(rid);
+            if (it == self->state.open.end())
+              return;
+            serving_metrics().input_tokens.get().inc(static_cast<double>(prompt_tokens));
+            if (it->second.stream) {
+              it->second.out->begin_sse();
+              for (auto& payload : it->second.builder->stream_start())
+                it->second.out->send_event(payload);
+            }
+          },
+          [self, rid](caf::error& err) {
+            auto it = self->state.open.find(rid);
+            if (it == self->state.open.end())
+              return;
+            bool overloaded = err.category() == caf::atom("petrel") &&
+                              err.code() == static_cast<uint8_t>(petrel_errc::overloaded);
+            if (overloaded)
+              respond_error(it->second.out, api_error::unavailable("server overloaded: " + describe(err)),
+                            {{"Retry-After", "1"}});
+            else
+              respond_error(it->second.out, api_error::internal(describe(err)));
+            it->second.out.reset();
+            auto status = overloaded ? "overloaded" : "failed";
+            close_request(self, it, status);
+          });
+}
+
+void on_http(gateway_pointer self, http_call& call) {
+  auto& st = self->state;
+  if (call.method == "GET" && call.path == "/health") {
+    nlohmann::json j{{"status", st.router ? "ok" : "starting"}, {"open_requests", st.open.size()}};
+    call.out->respond_json(st.router ? 200 : 503, j.dump());
+  } else if (call.method == "GET" && call.path == "/v1/models") {
+    call.out->respond_json(200, render_models(st.limits, unix_now()));
+  } else if (call.method == "GET" && call.path == "/metrics") {
+    call.out->respond(200, metrics::prometheus_content_type, metrics::global_registry().render_prometheus());
+  } else if (auto endpoint = endpoint_for_path(call.path)) {
+    on_generation(self, *endpoint, call);
+  } else {
+    respond_error(call.out, api_error{404, "no route " + call.method + " " + call.path, "invalid_request_error"});
+  }
+}
+
+void resolve_router(gateway_pointer self) {
+  auto& st = self->state;
+  if (st.router)
+    return;
+  self->request(st.services, 2s, whereis_atom::value, std::string(router_name))
+      .then(
+          [self](caf::actor& handle, uint64_t) {
+            self->state.router = caf::actor_cast<router_actor>(handle);
+            self->monitor(handle);
+          },
+          [](caf::error&) {});
+}
+
+gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context sc, supervisor_actor services) {
+  auto& st = self->state;
+  st.sc = std::move(sc);
+  st.services = std::move(services);
+  auto& cfg = *st.sc.cfg;
+  // Limits come from the model's own config.json.
+  auto model_dir = cfg.model.is_dummy() ? std::filesystem::path(cfg.model.dummy_config).parent_path().string()
+                                        : cfg.model.path;
+  auto mcfg = model_config::load(std::filesystem::path(model_dir) / "config.json");
+  st.limits.served_model_name = cfg.model.served_name;
+  st.limits.context_length =
+      cfg.model.max_context > 0 ? cfg.model.max_context : static_cast<int>(mcfg.max_position_embeddings);
+  st.limits.vocab_size = static_cast<int>(mcfg.vocab_size);
+  transport::http_server_options opts;
+  opts.host = cfg.gateway.address.host;
+  opts.port = cfg.gateway.address.port;
+  opts.threads = cfg.gateway.threads;
+  opts.max_body_bytes = static_cast<size_t>(cfg.gateway.max_body_bytes);
+  st.server = std::make_unique<transport::http_server>(opts);
+  auto me = caf::actor_cast<gateway_actor>(self);
+  auto forward = [me](const transport::http_request& req, std::shared_ptr<response_stream> out) {
+    caf::anon_send(me, http_call{req.method, req.path, req.body, std::move(out)});
+  };
+  for (auto* path : {"/v1/completions", "/v1/chat/completions", "/generate"})
+    st.server->route("POST", path, forward);
+  for (auto* path : {"/health", "/v1/models", "/metrics"})
+    st.server->route("GET", path, forward);
+  if (auto err = st.server->start())
+    throw std::runtime_error("gateway: " + *err);
+  st.sc.gateway_port->store(st.server->port());
+  self->attach_functor([self](const caf::error&) {
+    if (self->state.server)
+      self->state.server->stop();
+  });
+  self->set_down_handler([self](caf::down_msg& dm) {
+    if (self->state.router && dm.source == self->state.router.address())
+      self->state.router = nullptr;
+  });
+  resolve_router(self);
+  self->send(self, tick_atom::value);
+  return {
+      [self](http_call& call) { on_http(self, call); },
+      [self](abort_atom, uint64_t rid) {
+        auto& st = self->state;
+        auto it = st.open.find(rid);
+        if (it == st.open.end())
+          return;
+        if (st.router)
+          self->anon_send(st.router, abort_atom::value, rid);
+        close_request(self, it, "aborted");
+      },
+      [self](tokens_atom, token_event& ev) { on_tokens(self, ev); },
+      [self](tick_atom) {
+        resolve_router(self);
+        self->delayed_send(self, 200ms, tick_atom::value);
+      },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_gateway(caf::local_actor* parent, const service_context& sc, const child_context& ctx) {
+  return caf::actor_cast<caf::actor>(parent->spawn(gateway_impl, sc, ctx.supervisor));
+}
+
+metrics::serving_metrics& serving_metrics() {
+  static metrics::serving_metrics instance(metrics::global_registry());
+  return instance;
+}
+
+std::vector<child_spec> service_children(const service_context& sc) {
+  std::vector<child_spec> out;
+  for (auto& g : sc.cfg->groups) {
+    auto group = g;
+    if (g.role == group_role::prefill)
+      out.push_back(child_spec{prefill_scheduler_name(g.name), restart_type::permanent,
+                               [sc, group](caf::local_actor* p, const child_context& ctx) {
+                                 return spawn_prefill_scheduler(p, sc, group, ctx);
+                               },
+                               "prefill scheduler"});
+    else
+      out.push_back(child_spec{decode_scheduler_name(g.name), restart_type::permanent,
+                               [sc, group](caf::local_actor* p, const child_context& ctx) {
+                                 return spawn_decode_scheduler(p, sc, group, ctx);
+                               },
+                               "decode scheduler"});
+  }
+  out.push_back(child_spec{router_name, restart_type::permanent,
+                           [sc](caf::local_actor* p, const child_context& ctx) { return spawn_router(p, sc, ctx); },
+                           "router"});
+  out.push_back(child_spec{gateway_name, restart_type::permanent,
+                           [sc](caf::local_actor* p, const child_context& ctx) { return spawn_gateway(p, sc, ctx); },
+                           "gateway (HTTP)"});
+  return out;
+}
+
+} // namespace petrel

@@ -1,0 +1,97 @@
+// The ranks a scheduler drives: resolved by name through the head, monitored, and resolved again
+// when an incarnation ends. Each slot keeps the page allocator of its rank's KV pool, so page
+// bookkeeping lives with the scheduler and dies with the incarnation it describes.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "actors/interfaces.hpp"
+#include "runtime/cluster_config.hpp"
+#include "runtime/kv_cache.hpp"
+
+namespace petrel {
+
+struct rank_slot {
+  std::string node;
+  std::string child; // "rank0", ...
+  rank_actor handle;
+  rank_info info;
+  std::unique_ptr<kv_page_allocator> pages;
+  kv_agent_actor agent; // the kv_agent of the rank's node
+  bool in_flight = false;
+  bool resolving = false;
+
+  bool up() const { return static_cast<bool>(handle); }
+  uint64_t epoch() const { return info.epoch; }
+  std::string label() const { return node + "/" + child; }
+};
+
+/// One slot per rank of `group`, in node order.
+inline std::vector<rank_slot> make_rank_slots(const cluster_config& cfg, const group_section& group) {
+  std::vector<rank_slot> out;
+  for (auto& node_name : group.nodes) {
+    auto* node = cfg.find_node(node_name);
+    for (size_t i = 0; node && i < node->ranks.size(); ++i) {
+      rank_slot s;
+      s.node = node_name;
+      s.child = "rank" + std::to_string(i);
+      out.push_back(std::move(s));
+    }
+  }
+  return out;
+}
+
+/// Resolves every slot that is down and not being resolved: head whereis -> rank info -> monitor.
+/// `on_up(i)` runs when slot i has a live incarnation. Call it periodically (on a tick).
+template <class Self, class OnUp>
+void resolve_ranks(Self* self, const head_actor& head, OnUp on_up) {
+  auto& slots = self->state.slots;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    auto& s = slots[i];
+    if (s.up() || s.resolving)
+      continue;
+    s.resolving = true;
+    self->request(head, std::chrono::seconds(2), whereis_atom::value, s.node, s.child)
+        .then(
+            [self, i, on_up](caf::actor& handle, uint64_t) {
+              auto rank = caf::actor_cast<rank_actor>(handle);
+              self->request(rank, std::chrono::seconds(30), info_atom::value)
+                  .then(
+                      [self, i, rank, on_up](rank_info& info) {
+                        auto& s = self->state.slots[i];
+                        s.resolving = false;
+                        s.handle = rank;
+                        s.info = std::move(info);
+                        s.pages = std::make_unique<kv_page_allocator>(s.info.num_pages);
+                        s.in_flight = false;
+                        self->monitor(rank);
+                        on_up(i);
+                      },
+                      [self, i](caf::error&) { self->state.slots[i].resolving = false; });
+            },
+            [self, i](caf::error&) { self->state.slots[i].resolving = false; });
+    self->request(head, std::chrono::seconds(2), whereis_atom::value, s.node, std::string("kv_agent"))
+        .then([self, i](caf::actor& handle, uint64_t) { self->state.slots[i].agent = caf::actor_cast<kv_agent_actor>(handle); },
+              [](caf::error&) {});
+  }
+}
+
+/// The slot whose incarnation `addr` was, if any; marks it down.
+template <class Self>
+std::optional<size_t> rank_went_down(Self* self, const caf::actor_addr& addr) {
+  auto& slots = self->state.slots;
+  for (size_t i = 0; i < slots.size(); ++i)
+    if (slots[i].handle && slots[i].handle.address() == addr) {
+      slots[i].handle = nullptr;
+      slots[i].pages.reset();
+      slots[i].in_flight = false;
+      return i;
+    }
+  return std::nullopt;
+}
+
+} // namespace petrel
