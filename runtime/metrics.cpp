@@ -383,7 +383,7 @@ serving_metrics::serving_metrics(registry& r)
     actor_restarts(r.add_counter("petrel_actor_restarts_total",
                                  "Actor restarts by supervisors.", {"actor"})),
     requests(r.add_counter("petrel_requests_total",
-                           "Finished requests by outcome (ok, error, aborted, rejected).",
+                           "Finished requests by outcome (ok, aborted, failed, invalid, overloaded, unavailable).",
                            {"status"})) {
   // Families without labels expose their single child from the start, so a scrape sees 0.
   time_to_first_token.get();

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <fstream>
 #include <future>
+#include <sstream>
 #include <thread>
 
 #include <poll.h>
@@ -406,4 +407,114 @@ TEST_CASE("stop() closes open streams, fires on_disconnect, and does not hang") 
   auto err = clash.start();
   REQUIRE(err.has_value());
   CHECK(err->find("cannot listen on 127.0.0.1:" + std::to_string(a.port())) != std::string::npos);
+}
+
+// -- the API over HTTP: runtime/openai_api behind the server, with a fake engine thread --------------
+
+#include "runtime/openai_api.hpp"
+
+TEST_CASE("API over HTTP: validation errors in the OpenAI shape, streamed and full completions") {
+  using namespace petrel;
+  api_limits limits;
+  limits.served_model_name = "tiny";
+  limits.context_length = 128;
+  started_server s;
+  std::vector<std::thread> engines;
+  std::mutex em;
+  auto handler = [&](api_endpoint ep) {
+    return [&, ep](const http_request& req, std::shared_ptr<response_stream> out) {
+      auto parsed = parse_generation_request(ep, req.body, limits);
+      if (!parsed) {
+        out->respond_json(parsed.error().status, parsed.error().to_json());
+        return;
+      }
+      // The "engine": emits "Hello, wörld" + EOS one byte-token at a time from another thread.
+      std::lock_guard lock(em);
+      engines.emplace_back([out, b = std::make_shared<response_builder>(std::move(parsed.value()))] {
+        if (b->request().stream) {
+          out->begin_sse();
+          for (auto& e : b->stream_start()) out->send_event(e);
+        }
+        auto ids = byte_tokenizer{}.encode("Hello, w\xC3\xB6rld");
+        ids.push_back(byte_tokenizer::eos_id);
+        for (int32_t id : ids) {
+          auto d = b->push(id);
+          if (b->request().stream)
+            for (auto& e : b->stream_events(d)) out->send_event(e);
+          if (b->finished()) break;
+        }
+        if (b->request().stream) out->end_sse();
+        else out->respond_json(200, b->final_body());
+      });
+    };
+  };
+  s.server.route("POST", "/v1/completions", handler(api_endpoint::completions));
+  s.server.route("POST", "/v1/chat/completions", handler(api_endpoint::chat_completions));
+  s.server.route("POST", "/generate", handler(api_endpoint::generate));
+  const uint16_t port = s.start();
+  client c(port);
+
+  struct bad_case {
+    const char* path;
+    std::string body;
+    int status;
+    const char* param;
+  };
+  for (const auto& bc : std::vector<bad_case>{
+           {"/v1/completions", "{not json", 400, nullptr},
+           {"/v1/completions", R"({"prompt":"hi","temperature":3})", 400, "temperature"},
+           {"/v1/completions", R"({"prompt":"hi","model":"other"})", 404, "model"},
+           {"/v1/completions", R"({"prompt":"hi","max_tokens":500})", 400, "max_tokens"},
+           {"/v1/completions", R"({"prompt":[1,999]})", 400, "prompt"},
+           {"/v1/completions", R"({"prompt":"hi","n":2})", 400, "n"},
+           {"/v1/chat/completions", R"({"messages":[{"role":"user","content":1}]})", 400, "messages[0].content"},
+           {"/generate", R"({"text":"a","sampling_params":{"top_p":0}})", 400, "sampling_params.top_p"},
+       }) {
+    CAPTURE(bc.body);
+    auto r = c.call(http::verb::post, bc.path, bc.body);
+    CHECK(r.result_int() == bc.status);
+    json e = json::parse(r.body())["error"];
+    CHECK(e["type"] == "invalid_request_error");
+    CHECK(e["message"].is_string());
+    if (bc.param) CHECK(e["param"] == bc.param);
+    else CHECK(e["param"].is_null());
+  }
+
+  auto full = c.call(http::verb::post, "/v1/completions", R"({"model":"tiny","prompt":"hi","max_tokens":50})");
+  CHECK(full.result_int() == 200);
+  json j = json::parse(full.body());
+  CHECK(j["choices"][0]["text"] == "Hello, w\xC3\xB6rld");
+  CHECK(j["choices"][0]["finish_reason"] == "stop");
+  CHECK(j["usage"]["completion_tokens"] == 14);
+
+  auto st = c.call(http::verb::post, "/v1/chat/completions",
+                   R"({"messages":[{"role":"user","content":"hi"}],"stream":true,"stop":"rld"})");
+  CHECK(st[http::field::content_type] == "text/event-stream");
+  std::string text, last;
+  int events = 0;
+  std::istringstream in(st.body());
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty()) continue;
+    REQUIRE(line.rfind("data: ", 0) == 0);
+    last = line.substr(6);
+    ++events;
+    if (last == "[DONE]") break;
+    json chunk = json::parse(last); // each chunk is valid JSON on its own (no split UTF-8)
+    auto& delta = chunk["choices"][0]["delta"];
+    if (delta.contains("content")) text += delta["content"].get<std::string>();
+  }
+  CHECK(last == "[DONE]");
+  CHECK(text == "Hello, w\xC3\xB6"); // cut at the stop string "rld"
+  CHECK(events >= 4);
+
+  // curl, the way users call it.
+  std::string out = run_command("curl -s -N -X POST -H 'Content-Type: application/json' --data "
+                                "'{\"input_ids\":[256,104],\"stream\":true,\"sampling_params\":{\"max_new_tokens\":5}}' "
+                                "http://127.0.0.1:" + std::to_string(port) + "/generate");
+  CHECK(out.find("data: {\"meta\":") != std::string::npos);
+  CHECK(out.size() > 12);
+  CHECK(out.substr(out.size() - 14) == "data: [DONE]\n\n");
+  CHECK(out.find("\"type\":\"length\"") != std::string::npos);
+  std::lock_guard lock(em);
+  for (auto& t : engines) t.join();
 }
