@@ -429,3 +429,34 @@ TEST_CASE("kv transfer over shm (no failure detection): a killed receiver is cau
   CHECK(took < 2500ms);
   CHECK(sender.lost.items().empty()); // error mode NONE: no peer-lost callback, by design
 }
+
+TEST_CASE("kv transfer: a stale descriptor (its process already dead) is an error, never a hang") {
+  constexpr uint64_t page = 4096;
+  inbox<kv_transfer_result> results;
+  inbox<std::string> lost;
+  child_receiver child(64 * page);
+  kv_pool_descriptor stale = child.descriptor;
+  child.signal(SIGKILL);
+  child.reap();
+  auto e = kv_transfer_engine::create(loopback());
+  REQUIRE(e.has_value());
+  auto& engine = *e;
+  std::vector<uint8_t> pool(64 * page, 1);
+  auto local = engine->register_pool(pool.data(), pool.size());
+  REQUIRE(local.has_value());
+  engine->on_peer_lost([&](kv_peer_id, const std::string& why) { lost.push(why); });
+  auto start = steady::now();
+  auto peer = engine->connect(stale.worker_address);
+  if (!peer) {
+    // tcp refuses at once: the listening socket is gone.
+    MESSAGE("stale peer refused by connect(): " << peer.error());
+    CHECK(peer.error().find("unreachable") != std::string::npos);
+  } else {
+    engine->transfer(*peer, local->pool_id, stale, {{0, 0, page}}, 5, 2,
+                     [&](const kv_transfer_result& r) { results.push(r); });
+    REQUIRE(results.wait_until([](auto& v) { return !v.empty(); }, 5s));
+    CHECK(results.items()[0].status == kv_transfer_status::peer_lost);
+    MESSAGE("stale peer: " << results.items()[0].error);
+  }
+  CHECK(steady::now() - start < 2s);
+}
