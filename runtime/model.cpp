@@ -57,7 +57,10 @@ void local_moe_experts::run(int32_t layer, const mat_view& hidden, const moe_rou
     if (cnt == 0) continue;
     be_.linear(act.row_slice(a, cnt), L.experts[size_t(e)].down.f32(), y.row_slice(a, cnt));
   }
-  for (int64_t t = 0; t < out.rows; ++t) be_.fill_zero(out.data + t * out.ld, sizeof(float) * size_t(out.cols));
+  if (out.contiguous())
+    be_.fill_zero(out.data, sizeof(float) * size_t(out.rows * out.cols));
+  else
+    for (int64_t t = 0; t < out.rows; ++t) be_.fill_zero(out.data + t * out.ld, sizeof(float) * size_t(out.cols));
   be_.scatter_add_rows(y, rows_dev_.i32(), weights_dev_.f32(), n, out);
 }
 

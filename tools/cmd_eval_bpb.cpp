@@ -166,7 +166,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--batch", o->batch, "windows per forward step");
       sub.add_option("--backend", o->backend, "cpu");
       sub.add_option("--load", o->load, "auto | dummy");
-      sub.add_option("--threads", o->threads, "OpenBLAS threads (0 = library default)");
+      sub.add_option("--threads", o->threads, "OpenBLAS threads (0 = OPENBLAS_NUM_THREADS, else 1)");
       return [o] { return run(*o); };
     });
 

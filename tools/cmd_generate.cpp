@@ -119,7 +119,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--prefill-chunk", o->prefill_chunk, "prefill the prompt in chunks of N tokens (0 = one step)");
       sub.add_option("--page-size", o->page_size, "KV cache page size in tokens");
       sub.add_option("--stop-token", o->stop_token, "stop after this token id (-1 = never)");
-      sub.add_option("--threads", o->threads, "OpenBLAS threads (0 = library default)");
+      sub.add_option("--threads", o->threads, "OpenBLAS threads (0 = OPENBLAS_NUM_THREADS, else 1)");
       return [o] { return run(*o); };
     });
 

@@ -14,6 +14,10 @@
 
 namespace petrel::kernels {
 
+cpu_backend::cpu_backend() {
+  if (!std::getenv("OPENBLAS_NUM_THREADS")) openblas_set_num_threads(1);
+}
+
 void cpu_backend::set_num_threads(int threads) { openblas_set_num_threads(threads < 1 ? 1 : threads); }
 
 // -- memory --------------------------------------------------------------------------------------------

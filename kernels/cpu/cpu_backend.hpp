@@ -8,6 +8,9 @@ namespace petrel::kernels {
 
 class cpu_backend final : public backend {
 public:
+  /// OpenBLAS's thread count is process-wide. Unless OPENBLAS_NUM_THREADS is set, a new cpu backend sets it to 1:
+  /// Petrel's CPU models are tiny and several ranks share the cores, where extra BLAS threads only contend.
+  cpu_backend();
   std::string name() const override { return "cpu"; }
   void set_num_threads(int threads) override;
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <thread>
 
 #include "runtime/backend.hpp"
 #include "runtime/generation.hpp"
@@ -421,4 +422,57 @@ TEST_CASE("page allocator: all-or-nothing, frees, rejects double free; pool layo
   pool.release(t);
   CHECK(pool.allocator().free_count() == 3);
   CHECK(t.pages.empty());
+}
+
+TEST_CASE("the routed-expert seam: a replacement moe_experts is called per MoE layer and sees the routing") {
+  fixture f;
+  const model_config& c = f.model->config();
+  struct counting_experts : moe_experts {
+    local_moe_experts inner;
+    std::vector<int32_t> layers;
+    int64_t rows = 0;
+    counting_experts(backend& be, const model_config& c, const model_weights& w) : inner(be, c, w) {}
+    void run(int32_t layer, const mat_view& hidden, const moe_routing& r, const mat_view& out) override {
+      layers.push_back(layer);
+      rows += r.tokens;
+      inner.run(layer, hidden, r, out);
+    }
+  };
+  auto ids = prompt_of(11, int32_t(c.vocab_size), 9);
+  kv_pool kv(*f.be, c, 8, 4);
+  generate_options o;
+  o.max_new_tokens = 3;
+  o.prompt_logits = true;
+  generate_result before = generate(*f.model, kv, ids, o);
+  auto seam = std::make_shared<counting_experts>(*f.be, c, f.model->weights());
+  f.model->set_moe_experts(seam);
+  generate_result after = generate(*f.model, kv, ids, o);
+  CHECK(after.output_ids == before.output_ids);
+  CHECK(after.prompt_logits == before.prompt_logits);
+  // 3 steps (prefill + 2 decodes) x 2 MoE layers.
+  CHECK(seam->layers == std::vector<int32_t>{1, 2, 1, 2, 1, 2});
+  CHECK(seam->rows == 2 * (11 + 1 + 1));
+}
+
+TEST_CASE("forward is callable from several threads, one model instance each") {
+  fixture f1, f2;
+  const model_config& c = f1.model->config();
+  auto ids = prompt_of(30, int32_t(c.vocab_size), 4);
+  generate_options o;
+  o.max_new_tokens = 8;
+  kv_pool k0(*f1.be, c, 8, 16);
+  auto want = generate(*f1.model, k0, ids, o).output_ids;
+  std::vector<int32_t> got1, got2;
+  std::thread t1([&] {
+    kv_pool kv(*f1.be, c, 8, 16);
+    for (int i = 0; i < 5; ++i) got1 = generate(*f1.model, kv, ids, o).output_ids;
+  });
+  std::thread t2([&] {
+    kv_pool kv(*f2.be, c, 8, 16);
+    for (int i = 0; i < 5; ++i) got2 = generate(*f2.model, kv, ids, o).output_ids;
+  });
+  t1.join();
+  t2.join();
+  CHECK(got1 == want);
+  CHECK(got2 == want);
 }
