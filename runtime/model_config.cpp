@@ -250,6 +250,7 @@ model_config model_config::from_json(const json& j, const std::string& src) {
 }
 
 model_config model_config::load(const std::filesystem::path& path) {
+  if (!std::filesystem::exists(path)) throw model_load_error(path.string() + ": no such model directory or file");
   std::filesystem::path file = std::filesystem::is_directory(path) ? path / "config.json" : path;
   std::ifstream in(file);
   if (!in) throw model_load_error(file.string() + ": cannot open (expected a Hugging Face config.json)");

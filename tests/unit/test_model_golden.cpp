@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sys/wait.h>
 
 #include <nlohmann/json.hpp>
 
@@ -113,4 +114,31 @@ TEST_CASE("golden fixtures: the petrel generate CLI prints the greedy ids and du
   CHECK(j.at("output_ids").get<std::vector<int32_t>>() == f.greedy_ids);
   CHECK(fs::file_size(dump) == f.logits.size() * sizeof(float));
   fs::remove(dump);
+}
+
+TEST_CASE("petrel generate: a bad checkpoint is exit code 2 with a message naming the tensor") {
+  auto fixtures = load_fixtures();
+  if (fixtures.empty()) return;
+  const golden_fixture& f = fixtures.front();
+  fs::path d = fs::temp_directory_path() / ("petrel_bad_ckpt_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  fs::copy_file(f.dir / "config.json", d / "config.json", fs::copy_options::overwrite_existing);
+  {
+    // Keep the header and a little data: every tensor past that point is truncated.
+    std::ifstream in(f.dir / "model.safetensors", std::ios::binary);
+    std::vector<char> head(size_t(fs::file_size(f.dir / "model.safetensors") / 2));
+    in.read(head.data(), std::streamsize(head.size()));
+    std::ofstream(d / "model.safetensors", std::ios::binary).write(head.data(), std::streamsize(head.size()));
+  }
+  std::string cmd = std::string(PETREL_BINARY) + " generate --model " + d.string() + " --input-ids 1,2 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p);
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  int status = pclose(p);
+  CHECK(WEXITSTATUS(status) == 2);
+  CHECK(out.find("tensor '") != std::string::npos);
+  CHECK(out.find("truncated") != std::string::npos);
+  fs::remove_all(d);
 }
