@@ -180,6 +180,11 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
             return make_error(petrel_errc::bad_request, "prompt + max_tokens = " + std::to_string(total) +
                                                             " exceeds the context of " +
                                                             std::to_string(s.info.max_context));
+          if (pages_for_tokens(total, s.info.page_size) > s.info.num_pages)
+            return make_error(petrel_errc::bad_request,
+                              "prompt + max_tokens = " + std::to_string(total) + " tokens needs " +
+                                  std::to_string(pages_for_tokens(total, s.info.page_size)) +
+                                  " KV pages; a decode rank has " + std::to_string(s.info.num_pages));
           if (per_rank[r] >= st.group.max_running ||
               s.pages->free_count() < pages_for_tokens(total, s.info.page_size))
             continue;

@@ -179,8 +179,30 @@ void on_generation(gateway_pointer self, api_endpoint endpoint, http_call& call)
 void on_http(gateway_pointer self, http_call& call) {
   auto& st = self->state;
   if (call.method == "GET" && call.path == "/health") {
-    nlohmann::json j{{"status", st.router ? "ok" : "starting"}, {"open_requests", st.open.size()}};
-    call.out->respond_json(st.router ? 200 : 503, j.dump());
+    if (!st.router) {
+      call.out->respond_json(503, nlohmann::json{{"status", "starting"}}.dump(), {{"Retry-After", "1"}});
+      return;
+    }
+    // Health includes every group's load: queue, running, KV pages free, ranks up.
+    auto out = call.out;
+    auto open = st.open.size();
+    self->request(st.router, 5s, load_atom::value)
+        .then(
+            [out, open](std::vector<group_load>& loads) {
+              nlohmann::json groups = nlohmann::json::array();
+              bool all_up = true;
+              for (auto& l : loads) {
+                all_up &= l.ranks_up == l.ranks;
+                groups.push_back({{"group", l.group}, {"queued", l.queued}, {"running", l.running},
+                                  {"free_pages", l.free_pages}, {"total_pages", l.total_pages},
+                                  {"ranks_up", l.ranks_up}, {"ranks", l.ranks}});
+              }
+              nlohmann::json j{{"status", all_up ? "ok" : "degraded"}, {"open_requests", open}, {"groups", groups}};
+              out->respond_json(200, j.dump());
+            },
+            [out](caf::error& err) {
+              out->respond_json(503, nlohmann::json{{"status", "unavailable"}, {"error", describe(err)}}.dump());
+            });
   } else if (call.method == "GET" && call.path == "/v1/models") {
     call.out->respond_json(200, render_models(st.limits, unix_now()));
   } else if (call.method == "GET" && call.path == "/metrics") {

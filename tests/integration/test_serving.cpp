@@ -1,0 +1,242 @@
+// Serving end to end, for real: a head process (gateway, router, schedulers) and node processes
+// (ranks, kv_agents) on loopback, the embedded model, KV pages over UCX, a real HTTP client.
+#include <doctest/doctest.h>
+
+#include <future>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/support/http_client.hpp"
+#include "tests/support/process.hpp"
+
+using namespace petrel::test;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string model_dir() { return std::string(PETREL_SOURCE_DIR) + "/tests/data/fortune-moe"; }
+
+std::string cluster_yaml(const temp_dir& dir, const std::string& name, int kv_pages = 256, int max_queued = 64,
+                         int decode_nodes = 1) {
+  std::string y = "cluster: {name: " + name + ", run_dir: " + (dir.path / "run").string() + "}\n" +
+                  "model: {path: " + model_dir() + ", name: fortune-moe}\n" +
+                  "gateway: {host: 127.0.0.1, port: 0, max_queued: " + std::to_string(max_queued) + "}\n" +
+                  "nodes:\n  - {name: p0, ranks: [cpu]}\n";
+  for (int i = 0; i < decode_nodes; ++i)
+    y += "  - {name: d" + std::to_string(i) + ", ranks: [cpu]}\n";
+  y += "groups:\n  prefill: [{name: prefill0, nodes: [p0], chunk_tokens: 32, max_batch_tokens: 64, kv_pages: 256,"
+       " page_size: 16}]\n  decode:\n";
+  for (int i = 0; i < decode_nodes; ++i)
+    y += "    - {name: decode" + std::to_string(i) + ", nodes: [d" + std::to_string(i) +
+         "], page_size: 16, max_running: 16, kv_pages: " + std::to_string(kv_pages) + "}\n";
+  y += "supervision: {node_intensity: 5, node_period: 60s}\n";
+  return y;
+}
+
+/// A launched cluster; stops it (and asserts nothing is left) at the end.
+struct running_cluster {
+  temp_dir dir;
+  std::string cfg;
+  std::unique_ptr<background_process> head;
+  int port = 0;
+
+  explicit running_cluster(const std::string& name, int kv_pages = 256, int max_queued = 64, int decode_nodes = 1) {
+    cfg = dir.file("cluster.yaml", cluster_yaml(dir, name, kv_pages, max_queued, decode_nodes));
+    head = std::make_unique<background_process>(std::vector<std::string>{"launch", cfg},
+                                                (dir.path / "head.log").string());
+    auto run = dir.path / "run" / name / "head.json";
+    REQUIRE_MESSAGE(eventually(30s,
+                               [&] {
+                                 if (!std::filesystem::exists(run))
+                                   return false;
+                                 std::ifstream in(run);
+                                 port = json::parse(in)["gateway_port"];
+                                 auto h = http_get(port, "/health");
+                                 return h.status == 200 && json::parse(h.body)["status"] == "ok";
+                               }),
+                    head->output());
+  }
+  ~running_cluster() {
+    run_petrel("stop " + cfg);
+    head->wait_exit(15s);
+  }
+  json health() { return json::parse(http_get(port, "/health").body); }
+};
+
+std::string completion(int port, const std::string& prompt, int max_tokens, const std::string& extra_fields = "") {
+  json body{{"model", "fortune-moe"}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}};
+  auto text = body.dump();
+  if (!extra_fields.empty())
+    text = text.substr(0, text.size() - 1) + "," + extra_fields + "}";
+  auto r = http_post(port, "/v1/completions", text);
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  return json::parse(r.body)["choices"][0]["text"];
+}
+
+/// What `petrel generate` (one process, no actors, no transfer) says for the same prompt.
+std::string reference_text(const std::string& prompt, int max_tokens) {
+  std::string ids = "256";
+  for (unsigned char c : prompt)
+    ids += "," + std::to_string(c);
+  auto r = run_petrel("generate --model " + model_dir() + " --input-ids " + ids + " --max-new-tokens " +
+                      std::to_string(max_tokens) + " --temperature 0");
+  REQUIRE(r.exit_code == 0);
+  auto out = json::parse(r.output.substr(r.output.find('{')))["output_ids"];
+  std::string text;
+  for (int id : out) {
+    if (id == 257)
+      break;
+    if (id < 256)
+      text += static_cast<char>(id);
+  }
+  return text;
+}
+
+bool all_pages_free(running_cluster& c) {
+  auto h = c.health();
+  for (auto& g : h["groups"])
+    if (g["free_pages"] != g["total_pages"] || g["running"] != 0 || g["queued"] != 0)
+      return false;
+  return h["open_requests"] == 0;
+}
+
+} // namespace
+
+TEST_CASE("PD-disaggregated serving matches the single-process model and streams over SSE") {
+  running_cluster c("tserve");
+  // Greedy output through gateway -> router -> prefill rank -> UCX -> decode rank equals the plain model.
+  for (std::string prompt : {"The meaning of life is", "Q: Why did the chicken cross the road?\nA:"}) {
+    auto served = completion(c.port, prompt, 48);
+    CHECK(served == reference_text(prompt, 48));
+  }
+  // A prompt longer than chunk_tokens (32) runs as several prefill chunks and still matches.
+  std::string long_prompt = "You will be successful in your work, and your friends will admire you. ";
+  long_prompt += long_prompt;
+  CHECK(completion(c.port, long_prompt, 24) == reference_text(long_prompt, 24));
+
+  // Streaming: ordered chunks, then [DONE]; the concatenated text equals the non-streamed one.
+  auto r = http_post(c.port, "/v1/completions",
+                     R"({"model":"fortune-moe","prompt":"The meaning of life is","max_tokens":48,"temperature":0,"stream":true})");
+  CHECK(r.status == 200);
+  CHECK(r.headers.find("text/event-stream") != std::string::npos);
+  std::string streamed;
+  size_t events = 0;
+  bool done = false;
+  for (size_t pos = 0; (pos = r.body.find("data: ", pos)) != std::string::npos;) {
+    auto end = r.body.find("\n\n", pos);
+    auto payload = r.body.substr(pos + 6, end - pos - 6);
+    pos = end;
+    ++events;
+    if (payload == "[DONE]") {
+      done = true;
+      break;
+    }
+    streamed += json::parse(payload)["choices"][0]["text"].get<std::string>();
+  }
+  CHECK(done);
+  CHECK(events > 3);
+  CHECK(streamed == completion(c.port, "The meaning of life is", 48));
+
+  // Native /generate and the chat endpoint.
+  auto g = http_post(c.port, "/generate", R"({"text":"Hello","sampling_params":{"max_new_tokens":8,"temperature":0}})");
+  CHECK(g.status == 200);
+  CHECK(json::parse(g.body)["output_ids"].size() <= 8);
+  auto chat = http_post(c.port, "/v1/chat/completions",
+                        R"({"model":"fortune-moe","messages":[{"role":"user","content":"Hi"}],"max_tokens":8})");
+  CHECK(chat.status == 200);
+  CHECK(json::parse(chat.body)["object"] == "chat.completion");
+
+  // Bad input: a 4xx in OpenAI's error shape, and nothing half-processed.
+  auto bad = http_post(c.port, "/v1/completions", "{not json");
+  CHECK(bad.status == 400);
+  CHECK(json::parse(bad.body)["error"]["type"] == "invalid_request_error");
+  auto too_long = http_post(c.port, "/v1/completions", R"({"model":"fortune-moe","prompt":"x","max_tokens":100000})");
+  CHECK(too_long.status == 400);
+  CHECK(json::parse(too_long.body)["error"]["param"] == "max_tokens");
+
+  // Metrics move.
+  auto m = http_get(c.port, "/metrics").body;
+  CHECK(m.find("petrel_kv_transfer_seconds_count{phase=\"transfer\"}") != std::string::npos);
+  CHECK(m.find("petrel_output_tokens_total") != std::string::npos);
+  CHECK(eventually(5s, [&] { return all_pages_free(c); }));
+}
+
+TEST_CASE("concurrent requests batch together and all pages come back") {
+  running_cluster c("tconc");
+  const std::string prompt = "A fortune: ";
+  auto expected = reference_text(prompt, 24);
+  std::vector<std::future<std::string>> futures;
+  for (int i = 0; i < 12; ++i)
+    futures.push_back(std::async(std::launch::async, [&] { return completion(c.port, prompt, 24); }));
+  for (auto& f : futures)
+    CHECK(f.get() == expected);
+  CHECK(eventually(5s, [&] { return all_pages_free(c); }));
+}
+
+TEST_CASE("a client that disconnects mid-stream frees its pages on both sides") {
+  running_cluster c("tabort");
+  // curl gives up after 0.3 s of a 400-token stream.
+  http_post(c.port, "/v1/completions",
+            R"({"model":"fortune-moe","prompt":"Once upon a time","max_tokens":400,"temperature":0.8,"ignore_eos":true,"stream":true})",
+            "--max-time 0.2");
+  CHECK_MESSAGE(eventually(10s, [&] { return all_pages_free(c); }), c.health().dump());
+  auto m = http_get(c.port, "/metrics").body;
+  CHECK_MESSAGE(m.find("petrel_requests_total{status=\"aborted\"} 1") != std::string::npos, m);
+}
+
+TEST_CASE("admission control: a full KV pool queues requests, then refuses with 503 and Retry-After") {
+  // 6 pages of 16 tokens: room for one 80-token request at a time; at most 2 may wait.
+  running_cluster c("tadmit", /*kv_pages=*/6, /*max_queued=*/2);
+  std::vector<std::future<http_reply>> futures;
+  for (int i = 0; i < 8; ++i)
+    futures.push_back(std::async(std::launch::async, [&] {
+      return http_post(c.port, "/v1/completions",
+                       R"({"model":"fortune-moe","prompt":"Tell me","max_tokens":72,"temperature":0})");
+    }));
+  int ok = 0, refused = 0;
+  for (auto& f : futures) {
+    auto r = f.get();
+    if (r.status == 200) {
+      ++ok;
+    } else {
+      CHECK(r.status == 503);
+      CHECK(r.headers.find("Retry-After") != std::string::npos);
+      ++refused;
+    }
+  }
+  CHECK(ok >= 3);     // one running + two waiting at least
+  CHECK(refused >= 1);
+  CHECK(ok + refused == 8);
+  // A request that can never fit the pool is refused at once, not queued forever.
+  auto huge = http_post(c.port, "/v1/completions",
+                        R"({"model":"fortune-moe","prompt":"x","max_tokens":400,"temperature":0})");
+  CHECK(huge.status >= 400);
+  CHECK(eventually(5s, [&] { return all_pages_free(c); }));
+}
+
+TEST_CASE("killing the decode node mid-stream migrates the request: the output is unchanged") {
+  running_cluster c("tmigrate");
+  const std::string prompt = "The best way to predict the future is";
+  auto expected = reference_text(prompt, 400);
+  int pid = 0;
+  auto st = json::parse(run_petrel("status --json " + c.cfg).output);
+  for (auto& n : st["nodes"])
+    if (n["name"] == "d0")
+      pid = n["pid"];
+  REQUIRE(pid > 0);
+  auto fut = std::async(std::launch::async, [&] { return completion(c.port, prompt, 400); });
+  // Wait until the request is decoding on d0, then SIGKILL d0's process.
+  REQUIRE(eventually(10s, [&] {
+    auto h = c.health();
+    for (auto& g : h["groups"])
+      if (g["group"] == "decode0" && g["running"] == 1)
+        return true;
+    return false;
+  }));
+  ::kill(pid, SIGKILL);
+  auto served = fut.get();
+  CHECK(served == expected);
+  CHECK(eventually(10s, [&] { return all_pages_free(c) && c.health()["status"] == "ok"; }));
+}
