@@ -55,6 +55,23 @@ int run_node(const cluster_config& cfg, const node_options& opts);
 /// Returns the exit code (1 when the cluster does not answer).
 int print_cluster_status(const run_file& run, bool json, std::string& out);
 
+/// A fault for `petrel chaos` (or an operator) to inject into a running cluster.
+struct fault_request {
+  std::string kind;   // kill (node+child) | kill_node | slow (node+child rank) | delay | drop | partition
+  std::string node;   // target node; for link faults the sending node
+  std::string child;  // kill, slow: "rank0", "kv_agent", ...
+  std::string peer;   // link faults: the receiving node
+  double factor = 1.0;
+  double prob = 1.0;
+  int64_t delay_ms = 0;
+  int64_t duration_ms = 0;
+  uint64_t seed = 0;
+};
+
+/// Injects `f` through the head. Returns 0 once the target accepted it, else 1 with the reason in `out`.
+/// kill answers the killed epoch, kill_node the killed pid (in `out`).
+int inject_fault(const run_file& run, const fault_request& f, std::string& out);
+
 /// Asks the cluster to stop and waits until its head process is gone. Returns the exit code.
 int stop_cluster(const run_file& run, std::chrono::milliseconds timeout, std::string& out);
 

@@ -201,7 +201,7 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
         e.rank_epoch = s.epoch();
         e.pages = std::move(*pages);
         e.reserved_at = self->clock().now();
-        kv_destination dest{e.admission.rid, st.group.name, static_cast<uint32_t>(*best), s.epoch(), e.pages,
+        kv_destination dest{e.admission.rid, st.group.name, s.node, static_cast<uint32_t>(*best), s.epoch(), e.pages,
                             s.info.pool, s.info.page_bytes, caf::actor_cast<caf::actor>(self)};
         st.requests[e.admission.rid] = std::move(e);
         serving_metrics().kv_transfer.with({"allocation"}).observe(

@@ -131,6 +131,7 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
     pc.head_host = "127.0.0.1";
     pc.head_port = head_port;
     pc.log_path = (log_dir / (node.name + ".log")).string();
+    pc.heartbeat = st.cfg.supervision.heartbeat;
     spec.children.push_back(child_spec{node.name, restart_type::permanent,
                                        [pc](caf::local_actor* parent, const child_context& ctx) {
                                          return spawn_node_proxy(parent, pc, ctx.epoch);
@@ -263,6 +264,38 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
                 [rp](caf::error& err) mutable { rp.deliver(err); });
         return rp;
       },
+      [self](kill_atom, const std::string& node, const std::string& child) -> caf::result<uint64_t> {
+        auto rp = self->make_response_promise<uint64_t>();
+        self->request(self->state.cluster_supervisor, std::chrono::seconds(2), whereis_atom::value, node)
+            .then(
+                [self, rp, child](caf::actor& proxy, uint64_t) mutable {
+                  self->request(caf::actor_cast<node_proxy_actor>(proxy), std::chrono::seconds(3), kill_atom::value,
+                                child)
+                      .then([rp](uint64_t e) mutable { rp.deliver(e); },
+                            [rp](caf::error& err) mutable { rp.deliver(err); });
+                },
+                [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
+      [self](fault_atom, const std::string& node, const std::string& child,
+             fault_spec& spec) -> caf::result<caf::ok_atom> {
+        auto rp = self->make_response_promise<caf::ok_atom>();
+        self->request(self->state.cluster_supervisor, std::chrono::seconds(2), whereis_atom::value, node)
+            .then(
+                [self, rp, child, spec](caf::actor& proxy, uint64_t) mutable {
+                  self->request(caf::actor_cast<node_proxy_actor>(proxy), std::chrono::seconds(3),
+                                whereis_atom::value, child)
+                      .then(
+                          [self, rp, spec](caf::actor& target, uint64_t) mutable {
+                            self->request(target, std::chrono::seconds(3), fault_atom::value, spec)
+                                .then([rp](caf::ok_atom) mutable { rp.deliver(caf::ok_atom::value); },
+                                      [rp](caf::error& err) mutable { rp.deliver(err); });
+                          },
+                          [rp](caf::error& err) mutable { rp.deliver(err); });
+                },
+                [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto rp = self->make_response_promise<caf::ok_atom>();
         auto& st = self->state;
@@ -391,6 +424,27 @@ int print_cluster_status(const run_file& run, bool as_json, std::string& out) {
               out = os.str();
             },
             [&](caf::error& err) { out = "the head did not answer: " + describe(err) + "\n"; });
+    return rc;
+  });
+}
+
+int inject_fault(const run_file& run, const fault_request& f, std::string& out) {
+  return with_head(run, out, [&](caf::actor_system& sys, head_actor head) {
+    caf::scoped_actor self{sys};
+    int rc = 1;
+    auto on_error = [&](caf::error& err) { out = describe(err); };
+    if (f.kind == "kill") {
+      self->request(head, std::chrono::seconds(5), kill_atom::value, f.node, f.child)
+          .receive([&](uint64_t epoch) { rc = 0, out = std::to_string(epoch); }, on_error);
+    } else if (f.kind == "kill_node") {
+      self->request(head, std::chrono::seconds(5), kill_atom::value, f.node)
+          .receive([&](int32_t pid) { rc = 0, out = std::to_string(pid); }, on_error);
+    } else {
+      fault_spec spec{f.kind, f.peer, f.factor, f.prob, f.delay_ms, f.duration_ms, f.seed};
+      auto child = f.kind == "slow" ? f.child : std::string("kv_agent");
+      self->request(head, std::chrono::seconds(5), fault_atom::value, f.node, child, spec)
+          .receive([&](caf::ok_atom) { rc = 0, out = "ok"; }, on_error);
+    }
     return rc;
   });
 }

@@ -50,7 +50,12 @@ using head_actor = caf::typed_actor<
     /// Stops every node process and then the head; answers once the nodes are gone.
     caf::replies_to<stop_atom>::with<caf::ok_atom>,
     /// Resolves child `child` of node `node` (e.g. "rank0", "kv_agent"): its handle and epoch.
-    caf::replies_to<whereis_atom, std::string, std::string>::with<caf::actor, uint64_t>>;
+    caf::replies_to<whereis_atom, std::string, std::string>::with<caf::actor, uint64_t>,
+    /// Kills child `child` of node `node` as a crash would; answers the killed epoch.
+    caf::replies_to<kill_atom, std::string, std::string>::with<uint64_t>,
+    /// Injects a fault into child `child` of node `node` (a rank: slow; a kv_agent: delay, drop,
+    /// partition); answers ok once the child accepted it.
+    caf::replies_to<fault_atom, std::string, std::string, fault_spec>::with<caf::ok_atom>>;
 
 /// The NODE PROXY actor interface: the head-side stand-in of one node process, supervised by the
 /// cluster_supervisor. It lives exactly as long as its process and its connection.
@@ -61,6 +66,11 @@ using node_proxy_actor = caf::typed_actor<
     caf::replies_to<status_atom>::with<node_status>,
     /// SIGKILLs the process; answers its pid.
     caf::replies_to<kill_atom>::with<int32_t>,
+    /// Kills child `child` of the node's supervisor as a crash would; answers the killed epoch.
+    caf::replies_to<kill_atom, std::string>::with<uint64_t>,
+    /// Heartbeat: probes the node's supervisor; a node that misses two probes in a row (stopped,
+    /// hung, partitioned) is SIGKILLed and restarted.
+    caf::reacts_to<beat_atom>,
     /// The reaper saw the process exit with this wait status.
     caf::reacts_to<exited_atom, int32_t, int32_t>,
     /// Periodic liveness probe of the node.
@@ -77,7 +87,9 @@ using rank_actor = liveness_protocol::extend<
     caf::replies_to<info_atom>::with<rank_info>,
     /// Runs one forward step (prefill chunks and/or decode tokens) and answers the sampled tokens.
     /// A step stamped with another incarnation's epoch is refused (stale_epoch).
-    caf::replies_to<forward_atom, forward_step>::with<step_output>>;
+    caf::replies_to<forward_atom, forward_step>::with<step_output>,
+    /// Fault injection: "slow" stretches every step by `factor` for `duration_ms`.
+    caf::replies_to<fault_atom, fault_spec>::with<caf::ok_atom>>;
 
 /// The KV AGENT actor interface: one per node process. Owns the node's UCX KV-transfer engine
 /// (its progress thread) and moves pages: put, flush, then an active-message notice.
@@ -87,7 +99,9 @@ using kv_agent_actor = liveness_protocol::extend<
     /// deadline.
     caf::replies_to<ship_atom, kv_shipment>::with<kv_receipt>,
     /// Internal: the engine's progress thread reports transfer `id` done (error text empty on success).
-    caf::reacts_to<ship_atom, uint64_t, kv_receipt, std::string>>;
+    caf::reacts_to<ship_atom, uint64_t, kv_receipt, std::string>,
+    /// Fault injection on shipments to one peer node: "delay", "drop" or "partition".
+    caf::replies_to<fault_atom, fault_spec>::with<caf::ok_atom>>;
 
 /// The PREFILL SCHEDULER actor interface: one per prefill group (runs in the head process, so its
 /// queue survives node crashes). Chunked prefill with a token budget, batched across requests.

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <map>
+#include <random>
 
 #include <caf/all.hpp>
 
@@ -21,6 +22,26 @@ struct kv_agent_state {
   std::map<std::vector<uint8_t>, transport::kv_peer_id> peers; // by worker address
   std::map<uint64_t, caf::response_promise> pending;           // by transfer id
   std::map<uint64_t, std::vector<uint8_t>> pending_peer;       // transfer id -> peer address
+  // Fault injection (petrel chaos), per destination node.
+  struct link_fault {
+    fault_spec spec;
+    std::chrono::steady_clock::time_point until;
+  };
+  std::map<std::string, link_fault> faults;
+  std::map<uint64_t, int64_t> delayed; // transfer id -> extra delay (ms) before answering
+  std::mt19937_64 rng{42};
+
+  /// The fault active on the link to `node`, if any.
+  const fault_spec* fault_to(const std::string& node) {
+    auto it = faults.find(node);
+    if (it == faults.end())
+      return nullptr;
+    if (std::chrono::steady_clock::now() >= it->second.until) {
+      faults.erase(it);
+      return nullptr;
+    }
+    return &it->second.spec;
+  }
 };
 
 using agent_pointer = kv_agent_actor::stateful_pointer<kv_agent_state>;
@@ -36,6 +57,14 @@ kv_agent_actor::behavior_type kv_agent_impl(agent_pointer self, std::shared_ptr<
         auto desc = transport::kv_pool_descriptor::from_bytes(job.destination.pool);
         if (!desc)
           return make_error(petrel_errc::kv_transfer_failed, "bad destination descriptor: " + desc.error());
+        if (auto* f = st.fault_to(job.destination.node)) {
+          if (f->kind == "partition")
+            return make_error(petrel_errc::kv_transfer_failed, "injected partition to node " + f->peer);
+          if (f->kind == "drop" && std::uniform_real_distribution<double>(0, 1)(st.rng) < f->prob)
+            return make_error(petrel_errc::kv_transfer_failed, "injected drop on the link to node " + f->peer);
+          if (f->kind == "delay")
+            st.delayed[job.transfer_id] = f->delay_ms;
+        }
         if (job.src_pages.size() > job.destination.pages.size())
           return make_error(petrel_errc::kv_transfer_failed,
                             "destination has " + std::to_string(job.destination.pages.size()) + " pages, " +
@@ -77,6 +106,13 @@ kv_agent_actor::behavior_type kv_agent_impl(agent_pointer self, std::shared_ptr<
         auto it = st.pending.find(id);
         if (it == st.pending.end())
           return;
+        if (auto d = st.delayed.find(id); d != st.delayed.end()) {
+          // Injected link delay: the answer (and so the admission on the decode side) comes late.
+          auto ms = d->second;
+          st.delayed.erase(d);
+          self->delayed_send(self, std::chrono::milliseconds(ms), ship_atom::value, id, receipt, error);
+          return;
+        }
         if (error.empty()) {
           it->second.deliver(receipt);
         } else {
@@ -85,6 +121,16 @@ kv_agent_actor::behavior_type kv_agent_impl(agent_pointer self, std::shared_ptr<
         }
         st.pending.erase(it);
         st.pending_peer.erase(id);
+      },
+      [self](fault_atom, fault_spec& f) -> caf::result<caf::ok_atom> {
+        auto& st = self->state;
+        if (f.kind != "delay" && f.kind != "drop" && f.kind != "partition")
+          return make_error(petrel_errc::bad_request, "a kv_agent takes delay, drop or partition faults, not '" +
+                                                          f.kind + "'");
+        if (f.seed)
+          st.rng.seed(f.seed);
+        st.faults[f.peer] = {f, std::chrono::steady_clock::now() + std::chrono::milliseconds(f.duration_ms)};
+        return caf::ok_atom::value;
       },
   };
 }

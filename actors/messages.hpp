@@ -150,6 +150,7 @@ typename Inspector::result_type inspect(Inspector& f, token_event& x) {
 struct kv_destination {
   uint64_t rid = 0;
   std::string decode_group;
+  std::string node;                // the decode rank's node (fault injection targets links by node)
   uint32_t rank = 0;               // index of the rank within its decode group
   uint64_t rank_epoch = 0;         // the incarnation that owns the pool
   std::vector<int32_t> pages;      // destination pages, in token order
@@ -160,7 +161,7 @@ struct kv_destination {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_destination& x) {
-  return f(caf::meta::type_name("petrel.kv_destination"), x.rid, x.decode_group, x.rank, x.rank_epoch, x.pages,
+  return f(caf::meta::type_name("petrel.kv_destination"), x.rid, x.decode_group, x.node, x.rank, x.rank_epoch, x.pages,
            x.pool, x.page_bytes, x.decode_scheduler);
 }
 
@@ -310,6 +311,25 @@ typename Inspector::result_type inspect(Inspector& f, request_failure& x) {
   return f(caf::meta::type_name("petrel.request_failure"), x.rid, x.where, x.reason, x.retryable);
 }
 
+/// A fault to inject (petrel chaos). kinds: "slow" (a rank's steps take `factor` times as long),
+/// "delay" (KV shipments to `peer` node wait `delay_ms` first), "drop" (KV shipments to `peer` fail
+/// with probability `prob`), "partition" (every KV shipment to `peer` fails). Each lasts `duration_ms`.
+struct fault_spec {
+  std::string kind;
+  std::string peer;
+  double factor = 1.0;
+  double prob = 1.0;
+  int64_t delay_ms = 0;
+  int64_t duration_ms = 0;
+  uint64_t seed = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, fault_spec& x) {
+  return f(caf::meta::type_name("petrel.fault_spec"), x.kind, x.peer, x.factor, x.prob, x.delay_ms, x.duration_ms,
+           x.seed);
+}
+
 /// A scheduler's load, for the router's least-loaded choice and for metrics.
 struct group_load {
   std::string group;
@@ -373,6 +393,7 @@ CAF_ADD_TYPE_ID(petrel, (petrel::kv_receipt))
 CAF_ADD_TYPE_ID(petrel, (petrel::kv_ready))
 CAF_ADD_TYPE_ID(petrel, (petrel::request_failure))
 CAF_ADD_TYPE_ID(petrel, (petrel::group_load))
+CAF_ADD_TYPE_ID(petrel, (petrel::fault_spec))
 
 CAF_END_TYPE_ID_BLOCK(petrel)
 
@@ -403,5 +424,7 @@ using failed_atom = caf::atom_constant<caf::atom("failed")>;
 using abort_atom = caf::atom_constant<caf::atom("abort")>;
 using load_atom = caf::atom_constant<caf::atom("load")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
+using fault_atom = caf::atom_constant<caf::atom("fault")>;
+using beat_atom = caf::atom_constant<caf::atom("beat")>;
 
 } // namespace petrel

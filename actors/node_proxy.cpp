@@ -29,6 +29,7 @@ struct node_proxy_state {
   std::string state = "starting";
   caf::actor node_supervisor;
   caf::error exit_reason_on_process_exit;
+  int missed_beats = 0;
 };
 
 using proxy_pointer = node_proxy_actor::stateful_pointer<node_proxy_state>;
@@ -147,6 +148,7 @@ node_proxy_actor::behavior_type node_proxy_impl(proxy_pointer self, node_proxy_c
         st.node_supervisor = hello.supervisor;
         self->monitor(st.node_supervisor);
         st.state = "running";
+        self->delayed_send(self, st.config.heartbeat, beat_atom::value);
         return caf::ok_atom::value;
       },
       [self](status_atom) -> caf::result<node_status> {
@@ -178,6 +180,43 @@ node_proxy_actor::behavior_type node_proxy_impl(proxy_pointer self, node_proxy_c
             .then([rp](caf::actor& a, uint64_t e) mutable { rp.deliver(a, e); },
                   [rp](caf::error& err) mutable { rp.deliver(err); });
         return rp;
+      },
+      [self](kill_atom, const std::string& child) -> caf::result<uint64_t> {
+        auto& st = self->state;
+        if (!st.node_supervisor)
+          return make_error(petrel_errc::node_unreachable, "node '" + st.config.node + "' is " + st.state);
+        auto rp = self->make_response_promise<uint64_t>();
+        self->request(caf::actor_cast<supervisor_actor>(st.node_supervisor), std::chrono::seconds(2), kill_atom::value,
+                      child)
+            .then([rp](uint64_t e) mutable { rp.deliver(e); }, [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
+      [self](beat_atom) {
+        auto& st = self->state;
+        if (st.exited || st.stopping || !st.node_supervisor)
+          return;
+        self->request(caf::actor_cast<supervisor_actor>(st.node_supervisor), st.config.heartbeat * 3,
+                      children_atom::value)
+            .then(
+                [self](std::vector<child_status>&) {
+                  self->state.missed_beats = 0;
+                  self->delayed_send(self, self->state.config.heartbeat, beat_atom::value);
+                },
+                [self](caf::error& err) {
+                  auto& st = self->state;
+                  if (st.exited || st.stopping)
+                    return;
+                  if (++st.missed_beats >= 2) {
+                    st.exit_reason_on_process_exit = make_error(
+                        petrel_errc::node_unreachable,
+                        "node '" + st.config.node + "' missed " + std::to_string(st.missed_beats) +
+                            " heartbeats (" + describe(err) + ")");
+                    st.state = "unresponsive";
+                    kill_process(self, SIGKILL);
+                    return;
+                  }
+                  self->send(self, beat_atom::value);
+                });
       },
       [self](kill_atom) -> int32_t {
         kill_process(self, SIGKILL);

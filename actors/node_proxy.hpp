@@ -20,6 +20,7 @@ struct node_proxy_config {
   std::string log_path;    // the node process's stdout and stderr are appended here
   std::chrono::milliseconds register_timeout{30'000};
   std::chrono::milliseconds stop_timeout{5'000};
+  std::chrono::milliseconds heartbeat{500}; // probe period; two missed probes (3 periods each) = dead
 };
 
 /// Starts the node process for incarnation `epoch` and returns its proxy.

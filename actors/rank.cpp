@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <iostream>
+#include <thread>
 
 #include <caf/all.hpp>
 
@@ -24,6 +25,8 @@ struct rank_state {
   std::unique_ptr<deepseek_model> model;
   std::unique_ptr<kv_pool> kv;
   rank_info info;
+  double slow_factor = 1.0; // fault injection: steps take this many times as long ...
+  std::chrono::steady_clock::time_point slow_until{}; // ... until then
   step_result scratch;
   std::vector<sequence_step> steps;
 };
@@ -110,8 +113,19 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
           out.tokens.push_back(step.items[i].sample
                                    ? sample_at(st.scratch.last(i), step.items[i].sampling, step.items[i].position)
                                    : -1);
+        auto now = std::chrono::steady_clock::now();
+        if (now < st.slow_until && st.slow_factor > 1.0) // injected slowness: stretch the step
+          std::this_thread::sleep_for((now - t0) * (st.slow_factor - 1.0));
         out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         return out;
+      },
+      [self](fault_atom, fault_spec& f) -> caf::result<caf::ok_atom> {
+        auto& st = self->state;
+        if (f.kind != "slow" || f.factor < 1.0)
+          return make_error(petrel_errc::bad_request, "a rank takes only 'slow' faults with factor >= 1");
+        st.slow_factor = f.factor;
+        st.slow_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(f.duration_ms);
+        return caf::ok_atom::value;
       },
   };
 }
