@@ -145,6 +145,21 @@ __global__ void compare_kernel(const __nv_bfloat16* __restrict__ d, const float*
   }
 }
 
+__global__ void transpose_kernel(const std::uint16_t* __restrict__ src, std::int64_t rows, std::int64_t cols,
+                                 std::uint16_t* __restrict__ dst) {
+  __shared__ std::uint16_t tile[32][33];
+  const std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * 32, c0 = static_cast<std::int64_t>(blockIdx.x) * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const std::int64_t r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[i][threadIdx.x] = src[r * cols + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const std::int64_t c = c0 + i, r = r0 + threadIdx.x;
+    if (r < rows && c < cols) dst[c * rows + r] = tile[threadIdx.x][i];
+  }
+}
+
 kernel_status last_error(const char* who) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return kernel_status::failure(std::string(who) + ": " + cudaGetErrorString(err));
@@ -183,6 +198,14 @@ kernel_status reference_fp8_gemm_nt(const void* a_fp8, const float* a_scales, st
                                             static_cast<const std::uint8_t*>(b_fp8), b_scales, static_cast<int>(n),
                                             static_cast<int>(k), row_group, block_group, ref);
   return last_error("reference_fp8_gemm_nt");
+}
+
+kernel_status transpose_bf16(const void* src, std::int64_t rows, std::int64_t cols, void* dst, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return kernel_status::success();
+  const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>((rows + 31) / 32));
+  transpose_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const std::uint16_t*>(src), rows, cols,
+                                                      static_cast<std::uint16_t*>(dst));
+  return last_error("transpose_bf16");
 }
 
 kernel_status compare_bf16_to_reference(const void* d_bf16, const float* ref, std::int64_t rows, std::int64_t n,

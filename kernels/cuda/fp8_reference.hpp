@@ -26,6 +26,9 @@ kernel_status reference_fp8_gemm_nt(const void* a_fp8, const float* a_scales, st
                                     const float* b_scales, std::int64_t n, std::int64_t k, const int* row_group,
                                     const int* block_group, float* ref, cudaStream_t stream);
 
+/// dst[c, r] = src[r, c] for a bf16 [rows, cols] matrix (to compare a transposed cuBLASLt result).
+kernel_status transpose_bf16(const void* src, std::int64_t rows, std::int64_t cols, void* dst, cudaStream_t stream);
+
 /// Error of a bf16 result against the fp32 reference over the rows with row_group[r] >= 0.
 struct gemm_error {
   double rel_l2 = 0;        // ||d - ref|| / ||ref||

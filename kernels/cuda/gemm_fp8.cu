@@ -29,6 +29,50 @@ struct cublaslt_fp8_gemm_nt::impl {
   cublasLtMatmulAlgo_t algo{};
   void* workspace = nullptr;
 
+  bool transposed = false; // true: cuBLAS's A is the activation and D comes out as [n, m]
+
+  // Tries one operand order; returns an empty string on success.
+  std::string try_plan(bool activation_first) {
+    if (desc) { cublasLtMatmulDescDestroy(desc); desc = nullptr; }
+    for (auto* l : {&layout_w, &layout_x, &layout_d})
+      if (*l) { cublasLtMatrixLayoutDestroy(*l); *l = nullptr; }
+    cublasStatus_t s;
+    if ((s = cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) != CUBLAS_STATUS_SUCCESS)
+      return cublas_error("cublasLtMatmulDescCreate", s);
+    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n));
+    const std::int32_t mode_w = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+    const std::int32_t mode_x = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, activation_first ? &mode_x : &mode_w, sizeof(mode_w));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, activation_first ? &mode_w : &mode_x, sizeof(mode_x));
+    // Non-null placeholders for the heuristic query (block scaling rejects null); run() sets the real ones.
+    const void* placeholder = workspace;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &placeholder, sizeof(placeholder));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &placeholder, sizeof(placeholder));
+    if ((s = cublasLtMatrixLayoutCreate(&layout_w, CUDA_R_8F_E4M3, k, n, k)) != CUBLAS_STATUS_SUCCESS ||
+        (s = cublasLtMatrixLayoutCreate(&layout_x, CUDA_R_8F_E4M3, k, m, k)) != CUBLAS_STATUS_SUCCESS ||
+        (s = cublasLtMatrixLayoutCreate(&layout_d, CUDA_R_16BF, activation_first ? m : n, activation_first ? n : m,
+                                        activation_first ? m : n)) != CUBLAS_STATUS_SUCCESS)
+      return cublas_error("cublasLtMatrixLayoutCreate", s);
+    cublasLtMatmulPreference_t pref = nullptr;
+    cublasLtMatmulPreferenceCreate(&pref);
+    const std::size_t ws = workspace_bytes;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    s = activation_first
+            ? cublasLtMatmulAlgoGetHeuristic(handle, desc, layout_x, layout_w, layout_d, layout_d, pref, 1, &result, &found)
+            : cublasLtMatmulAlgoGetHeuristic(handle, desc, layout_w, layout_x, layout_d, layout_d, pref, 1, &result, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (s != CUBLAS_STATUS_SUCCESS || found == 0)
+      return std::string(activation_first ? "activation-first" : "weight-first") + " order: status " +
+             std::to_string(static_cast<int>(s)) + ", " + std::to_string(found) + " algorithms";
+    algo = result.algo;
+    transposed = activation_first;
+    return {};
+  }
+
   void plan() {
     if (m <= 0 || n <= 0 || k <= 0) { error = "cublaslt_fp8_gemm_nt: m, n, k must be positive"; return; }
     if (k % fp8_block != 0) { error = "cublaslt_fp8_gemm_nt: k=" + std::to_string(k) + " must be a multiple of 128"; return; }
@@ -36,40 +80,15 @@ struct cublaslt_fp8_gemm_nt::impl {
     if (n % 16 != 0) { error = "cublaslt_fp8_gemm_nt: n=" + std::to_string(n) + " must be a multiple of 16"; return; }
     cublasStatus_t s;
     if ((s = cublasLtCreate(&handle)) != CUBLAS_STATUS_SUCCESS) { error = cublas_error("cublasLtCreate", s); return; }
-    if ((s = cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) != CUBLAS_STATUS_SUCCESS) {
-      error = cublas_error("cublasLtMatmulDescCreate", s); return;
-    }
-    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t));
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n));
-    const std::int32_t mode_w = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
-    const std::int32_t mode_x = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode_w, sizeof(mode_w));
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode_x, sizeof(mode_x));
-    // Dummy scale pointers for the heuristic query; run() sets the real ones.
-    const void* placeholder = nullptr;
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &placeholder, sizeof(placeholder));
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &placeholder, sizeof(placeholder));
-    if ((s = cublasLtMatrixLayoutCreate(&layout_w, CUDA_R_8F_E4M3, k, n, k)) != CUBLAS_STATUS_SUCCESS ||
-        (s = cublasLtMatrixLayoutCreate(&layout_x, CUDA_R_8F_E4M3, k, m, k)) != CUBLAS_STATUS_SUCCESS ||
-        (s = cublasLtMatrixLayoutCreate(&layout_d, CUDA_R_16BF, n, m, n)) != CUBLAS_STATUS_SUCCESS) {
-      error = cublas_error("cublasLtMatrixLayoutCreate", s); return;
-    }
     if (cudaMalloc(&workspace, workspace_bytes) != cudaSuccess) { error = "cublaslt_fp8_gemm_nt: cannot allocate the workspace"; return; }
-    cublasLtMatmulPreference_t pref = nullptr;
-    cublasLtMatmulPreferenceCreate(&pref);
-    const std::size_t ws = workspace_bytes;
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-    cublasLtMatmulHeuristicResult_t result{};
-    int found = 0;
-    s = cublasLtMatmulAlgoGetHeuristic(handle, desc, layout_w, layout_x, layout_d, layout_d, pref, 1, &result, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
-      error = "cublaslt_fp8_gemm_nt: no cuBLASLt algorithm for m=" + std::to_string(m) + " n=" + std::to_string(n) +
-              " k=" + std::to_string(k) + " (status " + std::to_string(static_cast<int>(s)) + ")";
-      return;
-    }
-    algo = result.algo;
+    // Row-major D[m, n] directly needs the weight as cuBLAS's A; if cuBLASLt offers no algorithm for
+    // that order, fall back to the activation as A, which writes D transposed ([n, m]).
+    const std::string first = try_plan(false);
+    if (first.empty()) return;
+    const std::string second = try_plan(true);
+    if (second.empty()) return;
+    error = "cublaslt_fp8_gemm_nt: no cuBLASLt algorithm for m=" + std::to_string(m) + " n=" + std::to_string(n) +
+            " k=" + std::to_string(k) + " (" + first + "; " + second + ")";
   }
 
   ~impl() {
@@ -90,17 +109,26 @@ cublaslt_fp8_gemm_nt::cublaslt_fp8_gemm_nt(std::int64_t m, std::int64_t n, std::
 cublaslt_fp8_gemm_nt::~cublaslt_fp8_gemm_nt() = default;
 
 bool cublaslt_fp8_gemm_nt::ok() const { return impl_->error.empty(); }
+bool cublaslt_fp8_gemm_nt::output_transposed() const { return impl_->transposed; }
 const std::string& cublaslt_fp8_gemm_nt::error() const { return impl_->error; }
 
 kernel_status cublaslt_fp8_gemm_nt::run(const void* a_fp8, const float* a_scales, const void* b_fp8,
                                         const float* b_scales, void* d_bf16, cudaStream_t stream) {
   if (!ok()) return kernel_status::failure(impl_->error);
   auto& p = *impl_;
-  cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &b_scales, sizeof(b_scales));
-  cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scales, sizeof(a_scales));
   const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t s = cublasLtMatmul(p.handle, p.desc, &alpha, b_fp8, p.layout_w, a_fp8, p.layout_x, &beta, d_bf16,
-                                          p.layout_d, d_bf16, p.layout_d, &p.algo, p.workspace, workspace_bytes, stream);
+  cublasStatus_t s;
+  if (!p.transposed) {
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &b_scales, sizeof(b_scales));
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scales, sizeof(a_scales));
+    s = cublasLtMatmul(p.handle, p.desc, &alpha, b_fp8, p.layout_w, a_fp8, p.layout_x, &beta, d_bf16, p.layout_d, d_bf16,
+                       p.layout_d, &p.algo, p.workspace, workspace_bytes, stream);
+  } else {
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scales, sizeof(a_scales));
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scales, sizeof(b_scales));
+    s = cublasLtMatmul(p.handle, p.desc, &alpha, a_fp8, p.layout_x, b_fp8, p.layout_w, &beta, d_bf16, p.layout_d, d_bf16,
+                       p.layout_d, &p.algo, p.workspace, workspace_bytes, stream);
+  }
   if (s != CUBLAS_STATUS_SUCCESS) return kernel_status::failure(cublas_error("cublasLtMatmul", s));
   return kernel_status::success();
 }

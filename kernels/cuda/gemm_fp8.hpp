@@ -24,6 +24,9 @@ public:
   cublaslt_fp8_gemm_nt& operator=(const cublaslt_fp8_gemm_nt&) = delete;
 
   bool ok() const;
+  /// True when cuBLASLt had no algorithm for the row-major order and the plan writes D as [n, m]
+  /// (activation as cuBLAS's A). Same FLOPs and bytes; callers that need [m, n] must transpose.
+  bool output_transposed() const;
   const std::string& error() const;
 
   /// Enqueues the GEMM on `stream`. `a_scales` is [k/128][m], `b_scales` [ceil(n/128)][k/128].

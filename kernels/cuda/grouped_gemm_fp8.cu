@@ -37,6 +37,7 @@ constexpr int num_threads = 384;           // producer warpgroup + 2 consumer wa
 constexpr int consumer_warps = 8;
 constexpr int raster_n = 8;                // n-blocks per rasterisation column
 constexpr int smem_limit = 227 * 1024;
+constexpr int max_masked_groups = 1024;    // per-CTA prefix table of the masked layout (static smem)
 
 enum class gemm_mode : int { dense = 0, contiguous = 1, masked = 2 };
 
@@ -63,7 +64,7 @@ struct tile_config {
   static constexpr int b_bytes = BLOCK_N * block_k;
   static constexpr int sa_bytes = block_m * 4;
   static constexpr int stage_bytes = a_bytes + b_bytes + sa_bytes;
-  static constexpr int stages = std::min(8, (smem_limit - 2048) / stage_bytes);
+  static constexpr int stages = std::min(8, (smem_limit - 1024 - 4 * (max_masked_groups + 1) - 256) / stage_bytes);
   static constexpr int smem_bytes = stages * stage_bytes + stages * 16 + 1024; // + barriers + alignment slack
   static constexpr int acc_regs = BLOCK_N / 2;
 };
@@ -166,9 +167,24 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], std::uint6
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], std::uint64_t desc_a, std::uint64_t desc_b,
+                                                     int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, "
+      "%96, %97, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 template <int BLOCK_N>
 __device__ __forceinline__ void wgmma_k32(float (&d)[BLOCK_N / 2], std::uint64_t desc_a, std::uint64_t desc_b, int scale_d) {
-  if constexpr (BLOCK_N == 128) wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
+  if constexpr (BLOCK_N == 192) wgmma_m64n192k32_e4m3(d, desc_a, desc_b, scale_d);
+  else if constexpr (BLOCK_N == 128) wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
   else wgmma_m64n64k32_e4m3(d, desc_a, desc_b, scale_d);
 }
 
@@ -183,9 +199,11 @@ struct tile_coord {
 
 // Rasterised order: columns of raster_n n-blocks; inside a column, the n-blocks of one m-block are
 // consecutive, so CTAs running at the same time share A tiles and a narrow band of B in L2.
+// Masked layout: only the m-blocks that hold rows are enumerated (group_prefix[g] = first such block of
+// group g, computed per CTA from the device counts), so every CTA gets an even share of real work.
 template <int BLOCK_N>
-__device__ __forceinline__ tile_coord decode_tile(const gemm_params& p, int t) {
-  const int per_column = p.m_blocks * raster_n;
+__device__ __forceinline__ tile_coord decode_tile(const gemm_params& p, int m_blocks, const int* group_prefix, int t) {
+  const int per_column = m_blocks * raster_n;
   const int column = t / per_column;
   const int first_n = column * raster_n;
   const int width = min(raster_n, p.n_blocks - first_n);
@@ -196,13 +214,17 @@ __device__ __forceinline__ tile_coord decode_tile(const gemm_params& p, int t) {
   c.n0 = nb * BLOCK_N;
   c.skip = false;
   if (p.mode == gemm_mode::masked) {
-    const int g = mb / p.m_blocks_per_group;
-    const int local0 = (mb % p.m_blocks_per_group) * block_m;
+    int lo = 0, hi = p.num_groups - 1; // last group whose first block is <= mb
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (group_prefix[mid] <= mb) lo = mid; else hi = mid - 1;
+    }
+    const int g = lo;
+    const int local0 = (mb - group_prefix[g]) * block_m;
     const int count = min(max(__ldg(p.masked_m + g), 0), p.max_m);
     c.group = g;
     c.a_row0 = g * p.max_m + local0;
     c.rows_valid = min(block_m, count - local0);
-    c.skip = local0 >= count;
   } else {
     c.a_row0 = mb * block_m;
     c.rows_valid = min(block_m, p.m_rows - c.a_row0);
@@ -214,6 +236,32 @@ __device__ __forceinline__ tile_coord decode_tile(const gemm_params& p, int t) {
     }
   }
   return c;
+}
+
+// Masked layout: group_prefix[g] = number of 128-row blocks holding rows in groups < g; [G] = total.
+// One warp: each lane sums a chunk of groups, then a warp scan stitches the chunks.
+__device__ __forceinline__ void build_group_prefix(const gemm_params& p, int* group_prefix) {
+  const int lane = threadIdx.x % 32;
+  const int chunk = (p.num_groups + 31) / 32;
+  const int begin = min(lane * chunk, p.num_groups), end = min(begin + chunk, p.num_groups);
+  auto blocks_of = [&](int g) {
+    const int count = min(max(__ldg(p.masked_m + g), 0), p.max_m);
+    return (count + block_m - 1) / block_m;
+  };
+  int local = 0;
+  for (int g = begin; g < end; ++g) local += blocks_of(g);
+  int inclusive = local;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += y;
+  }
+  int running = inclusive - local;
+  for (int g = begin; g < end; ++g) {
+    group_prefix[g] = running;
+    running += blocks_of(g);
+  }
+  if (lane == 31) group_prefix[p.num_groups] = inclusive;
 }
 
 // -- kernel -----------------------------------------------------------------------------
@@ -231,8 +279,11 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_sa + stages * block_m);
   std::uint64_t* empty = full + stages;
 
+  __shared__ int group_prefix[max_masked_groups + 1];
+
   const int warpgroup = threadIdx.x / 128;
   const int k_blocks = p.k / block_k;
+  if (p.mode == gemm_mode::masked && threadIdx.x >= 32 && threadIdx.x < 64) build_group_prefix(p, group_prefix);
 
   if (threadIdx.x == 0) {
     tma_prefetch_descriptor(&map_a);
@@ -247,6 +298,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
   __syncthreads();
+  const int m_blocks = p.mode == gemm_mode::masked ? group_prefix[p.num_groups] : p.m_blocks;
+  const int num_tiles = m_blocks * p.n_blocks;
 
   if (warpgroup == 0) {
     // ---- producer ----
@@ -254,8 +307,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
     if (threadIdx.x == 0) {
       int stage = 0;
       std::uint32_t phase = 0;
-      for (int t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
-        const tile_coord c = decode_tile<BLOCK_N>(p, t);
+      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+        const tile_coord c = decode_tile<BLOCK_N>(p, m_blocks, group_prefix, t);
         if (c.skip) continue;
         const int b_row0 = c.group * p.n + c.n0;
         for (int kb = 0; kb < k_blocks; ++kb) {
@@ -282,14 +335,19 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
     for (int i = 0; i < cfg::acc_regs; ++i) acc[i] = 0.0f;
     int stage = 0;
     std::uint32_t phase = 0;
-    for (int t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
-      const tile_coord c = decode_tile<BLOCK_N>(p, t);
+    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+      const tile_coord c = decode_tile<BLOCK_N>(p, m_blocks, group_prefix, t);
       if (c.skip) continue;
+      // A tile wider than 128 (or not 128-aligned) straddles two weight-scale blocks: columns at or past
+      // `split` (tile-relative) use the second one.
+      const int split = block_k - c.n0 % block_k;
+      const bool has_second = BLOCK_N > split && c.n0 / block_k + 1 < n_scale_blocks;
       const float* sb_ptr = p.b_scales + (static_cast<std::int64_t>(c.group) * n_scale_blocks + c.n0 / block_k) * k_blocks;
 #pragma unroll
       for (int i = 0; i < cfg::acc_regs; ++i) total[i] = 0.0f;
       for (int kb = 0; kb < k_blocks; ++kb) {
         const float sb = __ldg(sb_ptr + kb);
+        const float sb_hi = (BLOCK_N > 128 || BLOCK_N > split) && has_second ? __ldg(sb_ptr + k_blocks + kb) : sb;
         mbar_wait(&full[stage], phase);
         const float* sa = smem_sa + stage * block_m;
         const float sa0 = sa[row_in_tile];
@@ -304,13 +362,15 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
         wgmma_wait_all();
         fence_registers(acc);
         if (lane == 0) mbar_arrive(&empty[stage]);
-        const float s0 = sa0 * sb, s1 = sa1 * sb;
+        const float s0 = sa0 * sb, s1 = sa1 * sb, s0_hi = sa0 * sb_hi, s1_hi = sa1 * sb_hi;
 #pragma unroll
         for (int j = 0; j < cfg::acc_regs / 4; ++j) {
-          total[4 * j + 0] = fmaf(acc[4 * j + 0], s0, total[4 * j + 0]);
-          total[4 * j + 1] = fmaf(acc[4 * j + 1], s0, total[4 * j + 1]);
-          total[4 * j + 2] = fmaf(acc[4 * j + 2], s1, total[4 * j + 2]);
-          total[4 * j + 3] = fmaf(acc[4 * j + 3], s1, total[4 * j + 3]);
+          const bool hi = j * 8 >= split; // uniform across the 8 columns of fragment j (split is a multiple of 64)
+          const float r0 = hi ? s0_hi : s0, r1 = hi ? s1_hi : s1;
+          total[4 * j + 0] = fmaf(acc[4 * j + 0], r0, total[4 * j + 0]);
+          total[4 * j + 1] = fmaf(acc[4 * j + 1], r0, total[4 * j + 1]);
+          total[4 * j + 2] = fmaf(acc[4 * j + 2], r1, total[4 * j + 2]);
+          total[4 * j + 3] = fmaf(acc[4 * j + 3], r1, total[4 * j + 3]);
         }
         if (++stage == stages) { stage = 0; phase ^= 1; }
       }
@@ -379,11 +439,23 @@ bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, std
 int block_n_override = 0;
 
 int pick_block_n(std::int64_t m_blocks, std::int64_t n) {
-  if (block_n_override == 64 || block_n_override == 128) return block_n_override;
-  // Wide tiles halve B traffic per FLOP, narrow ones double the CTAs: go narrow only when
-  // 128-wide tiles would leave most SMs idle.
-  const std::int64_t tiles128 = m_blocks * ((n + 127) / 128);
-  return tiles128 * 2 <= sm_count() ? 64 : 128;
+  if (block_n_override == 64 || block_n_override == 128 || block_n_override == 192) return block_n_override;
+  // Relative throughput model: shared-memory traffic per MAC (TMA writes of A and B plus each consumer
+  // warpgroup's wgmma reads of its A half and the whole B, against 128 B/clk/SM) caps a 128 x BN tile at
+  // 0.58 / 0.80 / 0.92 of the tensor-core peak for BN = 64 / 128 / 192; multiply by the share of
+  // columns that are real and by how full the last wave of tiles is.
+  const int sms = sm_count();
+  int best = 128;
+  double best_score = -1;
+  for (int bn : {64, 128, 192}) {
+    const double smem_cap = bn == 64 ? 0.58 : bn == 128 ? 0.80 : 0.92;
+    const std::int64_t n_blocks = (n + bn - 1) / bn;
+    const std::int64_t tiles = m_blocks * n_blocks;
+    const double waves = static_cast<double>((tiles + sms - 1) / sms);
+    const double score = smem_cap * (static_cast<double>(n) / (n_blocks * bn)) * (tiles / (waves * sms));
+    if (score > best_score + 1e-9) { best_score = score; best = bn; }
+  }
+  return best;
 }
 
 template <int BLOCK_N>
@@ -432,14 +504,20 @@ void set_grouped_gemm_block_n_override(int block_n) { block_n_override = block_n
 grouped_gemm_config grouped_gemm_config_for(std::int64_t m_blocks, std::int64_t n) {
   grouped_gemm_config c;
   c.block_n = pick_block_n(m_blocks, n);
-  c.stages = c.block_n == 128 ? tile_config<128>::stages : tile_config<64>::stages;
+  c.stages = c.block_n == 192 ? tile_config<192>::stages : c.block_n == 128 ? tile_config<128>::stages : tile_config<64>::stages;
   c.tiles = static_cast<int>(m_blocks * ((n + c.block_n - 1) / c.block_n));
   c.ctas = std::min(c.tiles, sm_count());
   return c;
 }
 
 static kernel_status dispatch(gemm_params p, const void* a, const float* sa, const void* b, cudaStream_t stream, const char* name) {
-  return pick_block_n(p.m_blocks, p.n) == 64 ? launch<64>(p, a, sa, b, stream, name) : launch<128>(p, a, sa, b, stream, name);
+  if (p.mode == gemm_mode::masked && p.num_groups > max_masked_groups)
+    return kernel_status::failure(std::string(name) + ": at most " + std::to_string(max_masked_groups) + " groups");
+  switch (pick_block_n(p.m_blocks, p.n)) {
+    case 64: return launch<64>(p, a, sa, b, stream, name);
+    case 192: return launch<192>(p, a, sa, b, stream, name);
+    default: return launch<128>(p, a, sa, b, stream, name);
+  }
 }
 
 kernel_status fp8_gemm_nt(const void* a_fp8, const float* a_scales, std::int64_t m, const void* b_fp8,

@@ -56,9 +56,16 @@ fi
 echo "== bench-kernels"
 timeout "${BENCH_TIMEOUT:-300}" "$here/bin/petrel" bench-kernels --check --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
 echo "bench rc=${PIPESTATUS[0]}"
-if [[ -n ${SECOND_PASS_FLAGS:-} ]]; then
-  echo "== bench-kernels (second pass: $SECOND_PASS_FLAGS)"
-  timeout 200 "$here/bin/petrel" bench-kernels $SECOND_PASS_FLAGS > "$out/bench_second.log" 2>&1
-  echo "second pass rc=$?"
-  sed -n '/^shape/,$p' "$out/bench_second.log"
+# More passes: EXTRA_PASSES="--block-n 192 --check;--block-n 64 --iters 10" (';' between passes).
+if [[ -n ${EXTRA_PASSES:-} ]]; then
+  IFS=';' read -ra passes <<< "$EXTRA_PASSES"
+  i=0
+  for flags in "${passes[@]}"; do
+    i=$((i + 1))
+    echo "== bench-kernels pass $i: $flags"
+    timeout 200 "$here/bin/petrel" bench-kernels $flags > "$out/bench_pass$i.log" 2>&1
+    echo "pass $i rc=$?"
+    grep -E '^check|^cuBLASLt' "$out/bench_pass$i.log" | grep -v ' ok$' | head
+    sed -n '/^shape/,$p' "$out/bench_pass$i.log"
+  done
 fi
