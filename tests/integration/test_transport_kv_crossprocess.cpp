@@ -386,48 +386,44 @@ TEST_CASE("kv transfer: a peer that stops progressing (SIGSTOP) -> the transfer 
 TEST_CASE("kv transfer over shm (no failure detection): a killed receiver is caught by the deadline, not a hang") {
   constexpr uint64_t page = 64 * 1024, pages = 256;
   inbox<kv_transfer_result> results;
-  std::atomic<bool> keep_going{true};
-  std::atomic<uint64_t> submitted{0};
-  std::function<void()> submit_one;
   child_receiver child(pages * page, "shm");
   auto options = loopback("shm");
   options.transfer_deadline = 1000ms;
   sender_side sender(pages * page, child.descriptor, options);
-  submit_one = [&] {
-    uint64_t id = submitted.fetch_add(1);
-    std::vector<kv_page_range> ranges;
-    for (uint64_t i = 0; i < 8; ++i) ranges.push_back({((id + i * 3) % pages) * page, ((id * 8 + i * 5) % pages) * page, page});
-    sender.engine->transfer(sender.peer, sender.desc.pool_id, child.descriptor, ranges, id, 1,
-                            [&](const kv_transfer_result& r) {
-                              results.push(r);
-                              if (r.ok() && keep_going.load()) submit_one();
-                            });
+  auto request = [&](uint64_t id, std::chrono::milliseconds deadline) {
+    kv_transfer_request req;
+    req.peer = sender.peer;
+    req.local_pool = sender.desc.pool_id;
+    req.remote = child.descriptor;
+    for (uint64_t i = 0; i < 8; ++i) req.ranges.push_back({((id + i * 3) % pages) * page, ((id * 8 + i * 5) % pages) * page, page});
+    req.transfer_id = id;
+    req.deadline = deadline;
+    return req;
   };
-  for (int i = 0; i < 8; ++i) submit_one();
-  REQUIRE(results.wait_until([](auto& v) { return v.size() >= 20; }, 10s));
+  // Wire-up while the child lives (generous deadline: shm is slow when this host is loaded).
+  sender.engine->transfer(request(0, 10'000ms), [&](const kv_transfer_result& r) { results.push(r); });
+  REQUIRE(results.wait_until([](auto& v) { return !v.empty(); }, 15s));
+  REQUIRE_MESSAGE(results.items()[0].ok(), results.items()[0].error);
+
+  for (uint64_t id = 1; id <= 8; ++id)
+    sender.engine->transfer(request(id, 1000ms), [&](const kv_transfer_result& r) { results.push(r); });
   auto killed_at = steady::now();
   child.signal(SIGKILL);
   child.reap();
-  bool all_done = results.wait_until(
-      [&](auto& v) {
-        bool failed = false;
-        for (auto& r : v) failed |= !r.ok();
-        if (failed) keep_going.store(false);
-        return failed && v.size() == submitted.load();
-      },
-      5s);
-  keep_going.store(false);
+  bool all_done = results.wait_until([](auto& v) { return v.size() == 9; }, 5s);
   auto took = steady::now() - killed_at;
-  REQUIRE_MESSAGE(all_done, "only " << results.items().size() << " of " << submitted.load() << " callbacks came");
+  REQUIRE_MESSAGE(all_done, "only " << results.items().size() - 1 << " of 8 callbacks came");
   std::map<std::string, int> by_status;
-  for (auto& r : results.items()) by_status[to_string(r.status)]++;
+  auto all = results.items();
+  for (size_t i = 1; i < all.size(); ++i) by_status[to_string(all[i].status)]++;
   std::ostringstream summary;
   for (auto& [k, n] : by_status) summary << k << "=" << n << " ";
-  MESSAGE("shm: all " << submitted.load() << " transfers ended "
-                      << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
-                      << " ms after SIGKILL: " << summary.str());
+  MESSAGE("shm: the 8 transfers around the kill ended within "
+          << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms: " << summary.str()
+          << "(ok = finished before the kill, or written into the dead peer's orphaned FIFO)");
   CHECK(took < 2500ms);
-  CHECK(sender.lost.items().empty()); // error mode NONE: no peer-lost callback, by design
+  CHECK(by_status["peer_lost"] == 0);   // error mode NONE: nothing reports the death...
+  CHECK(sender.lost.items().empty());    // ...and no peer-lost callback, by design
 }
 
 TEST_CASE("kv transfer: a stale descriptor (its process already dead) is an error, never a hang") {
