@@ -171,3 +171,23 @@ TEST_CASE("eplb: property test over random loads and shapes") {
     }
   }
 }
+
+TEST_CASE("eplb: edge shapes: groups that do not divide experts, one GPU, a single hot expert") {
+  // 4 experts in 3 "groups" over 2 nodes: only the global policy can run, and it ignores groups.
+  const expert_load_matrix w4 = {{10, 20, 30, 40}};
+  const auto g = rebalance_experts(w4, {8, 3, 2, 4});
+  check_placement(g, {8, 3, 2, 4});
+  // Spare replicas go to 40, then 30, then the tie 20 vs 40/2 to the lower index (20), then 40 again.
+  CHECK(g.logcnt[0] == std::vector<int>{1, 2, 2, 3});
+  // One GPU, no redundancy: every expert exactly once.
+  const auto one = rebalance_experts(w4, {4, 1, 1, 1});
+  CHECK(one.logcnt[0] == std::vector<int>{1, 1, 1, 1});
+  // A single hot expert takes every redundant slot of its node.
+  const expert_load_matrix hot = {{1000, 1, 1, 1, 1, 1, 1, 1}};
+  const auto h = rebalance_experts(hot, {12, 2, 2, 4});
+  check_placement(h, {12, 2, 2, 4});
+  CHECK(h.logcnt[0][0] == 3); // its node has 6 slots for 4 experts: both spare slots go to it
+  // Equal loads with no spare slots: one replica each.
+  const auto eq = rebalance_experts({{50, 50, 50, 50, 50, 50, 50, 50}}, {8, 2, 2, 4});
+  for (int c : eq.logcnt[0]) CHECK(c == 1);
+}
