@@ -3,9 +3,11 @@
 //                      [--decode-batch 8] [--decode-steps 32] [--reps 3]
 // prefill: one step holding prefill-batch prompts of prompt-len tokens (median of reps);
 // decode: decode-batch sequences after a prompt-len prefill, decode-steps steps of one token each (median of reps);
-// decode_b1: the same with one sequence (per-token latency). Prints one JSON object.
+// decode_b1: the same with one sequence (per-token latency). Prints one JSON object with tokens per wall second
+// and per process-CPU second (the latter is what to compare on a shared machine).
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -29,13 +31,24 @@ struct bench_cli {
 
 using clock_type = std::chrono::steady_clock;
 
+// Process CPU seconds (all threads): on a shared machine wall time includes waiting for a core, CPU time does not.
+double cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+struct rate {
+  double wall = 0, cpu = 0; // tokens per wall second, per CPU second
+};
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
 
-// Decode throughput (tokens/s) for `batch` sequences.
-double bench_decode(petrel::deepseek_model& m, petrel::kv_pool& kv, const bench_cli& o, int64_t batch,
+// Decode throughput for `batch` sequences.
+rate bench_decode(petrel::deepseek_model& m, petrel::kv_pool& kv, const bench_cli& o, int64_t batch,
                     const std::vector<int32_t>& prompt) {
   std::vector<petrel::kv_page_table> tables(static_cast<size_t>(batch));
   for (auto& t : tables)
@@ -47,6 +60,7 @@ double bench_decode(petrel::deepseek_model& m, petrel::kv_pool& kv, const bench_
   std::vector<int32_t> next(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) next[size_t(b)] = petrel::argmax(out.last(size_t(b)));
   auto t0 = clock_type::now();
+  double c0 = cpu_seconds();
   for (int64_t s = 0; s < o.decode_steps; ++s) {
     steps.clear();
     for (int64_t b = 0; b < batch; ++b)
@@ -54,9 +68,9 @@ double bench_decode(petrel::deepseek_model& m, petrel::kv_pool& kv, const bench_
     m.forward(steps, kv, out);
     for (int64_t b = 0; b < batch; ++b) next[size_t(b)] = petrel::argmax(out.last(size_t(b)));
   }
-  double secs = std::chrono::duration<double>(clock_type::now() - t0).count();
+  double secs = std::chrono::duration<double>(clock_type::now() - t0).count(), cpu = cpu_seconds() - c0;
   for (auto& t : tables) kv.release(t);
-  return double(batch * o.decode_steps) / secs;
+  return {double(batch * o.decode_steps) / secs, double(batch * o.decode_steps) / cpu};
 }
 
 int run(const bench_cli& o) {
@@ -89,7 +103,7 @@ int run(const bench_cli& o) {
   petrel::kv_pool kv(*be, cfg, pages, o.page_size);
 
   // Prefill: one step with prefill_batch prompts.
-  std::vector<double> prefill_tps;
+  std::vector<double> prefill_tps, prefill_cpu;
   for (int64_t r = 0; r <= o.reps; ++r) { // rep 0 warms up
     std::vector<petrel::kv_page_table> tables(size_t(o.prefill_batch));
     std::vector<petrel::sequence_step> steps;
@@ -99,15 +113,22 @@ int run(const bench_cli& o) {
     }
     petrel::step_result out;
     auto t0 = clock_type::now();
+    double c0 = cpu_seconds();
     m->forward(steps, kv, out);
-    double secs = std::chrono::duration<double>(clock_type::now() - t0).count();
-    if (r > 0) prefill_tps.push_back(double(o.prefill_batch * o.prompt_len) / secs);
+    double secs = std::chrono::duration<double>(clock_type::now() - t0).count(), cpu = cpu_seconds() - c0;
+    if (r > 0) {
+      prefill_tps.push_back(double(o.prefill_batch * o.prompt_len) / secs);
+      prefill_cpu.push_back(double(o.prefill_batch * o.prompt_len) / cpu);
+    }
     for (auto& t : tables) kv.release(t);
   }
-  std::vector<double> decode_tps, decode_b1;
+  std::vector<double> decode_tps, decode_cpu, decode_b1, decode_b1_cpu;
   for (int64_t r = 0; r < o.reps; ++r) {
-    decode_tps.push_back(bench_decode(*m, kv, o, o.decode_batch, prompt));
-    decode_b1.push_back(bench_decode(*m, kv, o, 1, prompt));
+    rate d = bench_decode(*m, kv, o, o.decode_batch, prompt), d1 = bench_decode(*m, kv, o, 1, prompt);
+    decode_tps.push_back(d.wall);
+    decode_cpu.push_back(d.cpu);
+    decode_b1.push_back(d1.wall);
+    decode_b1_cpu.push_back(d1.cpu);
   }
   nlohmann::ordered_json j = {{"model", o.model},
                               {"parameters", cfg.parameter_count()},
@@ -116,10 +137,13 @@ int run(const bench_cli& o) {
                               {"prompt_len", o.prompt_len},
                               {"prefill_batch", o.prefill_batch},
                               {"prefill_tokens_per_s", median(prefill_tps)},
+                              {"prefill_tokens_per_cpu_s", median(prefill_cpu)},
                               {"decode_batch", o.decode_batch},
                               {"decode_steps", o.decode_steps},
                               {"decode_tokens_per_s", median(decode_tps)},
+                              {"decode_tokens_per_cpu_s", median(decode_cpu)},
                               {"decode_b1_tokens_per_s", median(decode_b1)},
+                              {"decode_b1_tokens_per_cpu_s", median(decode_b1_cpu)},
                               {"decode_b1_ms_per_token", 1000.0 / median(decode_b1)}};
   std::printf("%s\n", j.dump().c_str());
   return petrel::cli::exit_ok;
