@@ -38,16 +38,47 @@ struct decode_state {
   std::map<uint64_t, decode_entry> requests;
   router_actor router;
   caf::timespan reservation_timeout = std::chrono::seconds(60);
+  // Pages reserved for a request whose KV never arrived may still be written by a transfer in
+  // flight (or one that timed out on the sender): they rest here until no transfer can touch them.
+  struct quarantined {
+    size_t rank;
+    uint64_t rank_epoch;
+    std::vector<int32_t> pages;
+    caf::actor_clock::time_point until;
+  };
+  std::vector<quarantined> quarantine;
 };
 
 using decode_pointer = decode_scheduler_actor::stateful_pointer<decode_state>;
 
 void free_entry(decode_pointer self, std::map<uint64_t, decode_entry>::iterator it) {
   auto& st = self->state;
-  auto& slot = st.slots[it->second.rank];
-  if (slot.pages && slot.epoch() == it->second.rank_epoch && !it->second.pages.empty())
-    slot.pages->free(it->second.pages);
+  auto& e = it->second;
+  auto& slot = st.slots[e.rank];
+  if (slot.pages && slot.epoch() == e.rank_epoch && !e.pages.empty()) {
+    if (e.running)
+      slot.pages->free(e.pages);
+    else
+      st.quarantine.push_back({e.rank, e.rank_epoch, std::move(e.pages),
+                               self->clock().now() + st.sc.cfg->transport.kv_timeout + std::chrono::seconds(1)});
+  }
   st.requests.erase(it);
+}
+
+void release_quarantine(decode_pointer self) {
+  auto& st = self->state;
+  auto now = self->clock().now();
+  auto keep = st.quarantine.begin();
+  for (auto& q : st.quarantine) {
+    if (q.until > now) {
+      *keep++ = std::move(q);
+      continue;
+    }
+    auto& slot = st.slots[q.rank];
+    if (slot.pages && slot.epoch() == q.rank_epoch)
+      slot.pages->free(q.pages);
+  }
+  st.quarantine.erase(keep, st.quarantine.end());
 }
 
 void fail(decode_pointer self, uint64_t rid, const std::string& where, const std::string& reason) {
@@ -249,6 +280,10 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
         group_load l{st.group.name, 0, 0, 0, 0, 0, static_cast<int32_t>(st.slots.size())};
         for (auto& [rid, e] : st.requests)
           (e.running ? l.running : l.queued)++;
+        // Quarantined pages count as free: they come back by themselves, no request holds them.
+        for (auto& q : st.quarantine)
+          if (st.slots[q.rank].up() && st.slots[q.rank].epoch() == q.rank_epoch)
+            l.free_pages += static_cast<int32_t>(q.pages.size());
         for (auto& s : st.slots)
           if (s.up()) {
             ++l.ranks_up;
@@ -268,6 +303,7 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
             expired.push_back(rid);
         for (auto rid : expired)
           fail(self, rid, st.group.name, "the KV transfer did not arrive in time");
+        release_quarantine(self);
         self->delayed_send(self, 200ms, tick_atom::value);
       },
   };

@@ -17,6 +17,7 @@ using namespace std::chrono_literals;
 
 struct prefill_entry {
   prefill_job job;
+  uint64_t job_id = 0;       // unique per attempt: a late answer for an earlier attempt of the rid is ignored
   size_t rank = 0;
   std::vector<int32_t> pages;
   int64_t done = 0;          // tokens whose KV is computed
@@ -34,6 +35,7 @@ struct prefill_state {
   std::map<uint64_t, prefill_entry> jobs;
   std::deque<uint64_t> order; // FIFO of rids
   router_actor router;
+  uint64_t next_job_id = 1;
 };
 
 using prefill_pointer = prefill_scheduler_actor::stateful_pointer<prefill_state>;
@@ -103,13 +105,13 @@ void ship(prefill_pointer self, uint64_t rid, int32_t token) {
   auto needed = pages_for_tokens(static_cast<int64_t>(e.job.tokens.size()), slot.info.page_size);
   kv_shipment shipment{rid, dest.rank_epoch, slot.info.pool_id,
                        std::vector<int32_t>(e.pages.begin(), e.pages.begin() + needed), slot.info.page_bytes, dest};
-  auto sent = self->clock().now();
+  auto job_id = e.job_id;
   self->request(slot.agent, 30s, ship_atom::value, shipment)
       .then(
-          [self, rid, token, sent](kv_receipt& receipt) {
+          [self, rid, token, job_id](kv_receipt& receipt) {
             auto& st = self->state;
             auto it = st.jobs.find(rid);
-            if (it == st.jobs.end())
+            if (it == st.jobs.end() || it->second.job_id != job_id)
               return;
             auto& m = serving_metrics();
             m.kv_transfer.with({"bootstrap"}).observe(receipt.bootstrap);
@@ -121,27 +123,31 @@ void ship(prefill_pointer self, uint64_t rid, int32_t token) {
             if (!aborted)
               self->anon_send(caf::actor_cast<decode_scheduler_actor>(dest.decode_scheduler), ready_atom::value,
                               kv_ready{rid, token, dest.rank_epoch});
-            (void)sent;
             schedule(self);
           },
-          [self, rid](caf::error& err) {
+          [self, rid, job_id](caf::error& err) {
             auto& st = self->state;
             auto it = st.jobs.find(rid);
-            if (it == st.jobs.end())
+            if (it == st.jobs.end() || it->second.job_id != job_id)
               return;
             fail(self, rid, st.slots[it->second.rank].label() + "/kv_agent", describe(err));
             schedule(self);
           });
 }
 
-void on_step_done(prefill_pointer self, size_t r, const std::vector<std::pair<uint64_t, int64_t>>& chunks,
-                  const step_output& out) {
+struct chunk_ref {
+  uint64_t rid;
+  uint64_t job_id;
+  int64_t tokens;
+};
+
+void on_step_done(prefill_pointer self, size_t r, const std::vector<chunk_ref>& chunks, const step_output& out) {
   auto& st = self->state;
   st.slots[r].in_flight = false;
   for (size_t i = 0; i < chunks.size(); ++i) {
-    auto [rid, chunk] = chunks[i];
+    auto [rid, job_id, chunk] = chunks[i];
     auto it = st.jobs.find(rid);
-    if (it == st.jobs.end())
+    if (it == st.jobs.end() || it->second.job_id != job_id)
       continue;
     auto& e = it->second;
     if (e.aborted) {
@@ -164,7 +170,7 @@ void schedule(prefill_pointer self) {
     if (!slot.up() || slot.in_flight)
       continue;
     forward_step step{slot.epoch(), {}};
-    std::vector<std::pair<uint64_t, int64_t>> chunks;
+    std::vector<chunk_ref> chunks;
     int64_t budget = st.group.max_batch_tokens;
     for (auto rid : st.order) {
       auto it = st.jobs.find(rid);
@@ -190,7 +196,7 @@ void schedule(prefill_pointer self) {
       item.position = e.job.generated;
       item.sampling = e.job.sampling;
       step.items.push_back(std::move(item));
-      chunks.emplace_back(rid, chunk);
+      chunks.push_back(chunk_ref{rid, e.job_id, chunk});
       budget -= chunk;
     }
     if (step.items.empty())
@@ -203,8 +209,9 @@ void schedule(prefill_pointer self) {
                 auto& st = self->state;
                 if (st.slots[r].epoch() == epoch)
                   st.slots[r].in_flight = false;
-                for (auto& [rid, chunk] : chunks)
-                  fail(self, rid, st.slots[r].label(), "prefill step failed: " + describe(err));
+                for (auto& c : chunks)
+                  if (auto it = st.jobs.find(c.rid); it != st.jobs.end() && it->second.job_id == c.job_id)
+                    fail(self, c.rid, st.slots[r].label(), "prefill step failed: " + describe(err));
                 schedule(self);
               });
   }
@@ -241,8 +248,19 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
         auto rid = job.rid;
         if (job.tokens.empty())
           return make_error(petrel_errc::bad_request, "empty prompt");
+        if (auto old = st.jobs.find(rid); old != st.jobs.end()) {
+          // A new attempt of a request whose earlier attempt is still draining: the earlier one's
+          // pages go back (or stay reserved until its step returns, see abort) and its answers are
+          // ignored by job id.
+          if (!old->second.aborted && !st.slots[old->second.rank].in_flight && !old->second.shipping)
+            finish(self, rid);
+          else if (st.slots[old->second.rank].pages && !old->second.pages.empty())
+            st.slots[old->second.rank].pages->free(old->second.pages), old->second.pages.clear();
+          st.jobs.erase(rid);
+        }
         auto& e = st.jobs[rid];
         e = prefill_entry{};
+        e.job_id = st.next_job_id++;
         e.job = std::move(job);
         e.rank = pick_rank(self);
         e.queued = self->clock().now();

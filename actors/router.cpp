@@ -38,7 +38,7 @@ struct router_state {
   std::map<std::string, prefill_scheduler_actor> prefillers;
   std::map<std::string, int> active; // requests per group, for least-loaded choices
   int max_queued = 256;
-  int max_migrations = 3;
+  int max_migrations = 5;
 };
 
 using router_pointer = router_actor::stateful_pointer<router_state>;
@@ -268,7 +268,8 @@ router_actor::behavior_type router_impl(router_pointer self, service_context sc,
           return;
         }
         // Give supervisors a moment to restart what failed before trying again.
-        r.not_before = self->clock().now() + std::chrono::milliseconds(100 * r.migrations);
+        // Exponential backoff (100 ms, 200 ms, 400 ms, ...) rides out partitions and restarts.
+        r.not_before = self->clock().now() + std::chrono::milliseconds(100 << std::min(r.migrations - 1, 6));
         st.waiting.push_back(f.rid);
       },
       [self](abort_atom, uint64_t rid) {

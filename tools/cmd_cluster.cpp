@@ -5,6 +5,7 @@
 
 #include "actors/cluster.hpp"
 #include "tools/command.hpp"
+#include "tools/launch_demo.hpp"
 
 namespace {
 
@@ -25,13 +26,16 @@ const bool launch_registered = register_command(
     "launch", "Launch the cluster described by cluster.yaml (one process per node) and serve until stopped",
     [](CLI::App& sub) -> command_fn {
       auto path = std::make_shared<std::string>("cluster.yaml");
+      auto no_demo = std::make_shared<bool>(false);
       sub.add_option("config", *path, "cluster.yaml to launch")->capture_default_str();
-      return [path] {
+      sub.add_flag("--no-demo", *no_demo, "do not send the demo prompt once the cluster is up");
+      return [path, no_demo] {
         auto cfg = load_or_report(*path);
         if (!cfg)
           return int(exit_bad_input);
         head_options opts;
         opts.config_path = *path;
+        std::thread demo;
         opts.on_ready = [&](const run_file& rf) {
           std::cout << "petrel: cluster '" << rf.cluster << "' launched: " << cfg->nodes.size()
                     << " node processes, head pid " << rf.head_pid << " on port " << rf.head_port;
@@ -40,13 +44,22 @@ const bool launch_registered = register_command(
           std::cout << "\n  petrel status " << *path << "   # live actor tree\n  petrel stop " << *path
                     << "     # stop it\n"
                     << std::flush;
+          // The main job's proof of life: one streamed completion through the whole PD path.
+          if (!*no_demo && rf.gateway_port)
+            demo = std::thread([rf, name = cfg->model.served_name, p = *path] {
+              run_launch_demo(rf.gateway_host, rf.gateway_port, name, p);
+            });
         };
+        int rc = 0;
         try {
-          return run_head(*cfg, opts);
+          rc = run_head(*cfg, opts);
         } catch (const config_error& e) {
           std::cerr << "petrel: " << e.what() << "\n";
-          return int(exit_bad_input);
+          rc = exit_bad_input;
         }
+        if (demo.joinable())
+          demo.join();
+        return rc;
       };
     });
 

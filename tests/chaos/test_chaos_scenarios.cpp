@@ -1,0 +1,56 @@
+// The chaos suite: every scenario in tests/chaos/scenarios runs against a real multi-process cluster
+// through `petrel chaos`, which must report nothing lost, nothing failed, outputs equal to a
+// fault-free run and recovery within the bound.
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/support/process.hpp"
+
+using namespace petrel::test;
+using json = nlohmann::json;
+
+namespace {
+
+void play(const std::string& name) {
+  temp_dir dir;
+  auto report = (dir.path / "report.json").string();
+  auto scenario = std::string(PETREL_SOURCE_DIR) + "/tests/chaos/scenarios/" + name;
+  auto r = run_petrel("chaos " + scenario + " --report " + report);
+  MESSAGE(r.output);
+  CHECK_MESSAGE(r.exit_code == 0, r.output);
+  std::ifstream in(report);
+  REQUIRE(in);
+  auto j = json::parse(in);
+  CHECK(j["passed"] == true);
+  CHECK(j["summary"]["lost"] == 0);
+  CHECK(j["summary"]["failed"] == 0);
+  CHECK(j["summary"]["mismatched"] == 0);
+  CHECK(j["summary"]["completed"] == j["summary"]["total"]);
+  for (auto& f : j["faults"]) {
+    CHECK_MESSAGE(f["injected"] == true, f.dump());
+    CHECK(f["recovery_ms"].get<double>() >= 0);
+  }
+}
+
+} // namespace
+
+TEST_CASE("chaos: actor crashes") { play("kill_actors.yaml"); }
+TEST_CASE("chaos: node process kills") { play("kill_nodes.yaml"); }
+TEST_CASE("chaos: stalled nodes") { play("stall.yaml"); }
+TEST_CASE("chaos: KV link delay, drop and partition") { play("links.yaml"); }
+TEST_CASE("chaos: a slow rank") { play("slow.yaml"); }
+
+TEST_CASE("chaos: a bad scenario exits 2 naming the line") {
+  temp_dir dir;
+  auto cluster = std::string(PETREL_SOURCE_DIR) + "/tests/chaos/cluster.yaml";
+  auto path = dir.file("bad.yaml", "seed: 1\ncluster: " + cluster +
+                                       "\nevents:\n  - {at: 1s, kill_node: {node: p9}}\n");
+  auto r = run_petrel("chaos " + path);
+  CHECK(r.exit_code == 2);
+  CHECK_MESSAGE(r.output.find("bad.yaml:4: event 'kill_node' names unknown node 'p9'") != std::string::npos, r.output);
+  auto path2 = dir.file("bad2.yaml", "seed: 1\ncluster: " + cluster + "\nevents:\n  - {at: 1s, explode: {}}\n");
+  auto r2 = run_petrel("chaos " + path2);
+  CHECK(r2.exit_code == 2);
+  CHECK(r2.output.find("unknown key 'explode'") != std::string::npos);
+}
