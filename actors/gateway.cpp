@@ -2,12 +2,14 @@
 // request to this actor; it validates (runtime/openai_api), submits to the router, and streams
 // tokens back as SSE or one JSON body. A client that goes away aborts its request, which frees its
 // pages on both sides.
+#include <cstdlib>
 #include <map>
 
 #include <caf/all.hpp>
 #include <nlohmann/json.hpp>
 
 #include "actors/serving.hpp"
+#include "runtime/dashboard_page.hpp"
 #include "runtime/metrics.hpp"
 #include "runtime/model_config.hpp"
 #include "runtime/openai_api.hpp"
@@ -40,6 +42,7 @@ struct gateway_state {
   api_limits limits;
   std::map<uint64_t, open_request> open;
   uint64_t next_rid = 1;
+  std::string api_key; // empty: no key needed
 };
 
 using gateway_pointer = gateway_actor::stateful_pointer<gateway_state>;
@@ -176,9 +179,75 @@ void on_generation(gateway_pointer self, api_endpoint endpoint, http_call& call)
           });
 }
 
+/// Constant-time comparison, so the key cannot be guessed byte by byte from response times.
+bool same_secret(const std::string& a, const std::string& b) {
+  unsigned char diff = a.size() != b.size();
+  for (size_t i = 0; i < a.size(); ++i)
+    diff |= static_cast<unsigned char>(a[i] ^ (i < b.size() ? b[i] : 0));
+  return diff == 0;
+}
+
+void on_dashboard_data(gateway_pointer self, http_call& call) {
+  // Everything the dashboard shows, in one document: the live actor tree, group loads and the
+  // metrics registry.
+  auto out = call.out;
+  auto& st = self->state;
+  auto doc = std::make_shared<nlohmann::json>(nlohmann::json{{"time", unix_now()},
+                                                             {"metrics", metrics::global_registry().snapshot_json()}});
+  auto finish = [out, doc] { out->respond_json(200, doc->dump()); };
+  self->request(st.sc.head, 5s, status_atom::value)
+      .then(
+          [self, doc, finish](cluster_status& cs) {
+            nlohmann::json nodes = nlohmann::json::array();
+            for (auto& n : cs.nodes) {
+              nlohmann::json children = nlohmann::json::array();
+              for (auto& c : n.children)
+                children.push_back({{"name", c.name}, {"state", c.state}, {"epoch", c.epoch},
+                                    {"restarts", c.restarts}, {"detail", c.detail}});
+              nodes.push_back({{"name", n.name}, {"group", n.group}, {"state", n.state}, {"epoch", n.epoch},
+                               {"restarts", n.restarts}, {"pid", n.pid}, {"children", children}});
+            }
+            (*doc)["cluster"] = {{"name", cs.cluster}, {"state", cs.state}, {"nodes", nodes}};
+            if (!self->state.router) {
+              finish();
+              return;
+            }
+            self->request(self->state.router, 5s, load_atom::value)
+                .then(
+                    [doc, finish](std::vector<group_load>& loads) {
+                      nlohmann::json groups = nlohmann::json::array();
+                      for (auto& l : loads)
+                        groups.push_back({{"group", l.group}, {"queued", l.queued}, {"running", l.running},
+                                          {"free_pages", l.free_pages}, {"total_pages", l.total_pages},
+                                          {"ranks_up", l.ranks_up}, {"ranks", l.ranks}});
+                      (*doc)["groups"] = groups;
+                      finish();
+                    },
+                    [finish](caf::error&) { finish(); });
+          },
+          [doc, finish](caf::error& err) {
+            (*doc)["error"] = describe(err);
+            finish();
+          });
+}
+
 void on_http(gateway_pointer self, http_call& call) {
   auto& st = self->state;
-  if (call.method == "GET" && call.path == "/health") {
+  bool open_path = call.method == "GET" && (call.path == "/health" || call.path == "/dashboard");
+  if (!st.api_key.empty() && !open_path && !same_secret(call.authorization, "Bearer " + st.api_key)) {
+    count_request("unauthorized");
+    call.out->respond_json(401,
+                           api_error{401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                     "invalid_request_error", "", "invalid_api_key"}
+                               .to_json(),
+                           {{"WWW-Authenticate", "Bearer"}});
+    return;
+  }
+  if (call.method == "GET" && call.path == "/dashboard") {
+    call.out->respond(200, "text/html; charset=utf-8", dashboard_html());
+  } else if (call.method == "GET" && call.path == "/dashboard/data") {
+    on_dashboard_data(self, call);
+  } else if (call.method == "GET" && call.path == "/health") {
     if (!st.router) {
       call.out->respond_json(503, nlohmann::json{{"status", "starting"}}.dump(), {{"Retry-After", "1"}});
       return;
@@ -240,6 +309,15 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
   st.limits.context_length =
       cfg.model.max_context > 0 ? cfg.model.max_context : static_cast<int>(mcfg.max_position_embeddings);
   st.limits.vocab_size = static_cast<int>(mcfg.vocab_size);
+  st.api_key = cfg.gateway.api_key;
+  if (!cfg.gateway.api_key_env.empty()) {
+    auto* v = std::getenv(cfg.gateway.api_key_env.c_str());
+    if (!v || !*v)
+      throw std::runtime_error("gateway: gateway.api_key_env names " + cfg.gateway.api_key_env + ", which is not set");
+    st.api_key = v;
+  }
+  // Request ids start from the clock so that a restarted gateway never reuses one the router holds.
+  st.next_rid = static_cast<uint64_t>(std::chrono::system_clock::now().time_since_epoch().count()) & ~0xfffull;
   transport::http_server_options opts;
   opts.host = cfg.gateway.address.host;
   opts.port = cfg.gateway.address.port;
@@ -248,11 +326,11 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
   st.server = std::make_unique<transport::http_server>(opts);
   auto me = caf::actor_cast<gateway_actor>(self);
   auto forward = [me](const transport::http_request& req, std::shared_ptr<response_stream> out) {
-    caf::anon_send(me, http_call{req.method, req.path, req.body, std::move(out)});
+    caf::anon_send(me, http_call{req.method, req.path, req.body, req.header("Authorization"), std::move(out)});
   };
   for (auto* path : {"/v1/completions", "/v1/chat/completions", "/generate"})
     st.server->route("POST", path, forward);
-  for (auto* path : {"/health", "/v1/models", "/metrics"})
+  for (auto* path : {"/health", "/v1/models", "/metrics", "/dashboard", "/dashboard/data"})
     st.server->route("GET", path, forward);
   if (auto err = st.server->start())
     throw std::runtime_error("gateway: " + *err);

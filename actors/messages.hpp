@@ -363,6 +363,7 @@ struct http_call {
   std::string method;
   std::string path;
   std::string body;
+  std::string authorization; // the Authorization header, for the optional API key
   std::shared_ptr<transport::response_stream> out;
 };
 

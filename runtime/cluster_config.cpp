@@ -252,7 +252,12 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
 
   // gateway
   if (auto g = root["gateway"]; g.IsDefined() && !g.IsNull()) {
-    r.only_keys(g, "gateway", {"host", "port", "threads", "max_queued", "max_body_bytes"}, section_line("gateway"));
+    r.only_keys(g, "gateway", {"host", "port", "threads", "max_queued", "max_body_bytes", "api_key", "api_key_env"},
+                section_line("gateway"));
+    r.opt_string(g, "api_key", cfg.gateway.api_key, "gateway");
+    r.opt_string(g, "api_key_env", cfg.gateway.api_key_env, "gateway");
+    if (!cfg.gateway.api_key.empty() && !cfg.gateway.api_key_env.empty())
+      r.fail_key(g, "api_key", "gateway.api_key and gateway.api_key_env exclude each other; keep one");
     r.opt_endpoint(g, cfg.gateway.address, "gateway");
     r.opt_int(g, "threads", cfg.gateway.threads, "gateway", 1, 64);
     r.opt_int(g, "max_queued", cfg.gateway.max_queued, "gateway", 0);

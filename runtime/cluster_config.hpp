@@ -91,6 +91,10 @@ struct gateway_section {
   int threads = 2;
   int max_queued = 256;       // requests waiting for admission before 503 + Retry-After
   int max_body_bytes = 8 << 20;
+  /// When set, every request except GET /health must carry `Authorization: Bearer <key>` (401
+  /// otherwise). api_key_env names an environment variable to read it from, so it stays out of files.
+  std::string api_key;
+  std::string api_key_env;
 };
 
 struct transport_section {

@@ -187,13 +187,13 @@ TEST_CASE("a client that disconnects mid-stream frees its pages on both sides") 
 }
 
 TEST_CASE("admission control: a full KV pool queues requests, then refuses with 503 and Retry-After") {
-  // 6 pages of 16 tokens: room for one 80-token request at a time; at most 2 may wait.
+  // 6 pages of 16 tokens: room for one 88-token request at a time; at most 2 may wait.
   running_cluster c("tadmit", /*kv_pages=*/6, /*max_queued=*/2);
   std::vector<std::future<http_reply>> futures;
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < 16; ++i)
     futures.push_back(std::async(std::launch::async, [&] {
       return http_post(c.port, "/v1/completions",
-                       R"({"model":"fortune-moe","prompt":"Tell me","max_tokens":72,"temperature":0})");
+                       R"({"model":"fortune-moe","prompt":"Tell me","max_tokens":80,"temperature":0,"ignore_eos":true})");
     }));
   int ok = 0, refused = 0;
   for (auto& f : futures) {
@@ -208,7 +208,7 @@ TEST_CASE("admission control: a full KV pool queues requests, then refuses with 
   }
   CHECK(ok >= 3);     // one running + two waiting at least
   CHECK(refused >= 1);
-  CHECK(ok + refused == 8);
+  CHECK(ok + refused == 16);
   // A request that can never fit the pool is refused at once, not queued forever.
   auto huge = http_post(c.port, "/v1/completions",
                         R"({"model":"fortune-moe","prompt":"x","max_tokens":400,"temperature":0})");
