@@ -124,7 +124,7 @@ chaos_scenario parse_chaos_scenario(const std::string& yaml_text, const std::str
   if (!fs::exists(sc.cluster))
     r.fail(root["cluster"], "cluster '" + sc.cluster + "' does not exist");
   if (auto l = root["load"]; l.IsDefined()) {
-    r.only_keys(l, "load", {"requests", "concurrency", "input_len", "output_len", "temperature", "timeout"});
+    r.only_keys(l, "load", {"requests", "concurrency", "input_len", "output_len", "temperature", "timeout", "duration"});
     r.opt_int(l, "requests", sc.load.requests, "load", 1, 100'000);
     r.opt_int(l, "concurrency", sc.load.concurrency, "load", 1, 4096);
     for (auto [key, lo, hi] : {std::tuple{"input_len", &sc.load.input_min, &sc.load.input_max},
@@ -141,6 +141,7 @@ chaos_scenario parse_chaos_scenario(const std::string& yaml_text, const std::str
     }
     if (l["temperature"].IsDefined()) sc.load.temperature = r.scalar<double>(l["temperature"], "load.temperature");
     r.opt_duration(l, "timeout", sc.load.request_timeout, "load", false);
+    r.opt_duration(l, "duration", sc.load.duration, "load", false);
   }
   if (auto ev = root["events"]; ev.IsDefined()) {
     if (!ev.IsSequence())

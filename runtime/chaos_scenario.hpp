@@ -17,6 +17,7 @@ struct chaos_load {
   int output_min = 8, output_max = 32;
   double temperature = 0.0;
   duration_ms request_timeout{120'000};
+  duration_ms duration{0}; // > 0: stop issuing new requests after this long (soak runs)
 };
 
 /// One fault on the timeline. kinds: kill (actor), kill_node (node), stall (node, for),

@@ -38,7 +38,7 @@ struct chaos_request {
   int max_new = 0;
   std::vector<int32_t> reference; // fault-free greedy output (empty when not computed)
   // outcome
-  std::string status = "lost"; // completed | failed | lost
+  std::string status = "pending"; // pending (never sent) | lost (no answer) | completed | failed
   int http_status = 0;
   std::string error;
   std::vector<int32_t> output;
@@ -180,10 +180,6 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
   auto reqs = make_workload(sc);
   bool compare = sc.load.temperature == 0 &&
                  (sc.expect.outputs_match_fault_free.value_or(false) || sc.expect.mismatched.has_value());
-  if (compare) {
-    std::cerr << "petrel chaos: computing " << reqs.size() << " fault-free reference outputs\n";
-    compute_references(cfg, reqs);
-  }
 
   // Start the cluster (or attach to the running one).
   std::optional<pid_t> head_pid;
@@ -229,7 +225,10 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
   for (int w = 0; w < sc.load.concurrency; ++w)
     workers.emplace_back([&] {
       for (size_t i; (i = next.fetch_add(1)) < reqs.size();) {
+        if (sc.load.duration.count() > 0 && steady::now() - t0 > sc.load.duration)
+          break;
         auto& r = reqs[i];
+        r.status = "lost"; // until an answer arrives
         json body{{"input_ids", r.prompt},
                   {"sampling_params", {{"max_new_tokens", r.max_new}, {"temperature", sc.load.temperature},
                                        {"ignore_eos", true}, {"seed", sc.seed + i}}}};
@@ -291,6 +290,13 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
     std::string out;
     stop_cluster(*run, std::chrono::seconds(30), out);
     ::waitpid(*head_pid, nullptr, 0);
+  }
+  // Requests never issued (a duration-bounded load) are not part of the run.
+  reqs.erase(std::remove_if(reqs.begin(), reqs.end(), [](auto& r) { return r.status == "pending"; }), reqs.end());
+  if (compare) {
+    // The fault-free reference: the same prompts through the model in this process.
+    std::cerr << "petrel chaos: computing " << reqs.size() << " fault-free reference outputs\n";
+    compute_references(cfg, reqs);
   }
 
   // Report.
