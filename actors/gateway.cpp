@@ -43,6 +43,8 @@ struct gateway_state {
   std::map<uint64_t, open_request> open;
   uint64_t next_rid = 1;
   std::string api_key; // empty: no key needed
+  std::map<std::string, uint32_t> restarts_seen; // per actor, for petrel_actor_restarts_total
+  int ticks = 0;
 };
 
 using gateway_pointer = gateway_actor::stateful_pointer<gateway_state>;
@@ -359,6 +361,25 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
       [self](tokens_atom, token_event& ev) { on_tokens(self, ev); },
       [self](tick_atom) {
         resolve_router(self);
+        // Once a second, turn the supervisors' restart counts into the restarts counter.
+        if (++self->state.ticks % 5 == 0)
+          self->request(self->state.sc.head, 2s, status_atom::value)
+              .then(
+                  [self](cluster_status& cs) {
+                    auto& seen = self->state.restarts_seen;
+                    auto count = [&](const std::string& actor, uint32_t restarts) {
+                      auto& last = seen[actor];
+                      if (restarts > last)
+                        serving_metrics().actor_restarts.with({actor}).inc(restarts - last);
+                      last = std::max(last, restarts);
+                    };
+                    for (auto& n : cs.nodes) {
+                      count(n.name, n.restarts);
+                      for (auto& c : n.children)
+                        count(n.name + "/" + c.name, c.restarts);
+                    }
+                  },
+                  [](caf::error&) {});
         self->delayed_send(self, 200ms, tick_atom::value);
       },
   };

@@ -240,3 +240,53 @@ TEST_CASE("killing the decode node mid-stream migrates the request: the output i
   CHECK(served == expected);
   CHECK(eventually(10s, [&] { return all_pages_free(c) && c.health()["status"] == "ok"; }));
 }
+
+TEST_CASE("the HF golden fixtures through the PD cluster give HF's greedy ids") {
+  // Every fixture model (fp32, YaRN, fp8 block-scaled) served by separate prefill and decode
+  // processes, KV over UCX, many requests at once: the greedy ids equal Hugging Face's.
+  for (auto fixture : {"tiny_fp32", "yarn", "fp8"}) {
+    auto dir = std::string(PETREL_SOURCE_DIR) + "/tests/data/golden/" + fixture;
+    std::ifstream in(dir + "/golden.json");
+    REQUIRE(in);
+    auto golden = json::parse(in);
+    temp_dir tmp;
+    std::string name = std::string("tgold") + fixture;
+    for (auto& ch : name)
+      if (ch == '_')
+        ch = '-';
+    auto cfg = tmp.file("cluster.yaml",
+                        "cluster: {name: " + name + ", run_dir: " + (tmp.path / "run").string() + "}\n" +
+                            "model: {path: " + dir + ", name: golden}\n" +
+                            "gateway: {host: 127.0.0.1, port: 0}\n"
+                            "nodes:\n  - {name: p0, ranks: [cpu]}\n  - {name: d0, ranks: [cpu]}\n"
+                            "groups:\n  prefill: [{name: prefill0, nodes: [p0], chunk_tokens: 64, max_batch_tokens: 128,"
+                            " page_size: 16, kv_pages: 128}]\n"
+                            "  decode: [{name: decode0, nodes: [d0], page_size: 16, kv_pages: 128}]\n");
+    background_process head({"launch", cfg, "--no-demo"}, (tmp.path / "head.log").string());
+    int port = 0;
+    auto run = tmp.path / "run" / name / "head.json";
+    REQUIRE_MESSAGE(eventually(30s,
+                               [&] {
+                                 if (!std::filesystem::exists(run))
+                                   return false;
+                                 std::ifstream rf(run);
+                                 port = json::parse(rf)["gateway_port"];
+                                 auto h = http_get(port, "/health");
+                                 return h.status == 200 && json::parse(h.body)["status"] == "ok";
+                               }),
+                    head.output());
+    json body{{"input_ids", golden["input_ids"]},
+              {"sampling_params",
+               {{"max_new_tokens", golden["greedy_ids"].size()}, {"temperature", 0}, {"ignore_eos", true}}}};
+    std::vector<std::future<http_reply>> replies;
+    for (int i = 0; i < 4; ++i)
+      replies.push_back(std::async(std::launch::async, [&] { return http_post(port, "/generate", body.dump()); }));
+    for (auto& f : replies) {
+      auto r = f.get();
+      REQUIRE_MESSAGE(r.status == 200, r.body);
+      CHECK_MESSAGE(json::parse(r.body)["output_ids"] == golden["greedy_ids"], fixture);
+    }
+    run_petrel("stop " + cfg);
+    head.wait_exit(15s);
+  }
+}
