@@ -131,7 +131,7 @@ std::optional<api_error> read_token_ids(const json& arr, const std::string& para
 
 // The sampling fields shared by every endpoint. `r.prefix` is "" for OpenAI, "sampling_params." for
 // /generate. max_tokens is handled by the caller because its name and default differ.
-std::optional<api_error> read_sampling(reader& r, const api_limits& limits, sampling_params& s) {
+std::optional<api_error> read_sampling(reader& r, const api_limits& limits, request_sampling& s) {
   if (auto t = r.number("temperature")) {
     if (!(*t >= 0.0 && *t <= 2.0))
       return api_error::invalid(r.name("temperature"),
@@ -193,7 +193,7 @@ std::optional<api_error> read_sampling(reader& r, const api_limits& limits, samp
 std::optional<api_error> resolve_max_tokens(std::optional<int64_t> given, const std::string& param,
                                             int default_value, const std::string& prompt_param,
                                             std::size_t prompt_len, const api_limits& limits,
-                                            sampling_params& s) {
+                                            request_sampling& s) {
   const int64_t ctx = limits.context_length;
   if (static_cast<int64_t>(prompt_len) >= ctx)
     return api_error::invalid(prompt_param,

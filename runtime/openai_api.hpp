@@ -78,7 +78,7 @@ struct chat_message {
   std::string content;
 };
 
-struct sampling_params {
+struct request_sampling {
   int max_tokens = 16;           // >= 1; prompt + max_tokens <= context_length
   double temperature = 1.0;      // [0, 2]; 0 means greedy
   double top_p = 1.0;            // (0, 1]
@@ -101,7 +101,7 @@ struct generation_request {
   std::string prompt_text;        // the text prompt or the rendered chat; empty for id prompts
   std::vector<int32_t> prompt_ids; // always set: exactly what the model sees
   std::vector<chat_message> messages; // chat only
-  sampling_params sampling;
+  request_sampling sampling;
   bool stream = false;
   bool include_usage = false;     // stream_options.include_usage
   int n = 1;                      // only 1 is supported
@@ -154,7 +154,7 @@ private:
   output_delta emit(std::vector<int32_t> ids);
   std::size_t stop_holdback() const;
 
-  sampling_params sampling_;
+  request_sampling sampling_;
   int prompt_tokens_ = 0;
   std::size_t max_stop_len_ = 0;
   incremental_detokenizer detok_;
