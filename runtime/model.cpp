@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include <unistd.h>
+
 #include "runtime/safetensors.hpp"
 
 namespace petrel {
@@ -82,6 +84,15 @@ deepseek_model::deepseek_model(model_config cfg, model_weights weights, backend&
 std::unique_ptr<deepseek_model> deepseek_model::load(const std::filesystem::path& dir, backend& be, bool dummy,
                                                      uint64_t seed) {
   model_config cfg = model_config::load(dir);
+  if (be.name() == "cpu") {
+    // fp32 weights live in host memory: refuse up front rather than die in the middle of loading.
+    const double need = double(cfg.parameter_count()) * sizeof(float);
+    const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
+    if (have > 0 && need > have)
+      throw model_load_error(dir.string() + ": the model needs " + std::to_string(int64_t(need / (1 << 30))) +
+                             " GiB of fp32 weights but this machine has " + std::to_string(int64_t(have / (1 << 30))) +
+                             " GiB of memory");
+  }
   model_weights w = dummy ? make_dummy_weights(cfg, be, seed) : load_weights(cfg, checkpoint::open(dir), be);
   return std::make_unique<deepseek_model>(std::move(cfg), std::move(w), be);
 }

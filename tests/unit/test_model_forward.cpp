@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <thread>
 
@@ -475,4 +476,41 @@ TEST_CASE("forward is callable from several threads, one model instance each") {
   t2.join();
   CHECK(got1 == want);
   CHECK(got2 == want);
+}
+
+TEST_CASE("KV moves as whole pages: decoding from copied pages in another pool continues identically") {
+  fixture f;
+  const model_config& c = f.model->config();
+  auto ids = prompt_of(21, int32_t(c.vocab_size), 6);
+  generate_options o;
+  o.max_new_tokens = 6;
+  kv_pool ref_pool(*f.be, c, 8, 4);
+  auto want = generate(*f.model, ref_pool, ids, o).output_ids;
+
+  // Prefill on the "prefill side".
+  kv_pool src(*f.be, c, 16, 4);
+  kv_page_table ts;
+  REQUIRE(src.reserve(ts, 21));
+  step_result out;
+  sequence_step s{ids, 0, ts.pages, false};
+  f.model->forward({&s, 1}, src, out);
+  int32_t first = argmax(out.last(0));
+  // The "decode side" takes different page numbers; each page is one contiguous byte range.
+  kv_pool dst(*f.be, c, 16, 4);
+  auto burn = dst.allocator().allocate(5); // so that the destination pages differ from the source ones
+  REQUIRE(burn);
+  kv_page_table td;
+  REQUIRE(dst.reserve(td, 21 + 6));
+  for (size_t i = 0; i < ts.pages.size(); ++i)
+    std::memcpy(dst.page_ptr(td.pages[i]), src.page_ptr(ts.pages[i]), src.bytes_per_page());
+  const std::vector<int32_t> src_pages = ts.pages;
+  src.release(ts);
+  std::vector<int32_t> got = {first};
+  for (int64_t pos = 21; int64_t(got.size()) < o.max_new_tokens; ++pos) {
+    sequence_step d{std::span<const int32_t>(&got.back(), 1), pos, td.pages, false};
+    f.model->forward({&d, 1}, dst, out);
+    got.push_back(argmax(out.last(0)));
+  }
+  CHECK(std::vector<int32_t>(td.pages.begin(), td.pages.begin() + std::ptrdiff_t(src_pages.size())) != src_pages);
+  CHECK(got == want);
 }
