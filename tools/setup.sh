@@ -4,7 +4,7 @@ set -euo pipefail
 pkgs=(build-essential cmake pkg-config python3
       libcaf-dev libucx-dev ucx-utils libyaml-cpp-dev libboost-dev doctest-dev
       nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev libopenblas-dev
-      curl procps iproute2 fortunes nodejs clang-14 libclang-rt-14-dev)
+      curl procps iproute2 fortunes nodejs clang-14 libclang-rt-14-dev chromium chromium-driver)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
