@@ -34,6 +34,7 @@ struct bench_options {
   int iters = 20;
   int warmup = 3;
   int block_n = 0;
+  bool serial_promotion = false;
 };
 
 #ifdef PETREL_HAVE_CUDA
@@ -169,6 +170,7 @@ int run_benchmarks(const bench_options& opt) {
     return 1;
   }
   set_grouped_gemm_block_n_override(opt.block_n);
+  set_grouped_gemm_paired_promotion(!opt.serial_promotion);
   const std::size_t flush_bytes = 256u << 20;
   device_array<std::uint8_t> flush(flush_bytes);
 
@@ -307,7 +309,8 @@ int run_benchmarks(const bench_options& opt) {
     grouped_gemm_config cfg = grouped_gemm_config_for(m_blocks, n);
     own_row.shape = blas_row.shape = bc.name;
     own_row.kernel = "petrel";
-    own_row.config = "BM128 BN" + std::to_string(cfg.block_n) + " st" + std::to_string(cfg.stages) + " ctas" + std::to_string(cfg.ctas);
+    own_row.config = "BM128 BN" + std::to_string(cfg.block_n) + " st" + std::to_string(cfg.stages) + " ctas" +
+                     std::to_string(cfg.ctas) + (opt.serial_promotion || cfg.block_n > 128 ? " serial" : " paired");
     own_row.us = time_us(own, opt, flush.ptr, flush_bytes);
     blas_row.kernel = bc.kind == layout::dense ? "cublaslt" : "cublaslt-loop";
     blas_row.config = bc.kind == layout::dense ? "heuristic #1" : std::to_string(G) + " calls";
@@ -375,6 +378,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--warmup", opt->warmup, "untimed iterations first")->check(CLI::Range(0, 1000));
       sub.add_option("--block-n", opt->block_n, "force Petrel's tile width (64, 128 or 192; default: automatic)")
           ->check(CLI::IsMember({0, 64, 128, 192}));
+      sub.add_flag("--serial-promotion", opt->serial_promotion, "promote K blocks one at a time (the first version)");
       return [opt]() -> int {
 #ifdef PETREL_HAVE_CUDA
         int devices = 0;

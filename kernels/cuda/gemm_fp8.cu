@@ -46,7 +46,8 @@ struct cublaslt_fp8_gemm_nt::impl {
     const std::int32_t mode_x = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
     cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, activation_first ? &mode_x : &mode_w, sizeof(mode_w));
     cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, activation_first ? &mode_w : &mode_x, sizeof(mode_x));
-    // Non-null placeholders for the heuristic query (block scaling rejects null); run() sets the real ones.
+    // Non-null placeholders for the heuristic query (with null scale pointers the H100 run got status 7,
+    // CUBLAS_STATUS_INVALID_VALUE, and no algorithm); run() sets the real ones.
     const void* placeholder = workspace;
     cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &placeholder, sizeof(placeholder));
     cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &placeholder, sizeof(placeholder));
@@ -78,6 +79,13 @@ struct cublaslt_fp8_gemm_nt::impl {
     if (k % fp8_block != 0) { error = "cublaslt_fp8_gemm_nt: k=" + std::to_string(k) + " must be a multiple of 128"; return; }
     if (m % 4 != 0) { error = "cublaslt_fp8_gemm_nt: m=" + std::to_string(m) + " must be a multiple of 4 (scale leading dimension)"; return; }
     if (n % 16 != 0) { error = "cublaslt_fp8_gemm_nt: n=" + std::to_string(n) + " must be a multiple of 16"; return; }
+    // cuBLASLt reads the 128x128 weight scales with a row stride of k/128 rounded up to 4 (on the H100,
+    // k = 256 and 384 gave wrong results with Petrel's unpadded [n/128][k/128] layout; k/128 = 16, 56 and
+    // 128 matched the reference). Every DeepSeek-V3 K is a multiple of 512, so require that.
+    if ((k / fp8_block) % 4 != 0) {
+      error = "cublaslt_fp8_gemm_nt: k=" + std::to_string(k) + " must be a multiple of 512 (cuBLASLt pads the weight-scale rows to 4)";
+      return;
+    }
     cublasStatus_t s;
     if ((s = cublasLtCreate(&handle)) != CUBLAS_STATUS_SUCCESS) { error = cublas_error("cublasLtCreate", s); return; }
     if (cudaMalloc(&workspace, workspace_bytes) != cudaSuccess) { error = "cublaslt_fp8_gemm_nt: cannot allocate the workspace"; return; }

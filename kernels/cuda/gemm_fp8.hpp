@@ -13,7 +13,7 @@ namespace petrel::cuda {
 /// One planned cuBLASLt fp8 GEMM of a fixed shape: D[m, n] (bf16) = A[m, k] (e4m3, 1x128 scales,
 /// CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F) x B[n, k]^T (e4m3, 128x128 scales, BLK128x128_32F).
 /// Layouts as in fp8_layout.hpp; cuBLASLt needs m % 4 == 0 (its scale leading dimension is m),
-/// k % 128 == 0 and n % 16 == 0. Planning picks the heuristic's best algorithm once; run() only
+/// k % 512 == 0 (it pads weight-scale rows to 4 blocks) and n % 16 == 0. Planning picks the heuristic's best algorithm once; run() only
 /// sets the pointers and launches, so it is cheap enough to time and to call in a loop.
 class cublaslt_fp8_gemm_nt {
 public:

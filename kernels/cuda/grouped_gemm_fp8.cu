@@ -52,6 +52,7 @@ struct gemm_params {
   int m_blocks_per_group;
   int n_blocks;
   int num_tiles;
+  int paired_promotion; // 1: promote K blocks in pairs (BLOCK_N <= 128), 0: one by one
   const int* m_indices;
   const int* masked_m;
   const float* b_scales;
@@ -127,7 +128,8 @@ __device__ __forceinline__ std::uint64_t smem_descriptor(const void* tile) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
 template <int N>
 __device__ __forceinline__ void fence_registers(float (&r)[N]) {
@@ -330,9 +332,12 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
     const int row_in_tile = cw * 64 + warp * 16 + lane / 4; // this thread's rows: row_in_tile and +8
     const int n_scale_blocks = (p.n + block_k - 1) / block_k;
     float acc[cfg::acc_regs];
+    float acc2[BLOCK_N <= 128 ? cfg::acc_regs : 1]; // second accumulator of the paired promotion
     float total[cfg::acc_regs];
 #pragma unroll
     for (int i = 0; i < cfg::acc_regs; ++i) acc[i] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < (BLOCK_N <= 128 ? cfg::acc_regs : 1); ++i) acc2[i] = 0.0f;
     int stage = 0;
     std::uint32_t phase = 0;
     for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
@@ -345,34 +350,60 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
       const float* sb_ptr = p.b_scales + (static_cast<std::int64_t>(c.group) * n_scale_blocks + c.n0 / block_k) * k_blocks;
 #pragma unroll
       for (int i = 0; i < cfg::acc_regs; ++i) total[i] = 0.0f;
-      for (int kb = 0; kb < k_blocks; ++kb) {
+      struct block_scales { float s0, s1, s0_hi, s1_hi; int stage; };
+      // Waits for K block kb's stage and issues its 4 wgmmas into `dst` (not waited for).
+      auto issue = [&](float (&dst)[cfg::acc_regs], int kb) -> block_scales {
         const float sb = __ldg(sb_ptr + kb);
-        const float sb_hi = (BLOCK_N > 128 || BLOCK_N > split) && has_second ? __ldg(sb_ptr + k_blocks + kb) : sb;
+        const float sb_hi = has_second ? __ldg(sb_ptr + k_blocks + kb) : sb;
         mbar_wait(&full[stage], phase);
         const float* sa = smem_sa + stage * block_m;
         const float sa0 = sa[row_in_tile];
         const float sa1 = sa[row_in_tile + 8];
         const std::uint64_t desc_a = smem_descriptor(smem_a + stage * cfg::a_bytes + cw * 64 * block_k);
         const std::uint64_t desc_b = smem_descriptor(smem_b + stage * cfg::b_bytes);
-        fence_registers(acc);
+        fence_registers(dst);
         wgmma_fence();
 #pragma unroll
-        for (int i = 0; i < block_k / 32; ++i) wgmma_k32<BLOCK_N>(acc, desc_a + 2 * i, desc_b + 2 * i, i > 0 ? 1 : 0);
+        for (int i = 0; i < block_k / 32; ++i) wgmma_k32<BLOCK_N>(dst, desc_a + 2 * i, desc_b + 2 * i, i > 0 ? 1 : 0);
         wgmma_commit();
-        wgmma_wait_all();
-        fence_registers(acc);
-        if (lane == 0) mbar_arrive(&empty[stage]);
-        const float s0 = sa0 * sb, s1 = sa1 * sb, s0_hi = sa0 * sb_hi, s1_hi = sa1 * sb_hi;
+        const block_scales out{sa0 * sb, sa1 * sb, sa0 * sb_hi, sa1 * sb_hi, stage};
+        if (++stage == stages) { stage = 0; phase ^= 1; }
+        return out;
+      };
+      // After src's wgmmas completed: release the stage, then total += src * sa * sb.
+      auto retire = [&](float (&src)[cfg::acc_regs], const block_scales& sc) {
+        fence_registers(src);
+        if (lane == 0) mbar_arrive(&empty[sc.stage]);
 #pragma unroll
         for (int j = 0; j < cfg::acc_regs / 4; ++j) {
           const bool hi = j * 8 >= split; // uniform across the 8 columns of fragment j (split is a multiple of 64)
-          const float r0 = hi ? s0_hi : s0, r1 = hi ? s1_hi : s1;
-          total[4 * j + 0] = fmaf(acc[4 * j + 0], r0, total[4 * j + 0]);
-          total[4 * j + 1] = fmaf(acc[4 * j + 1], r0, total[4 * j + 1]);
-          total[4 * j + 2] = fmaf(acc[4 * j + 2], r1, total[4 * j + 2]);
-          total[4 * j + 3] = fmaf(acc[4 * j + 3], r1, total[4 * j + 3]);
+          const float r0 = hi ? sc.s0_hi : sc.s0, r1 = hi ? sc.s1_hi : sc.s1;
+          total[4 * j + 0] = fmaf(src[4 * j + 0], r0, total[4 * j + 0]);
+          total[4 * j + 1] = fmaf(src[4 * j + 1], r0, total[4 * j + 1]);
+          total[4 * j + 2] = fmaf(src[4 * j + 2], r1, total[4 * j + 2]);
+          total[4 * j + 3] = fmaf(src[4 * j + 3], r1, total[4 * j + 3]);
         }
-        if (++stage == stages) { stage = 0; phase ^= 1; }
+      };
+      int kb = 0;
+      if constexpr (BLOCK_N <= 128) {
+        // Paired promotion: issue two K blocks into two accumulators, promote the first while the
+        // second's wgmmas run, then the second. Nothing stays in flight across iterations, which is
+        // the form ptxas accepts without serialising the wgmmas (warning C7514 otherwise).
+        if (p.paired_promotion) {
+          for (; kb + 1 < k_blocks; kb += 2) {
+            const block_scales first = issue(acc, kb);
+            const block_scales second = issue(acc2, kb + 1);
+            wgmma_wait<1>();
+            retire(acc, first);
+            wgmma_wait<0>();
+            retire(acc2, second);
+          }
+        }
+      }
+      for (; kb < k_blocks; ++kb) {
+        const block_scales sc = issue(acc, kb);
+        wgmma_wait<0>();
+        retire(acc, sc);
       }
       // ---- epilogue: fp32 -> bf16, straight from registers ----
       bool valid[2];
@@ -437,18 +468,20 @@ bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, std
 }
 
 int block_n_override = 0;
+bool paired_promotion = true;
 
 int pick_block_n(std::int64_t m_blocks, std::int64_t n) {
   if (block_n_override == 64 || block_n_override == 128 || block_n_override == 192) return block_n_override;
   // Relative throughput model: shared-memory traffic per MAC (TMA writes of A and B plus each consumer
-  // warpgroup's wgmma reads of its A half and the whole B, against 128 B/clk/SM) caps a 128 x BN tile at
-  // 0.58 / 0.80 / 0.92 of the tensor-core peak for BN = 64 / 128 / 192; multiply by the share of
-  // columns that are real and by how full the last wave of tiles is.
+  // warpgroup's wgmma reads of its A half and the whole B, against 128 B/clk/SM) caps a 128 x BN tile
+  // at about 0.58 / 0.80 of the tensor-core peak for BN = 64 / 128; multiply by the share of columns
+  // that are real and by how full the last wave of tiles is. BN = 192 (model 0.92) measured no faster
+  // than 128 on the H100 (docs/cuda-kernels.md) and quantises waves worse, so it is only an override.
   const int sms = sm_count();
   int best = 128;
   double best_score = -1;
-  for (int bn : {64, 128, 192}) {
-    const double smem_cap = bn == 64 ? 0.58 : bn == 128 ? 0.80 : 0.92;
+  for (int bn : {64, 128}) {
+    const double smem_cap = bn == 64 ? 0.58 : 0.80;
     const std::int64_t n_blocks = (n + bn - 1) / bn;
     const std::int64_t tiles = m_blocks * n_blocks;
     const double waves = static_cast<double>((tiles + sms - 1) / sms);
@@ -500,6 +533,7 @@ kernel_status check_common(const char* name, const void* a, const float* sa, con
 } // namespace
 
 void set_grouped_gemm_block_n_override(int block_n) { block_n_override = block_n; }
+void set_grouped_gemm_paired_promotion(bool enabled) { paired_promotion = enabled; }
 
 grouped_gemm_config grouped_gemm_config_for(std::int64_t m_blocks, std::int64_t n) {
   grouped_gemm_config c;
@@ -511,6 +545,7 @@ grouped_gemm_config grouped_gemm_config_for(std::int64_t m_blocks, std::int64_t 
 }
 
 static kernel_status dispatch(gemm_params p, const void* a, const float* sa, const void* b, cudaStream_t stream, const char* name) {
+  p.paired_promotion = paired_promotion ? 1 : 0;
   if (p.mode == gemm_mode::masked && p.num_groups > max_masked_groups)
     return kernel_status::failure(std::string(name) + ": at most " + std::to_string(max_masked_groups) + " groups");
   switch (pick_block_n(p.m_blocks, p.n)) {

@@ -54,4 +54,8 @@ grouped_gemm_config grouped_gemm_config_for(std::int64_t m_blocks, std::int64_t 
 /// For tests and benchmarks that must exercise both kernels; not thread-safe.
 void set_grouped_gemm_block_n_override(int block_n);
 
+/// Paired promotion (default on): for 64/128-wide tiles, promote K blocks two at a time so one block's
+/// wgmmas overlap the other's promotion. Off = one block at a time. For tests and benchmarks.
+void set_grouped_gemm_paired_promotion(bool enabled);
+
 } // namespace petrel::cuda

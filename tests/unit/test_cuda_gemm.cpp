@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -234,23 +235,32 @@ TEST_CASE("cuda gemm: dense fp8 (Petrel kernel, both tile widths, and cuBLASLt) 
 #else
   PETREL_REQUIRE_GPU();
   struct shape { std::int64_t m, n, k; };
-  for (const shape& sh : {shape{200, 144, 384}, shape{8, 272, 256}}) {
+  for (const shape& sh : {shape{200, 144, 512}, shape{8, 272, 384}}) {
     const std::int64_t m = sh.m, n = sh.n, k = sh.k;
     fp8_problem p = make_problem(m, n, k, 1, static_cast<std::uint32_t>(m + n));
     const auto ref = reference(p);
     device_buffer<std::uint8_t> da(p.a), db(p.b);
     device_buffer<float> dsa(p.a_scales), dsb(p.b_scales);
     device_buffer<std::uint16_t> dd(m * n);
-    for (int block_n : {64, 128, 192}) {
+    for (int variant = 0; variant < 6; ++variant) {
+      const int block_n = std::array<int, 3>{64, 128, 192}[variant % 3];
+      const bool paired = variant < 3;
+      set_grouped_gemm_paired_promotion(paired);
       set_grouped_gemm_block_n_override(block_n);
       REQUIRE(cudaMemset(dd.ptr, 0xFF, m * n * 2) == cudaSuccess);
       auto st = fp8_gemm_nt(da.ptr, dsa.ptr, m, db.ptr, dsb.ptr, n, k, dd.ptr, nullptr);
       REQUIRE_MESSAGE(st.ok(), st.message);
       REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-      expect_matches(p, dd.download(), ref, "fp8_gemm_nt m=" + std::to_string(m) + " block_n=" + std::to_string(block_n));
+      expect_matches(p, dd.download(), ref, "fp8_gemm_nt m=" + std::to_string(m) + " block_n=" + std::to_string(block_n) + (paired ? " paired" : " serial"));
     }
     set_grouped_gemm_block_n_override(0);
+  set_grouped_gemm_paired_promotion(true);
     cublaslt_fp8_gemm_nt plan(m, n, k);
+    if (k % 512 != 0) { // cuBLASLt's weight-scale layout needs k/128 % 4 == 0: the plan must say so
+      CHECK_FALSE(plan.ok());
+      CHECK(plan.error().find("multiple of 512") != std::string::npos);
+      continue;
+    }
     REQUIRE_MESSAGE(plan.ok(), plan.error());
     REQUIRE(cudaMemset(dd.ptr, 0xFF, m * n * 2) == cudaSuccess);
     auto st = plan.run(da.ptr, dsa.ptr, db.ptr, dsb.ptr, dd.ptr, nullptr);
@@ -283,7 +293,7 @@ TEST_CASE("cuda gemm: grouped contiguous layout with padding rows, an empty expe
     for (int r = 0; r < padded; ++r) m_indices.push_back(r < counts[g] ? g : -1);
   }
   m_indices.resize(m_indices.size() + 128, -1); // a trailing all-padding block
-  const std::int64_t m_total = static_cast<std::int64_t>(m_indices.size()), n = 256, k = 256;
+  const std::int64_t m_total = static_cast<std::int64_t>(m_indices.size()), n = 256, k = 384;
   fp8_problem p = make_problem(m_total, n, k, groups, 11);
   p.row_group = m_indices;
   for (std::int64_t r = 0; r < m_total; ++r) // padding rows hold garbage, NaN included
@@ -294,15 +304,19 @@ TEST_CASE("cuda gemm: grouped contiguous layout with padding rows, an empty expe
   device_buffer<int> didx(m_indices);
   device_buffer<std::uint16_t> dd(m_total * n);
   const std::vector<std::uint16_t> poisoned(m_total * n, poison);
-  for (int block_n : {64, 128, 192}) {
+  for (int variant = 0; variant < 6; ++variant) {
+      const int block_n = std::array<int, 3>{64, 128, 192}[variant % 3];
+      const bool paired = variant < 3;
+      set_grouped_gemm_paired_promotion(paired);
     set_grouped_gemm_block_n_override(block_n);
     dd.upload(poisoned);
     auto st = m_grouped_fp8_gemm_nt_contiguous(da.ptr, dsa.ptr, m_total, didx.ptr, db.ptr, dsb.ptr, groups, n, k, dd.ptr, nullptr);
     REQUIRE_MESSAGE(st.ok(), st.message);
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-    expect_matches(p, dd.download(), ref, "contiguous block_n=" + std::to_string(block_n));
+    expect_matches(p, dd.download(), ref, "contiguous block_n=" + std::to_string(block_n) + (paired ? " paired" : " serial"));
   }
   set_grouped_gemm_block_n_override(0);
+  set_grouped_gemm_paired_promotion(true);
   CHECK_FALSE(m_grouped_fp8_gemm_nt_contiguous(da.ptr, dsa.ptr, 100, didx.ptr, db.ptr, dsb.ptr, groups, n, k, dd.ptr, nullptr).ok());
 #endif
 }
@@ -324,14 +338,18 @@ TEST_CASE("cuda gemm: grouped masked layout with device counts, an empty group a
   device_buffer<int> dcounts(counts);
   device_buffer<std::uint16_t> dd(rows * n);
   const std::vector<std::uint16_t> poisoned(rows * n, poison);
-  for (int block_n : {64, 128, 192}) {
+  for (int variant = 0; variant < 6; ++variant) {
+      const int block_n = std::array<int, 3>{64, 128, 192}[variant % 3];
+      const bool paired = variant < 3;
+      set_grouped_gemm_paired_promotion(paired);
     set_grouped_gemm_block_n_override(block_n);
     dd.upload(poisoned);
     auto st = m_grouped_fp8_gemm_nt_masked(da.ptr, dsa.ptr, groups, max_m, dcounts.ptr, db.ptr, dsb.ptr, n, k, dd.ptr, nullptr);
     REQUIRE_MESSAGE(st.ok(), st.message);
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-    expect_matches(p, dd.download(), ref, "masked block_n=" + std::to_string(block_n));
+    expect_matches(p, dd.download(), ref, "masked block_n=" + std::to_string(block_n) + (paired ? " paired" : " serial"));
   }
   set_grouped_gemm_block_n_override(0);
+  set_grouped_gemm_paired_promotion(true);
 #endif
 }
