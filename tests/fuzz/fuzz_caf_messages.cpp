@@ -1,0 +1,159 @@
+// libFuzzer target: CAF 0.17 binary deserialisation of Petrel's message types (actors/messages.hpp),
+// which is what a node's middleman runs on bytes from the network. Byte 0 picks the type, the rest is
+// the payload. Deserialising must end in a value or a caf::error/exception, never a crash, a hang or
+// a huge allocation. Types holding a caf::actor handle are decoded without an actor system (no proxy
+// registry), so an actor handle in the input yields an error: the field decoders around it still run.
+// A value that decodes must serialise again and decode to the same bytes (round trip).
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include <caf/binary_deserializer.hpp>
+#include <caf/binary_serializer.hpp>
+#include <caf/byte.hpp>
+#include <caf/error.hpp>
+#include <caf/span.hpp>
+
+#include "actors/messages.hpp"
+
+namespace {
+
+template <class T>
+void round_trip(const T& value) {
+  std::vector<caf::byte> buf;
+  {
+    caf::binary_serializer sink(nullptr, buf);
+    T copy = value;
+    if (auto err = sink(copy)) return; // e.g. an actor handle that cannot be serialised without a system
+  }
+  T again;
+  caf::binary_deserializer src(nullptr, buf);
+  if (auto err = src(again)) {
+    std::fprintf(stderr, "fuzz_caf_messages: re-decoding a serialised value failed\n");
+    std::abort();
+  }
+  std::vector<caf::byte> buf2;
+  caf::binary_serializer sink2(nullptr, buf2);
+  if (sink2(again) || buf2 != buf) {
+    std::fprintf(stderr, "fuzz_caf_messages: round trip changed the bytes\n");
+    std::abort();
+  }
+}
+
+template <class T>
+void decode(const uint8_t* data, size_t size) {
+  T value;
+  caf::binary_deserializer src(nullptr, reinterpret_cast<const char*>(data), size);
+  caf::error err;
+  try {
+    err = src(value);
+  } catch (const std::exception&) {
+    return; // allowed: CAF reports some failures by throwing
+  }
+  if (!err) round_trip(value);
+}
+
+template <class T>
+void write_seed(const char* dir, uint8_t sel, const char* name, T value) {
+  std::vector<caf::byte> buf;
+  caf::binary_serializer sink(nullptr, buf);
+  if (sink(value)) std::abort();
+  std::string path = std::string(dir) + "/" + name;
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) std::abort();
+  std::fputc(sel, f);
+  std::fwrite(buf.data(), 1, buf.size(), f);
+  std::fclose(f);
+}
+
+petrel::sampling_spec some_sampling() {
+  petrel::sampling_spec s;
+  s.temperature = 0.7f;
+  s.top_k = 40;
+  s.top_p = 0.9f;
+  s.seed = 1234;
+  return s;
+}
+
+petrel::kv_destination some_destination() {
+  petrel::kv_destination d;
+  d.rid = 42;
+  d.decode_group = "decode0";
+  d.node = "d0";
+  d.rank = 1;
+  d.rank_epoch = 3;
+  d.pages = {4, 5, 6};
+  d.pool = {0x50, 0x4b, 0x56, 0x01, 0, 1, 2, 3};
+  d.page_bytes = 4096;
+  return d; // decode_scheduler stays a null handle: encodable without an actor system
+}
+
+// PETREL_FUZZ_WRITE_SEEDS=DIR: write one valid encoding of each message type into DIR and exit.
+void write_seeds(const char* dir) {
+  petrel::child_status c{"rank0", "running", 2, 1, "cpu"};
+  write_seed(dir, 0, "child_status", c);
+  petrel::node_status n{"p0", "prefill0", "running", 1, 0, 1234, {c, c}};
+  write_seed(dir, 1, "node_status", n);
+  write_seed(dir, 2, "cluster_status", petrel::cluster_status{"petrel", "running", 99, 8080, {n}});
+  write_seed(dir, 3, "node_hello", petrel::node_hello{"d0", 7, 4321, {}});
+  write_seed(dir, 4, "sampling_spec", some_sampling());
+  write_seed(dir, 5, "serve_request", petrel::serve_request{9, {1, 72, 105}, 16, some_sampling(), {0}});
+  write_seed(dir, 6, "token_event", petrel::token_event{9, {65, 66}, true, "boom"});
+  write_seed(dir, 7, "kv_destination", some_destination());
+  write_seed(dir, 8, "decode_admission", petrel::decode_admission{9, {1, 2, 3}, 8, 1, some_sampling(), {2}});
+  write_seed(dir, 9, "prefill_job", petrel::prefill_job{9, {1, 2, 3}, 0, some_sampling(), some_destination()});
+  petrel::step_item it{9, {1, 2}, 16, {0, 1}, true, 3, some_sampling()};
+  write_seed(dir, 10, "step_item", it);
+  write_seed(dir, 11, "forward_step", petrel::forward_step{5, {it, it}});
+  write_seed(dir, 12, "step_output", petrel::step_output{{7, -1}, 0.25});
+  write_seed(dir, 13, "rank_info", petrel::rank_info{1, "d0", 0, 256, 16, 4096, 2, {1, 2, 3}, 256, 4096});
+  write_seed(dir, 14, "kv_shipment", petrel::kv_shipment{77, 3, 1, {0, 1, 2}, 4096, some_destination()});
+  write_seed(dir, 15, "kv_receipt", petrel::kv_receipt{77, 12288, 0.01, 0.002, true});
+  write_seed(dir, 16, "kv_ready", petrel::kv_ready{9, 65, 3});
+  write_seed(dir, 17, "request_failure", petrel::request_failure{9, "prefill0/rank0", "rank died", true});
+  write_seed(dir, 18, "fault_spec", petrel::fault_spec{"drop", "d0", 1.0, 0.5, 10, 1000, 7});
+  write_seed(dir, 19, "group_load", petrel::group_load{"decode0", 1, 2, 3, 4, 1, 1});
+}
+
+} // namespace
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  if (const char* dir = std::getenv("PETREL_FUZZ_WRITE_SEEDS")) {
+    write_seeds(dir);
+    std::exit(0);
+  }
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 1) return 0;
+  const uint8_t sel = data[0];
+  ++data;
+  --size;
+  switch (sel % 20) {
+    case 0: decode<petrel::child_status>(data, size); break;
+    case 1: decode<petrel::node_status>(data, size); break;
+    case 2: decode<petrel::cluster_status>(data, size); break;
+    case 3: decode<petrel::node_hello>(data, size); break;
+    case 4: decode<petrel::sampling_spec>(data, size); break;
+    case 5: decode<petrel::serve_request>(data, size); break;
+    case 6: decode<petrel::token_event>(data, size); break;
+    case 7: decode<petrel::kv_destination>(data, size); break;
+    case 8: decode<petrel::decode_admission>(data, size); break;
+    case 9: decode<petrel::prefill_job>(data, size); break;
+    case 10: decode<petrel::step_item>(data, size); break;
+    case 11: decode<petrel::forward_step>(data, size); break;
+    case 12: decode<petrel::step_output>(data, size); break;
+    case 13: decode<petrel::rank_info>(data, size); break;
+    case 14: decode<petrel::kv_shipment>(data, size); break;
+    case 15: decode<petrel::kv_receipt>(data, size); break;
+    case 16: decode<petrel::kv_ready>(data, size); break;
+    case 17: decode<petrel::request_failure>(data, size); break;
+    case 18: decode<petrel::fault_spec>(data, size); break;
+    case 19: decode<petrel::group_load>(data, size); break;
+  }
+  return 0;
+}
