@@ -257,23 +257,30 @@ function setPanel(id, state, attrs = {}) {
   if (ps) ps.textContent = state === 'live' ? '' : state;
 }
 
+// The time axis grows with the page's age (60 s at first) up to SPAN_S, so a fresh page is not empty.
+function span() {
+  const age = snaps.length ? now() - snaps[0].t : 0;
+  return Math.min(SPAN_S, Math.max(60, Math.ceil(age / 30) * 30));
+}
+const tickStep = (sp) => sp <= 60 ? 10 : sp <= 120 ? 20 : 30;
+
 // ---- SVG line chart, drawn by hand ---------------------------------------------
 // lines: [{name, color, pts: [[t, v|null]], dash}]
 function lineChart(svg, legend, lines, unit, opts = {}) {
   const vb = svg.viewBox.baseVal, W = vb.width, H = vb.height;
   const L = 54, R = 8, T = 6, B = 18, w = W - L - R, h = H - T - B;
-  const tNow = now(), t0 = tNow - SPAN_S;
+  const SP = span(), tNow = now(), t0 = tNow - SP;
   let vmax = opts.ymax || 0;
   for (const ln of lines) for (const [t, v] of ln.pts) if (t >= t0 && v !== null && v > vmax) vmax = v;
   vmax = opts.fixedMax || niceCeil(vmax * 1.05);
-  const x = (t) => L + (t - t0) / SPAN_S * w, y = (v) => T + h - v / vmax * h;
+  const x = (t) => L + (t - t0) / SP * w, y = (v) => T + h - v / vmax * h;
   let out = '';
   for (let i = 0; i <= 4; i++) {
     const v = vmax * i / 4, yy = y(v);
     out += `<line x1="${L}" x2="${W - R}" y1="${yy}" y2="${yy}" stroke="#2a3440" stroke-width="1"/>`;
     if (i % 2 === 0) out += `<text x="${L - 4}" y="${yy + 3}" text-anchor="end">${esc(fmt(v, unit))}</text>`;
   }
-  for (let s = 0; s <= SPAN_S; s += 30) {
+  for (let s = 0; s <= SP; s += tickStep(SP)) {
     const xx = x(tNow - s);
     out += `<line x1="${xx}" x2="${xx}" y1="${T}" y2="${T + h}" stroke="#222b35" stroke-width="1"/>`;
     out += `<text x="${xx}" y="${H - 4}" text-anchor="middle">${s ? '-' + s + 's' : 'now'}</text>`;
@@ -367,7 +374,7 @@ function detectChanges(t, prev, doc) {
   for (const st of labelValues(doc, 'petrel_requests_total', 'status')) {
     if (st === 'ok' || st === 'failed') continue;
     const a = counter(prev, 'petrel_requests_total', {status: st}), b = counter(doc, 'petrel_requests_total', {status: st});
-    if (b > a && /unavail|overload|503|reject|timeout|abort/.test(st))
+    if (b > a && /unavail|overload/.test(st))  // 503s; aborted is the client's choice, invalid its mistake
       addEvent(t, 'failure', 'requests', `${b - a} request(s) ended ${st} (total ${b})`);
   }
 }
@@ -418,10 +425,10 @@ function renderTopology(doc, t) {
 }
 
 function renderTimeline(t) {
-  const svg = $('timeline-svg'), W = 1200, L = 10, R = 10, w = W - L - R, t0 = t - SPAN_S;
-  const x = (tt) => L + (tt - t0) / SPAN_S * w;
+  const SP = span(), svg = $('timeline-svg'), W = 1200, L = 10, R = 10, w = W - L - R, t0 = t - SP;
+  const x = (tt) => L + (tt - t0) / SP * w;
   let out = `<line x1="${L}" x2="${W - R}" y1="24" y2="24" stroke="#2a3440" stroke-width="2"/>`;
-  for (let s = 0; s <= SPAN_S; s += 30)
+  for (let s = 0; s <= SP; s += tickStep(SP))
     out += `<line x1="${x(t - s)}" x2="${x(t - s)}" y1="19" y2="29" stroke="#2a3440"/><text x="${x(t - s)}" y="48" text-anchor="middle">${s ? '-' + s + 's' : 'now'}</text>`;
   for (const ev of events) if (ev.t >= t0)
     out += `<circle cx="${x(ev.t).toFixed(1)}" cy="24" r="${ev.kind === 'info' ? 3 : 6}" fill="${kindColor(ev.kind)}"><title>${esc(new Date(ev.t * 1000).toLocaleTimeString() + ' ' + ev.text)}</title></circle>`;
