@@ -309,7 +309,7 @@ function lineChart(svg, legend, lines, unit, opts = {}) {
 }
 function kindColor(kind) {
   return {restart: '#d29922', 'actor-restart': '#d29922', fault: '#f85149', failure: '#f85149',
-          state: '#bc8cff', recovered: '#3fb950', connection: '#8796a5', info: '#58a6ff'}[kind] || '#58a6ff';
+          state: '#bc8cff', chaos: '#ff7b72', recovered: '#3fb950', connection: '#8796a5', info: '#58a6ff'}[kind] || '#58a6ff';
 }
 
 // ---- change detection: restarts and inferred faults --------------------------------
@@ -377,6 +377,19 @@ function detectChanges(t, prev, doc) {
     if (b > a && /unavail|overload/.test(st))  // 503s; aborted is the client's choice, invalid its mistake
       addEvent(t, 'failure', 'requests', `${b - a} request(s) ended ${st} (total ${b})`);
   }
+}
+// Recorded events, when the data document carries them (e.g. the chaos actor's fault history):
+// {"events": [{"time": unix seconds, "kind": "fault"|..., "target": "p0", "text": "kill_node p0"}]}.
+const seenEvents = new Set();
+function importEvents(doc) {
+  if (!Array.isArray(doc.events)) return;
+  for (const e of doc.events) {
+    const id = JSON.stringify([e.time, e.kind, e.target, e.text]);
+    if (seenEvents.has(id)) continue;
+    seenEvents.add(id);
+    addEvent(typeof e.time === 'number' ? e.time : now(), e.kind === 'info' ? 'info' : 'chaos', String(e.target || ''), String(e.text || e.kind || 'event'));
+  }
+  events.sort((a, b) => a.t - b.t);
 }
 function epochStr(e) {  // child epochs are (node epoch << 32) | local incarnation, shown as petrel status does: node.local
   if (typeof e !== 'number' || e < 4294967296) return String(e);
@@ -604,6 +617,7 @@ async function poll() {
   snaps.push({t, doc});
   while (snaps.length && snaps[0].t < t - KEEP_S) snaps.shift();
   detectChanges(t, prevDoc, doc);
+  importEvents(doc);
   prevDoc = doc;
   const c = $('conn'); c.dataset.state = 'live'; c.textContent = 'live';
   $('updated').textContent = 'updated ' + new Date(t * 1000).toLocaleTimeString() + ' · every ' + POLL_MS / 1000 + ' s';

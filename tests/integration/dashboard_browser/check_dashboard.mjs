@@ -105,7 +105,8 @@ try {
   await sleep(2500);
   const polls1 = +(await page.getAttribute('body', 'data-polls'));
   if (polls1 < polls0 + 1) fail(`the page stopped polling (data-polls ${polls0} -> ${polls1})`);
-  const checks = {
+  // (retried: on a loaded host a node may be restarting just when we look)
+  const liveChecks = async () => ({
     'topology nodes': +(await attr('panel-topology', 'nodes')) >= 2,
     'all nodes running': (await page.$$eval('#panel-topology .node', (ns) => ns.every((n) => n.dataset.state === 'running'))),
     'actors shown': (await page.$$('#panel-topology .actor')).length >= 2,
@@ -121,9 +122,13 @@ try {
     'chart lines drawn': (await page.$$('#throughput-chart path')).length >= 1 && (await page.$$('#ttft-chart path')).length >= 1,
     'expert-load placeholder': (await state('panel-expert-load')) === 'unavailable' &&
       (await page.textContent('#expert-load-body')).includes('no expert-load data (expert parallelism not wired yet)'),
-  };
-  const bad = Object.entries(checks).filter(([, v]) => !v).map(([k]) => k);
-  if (bad.length) fail('live data checks failed: ' + bad.join(', '));
+  });
+  let checks;
+  await waitFor('live data checks', 30, async () => {
+    checks = await liveChecks();
+    const bad = Object.entries(checks).filter(([, v]) => !v).map(([k]) => k);
+    return bad.length ? {why: 'failed: ' + bad.join(', ')} : {ok: true};
+  });
   log('all panels live:', JSON.stringify(checks));
 
   // 2. kill a node process and watch the page show the restart
@@ -144,6 +149,13 @@ try {
     return changed ? {ok: true, ...a} : {why: JSON.stringify(a)};
   });
   log(`page shows ${killNode} restarted: epoch ${before.epoch} -> ${after.epoch}, restarts ${before.restarts} -> ${after.restarts}, pid ${after.pid}`);
+  await waitFor('page and petrel status agree after the restart', 15, async () => {
+    const n = (clusterStatus().nodes || []).find((x) => x.name === killNode) || {};
+    const pg = {epoch: +(await page.getAttribute(sel, 'data-epoch')), restarts: +(await page.getAttribute(sel, 'data-restarts')),
+                pid: +(await page.getAttribute(sel, 'data-pid'))};
+    return n.epoch === pg.epoch && n.restarts === pg.restarts && n.pid === pg.pid ? {ok: true}
+      : {why: `status ${JSON.stringify({epoch: n.epoch, restarts: n.restarts, pid: n.pid})} page ${JSON.stringify(pg)}`};
+  });
   const entry = await waitFor('timeline restart entry', 10, async () => {
     const n = await page.$$eval(`#timeline-list li.tl-entry[data-kind="restart"][data-target="${killNode}"]`, (ls) => ls.map((l) => l.textContent));
     return n.length ? {ok: true, text: n[0]} : {why: 'no restart entry for ' + killNode};
@@ -163,6 +175,7 @@ try {
 
   // 3. the expert-load heatmap, from a data document that carries "expert_load"
   await page.unroute('**/*');
+  const injectedAt = Date.now() / 1000;
   await page.route('**/dashboard/data', async (route) => {
     let r;
     try { r = await route.fetch(); } catch { return route.abort().catch(() => {}); }
@@ -172,6 +185,7 @@ try {
     const before = [...Array(layers)].map((_, l) => [...Array(experts)].map((_, e) => (e === l % experts ? 90 : 5 + ((e * 7 + l * 3) % 11))));
     const after = [...Array(layers)].map(() => [...Array(experts)].map((_, e) => 10 + (e % 3)));
     doc.expert_load = {before, after, balancedness_before: 0.31, balancedness_after: 0.92};
+    doc.events = [{time: injectedAt, kind: 'kill_node', target: 'd9', text: 'chaos: kill_node d9 (injected by the test)'}];
     return route.fulfill({response: r, json: doc}).catch(() => {});
   });
   await waitFor('expert-load heatmap', 15, async () => {
@@ -180,6 +194,10 @@ try {
     return st === 'live' && cells === 2 * 6 * 16 ? {ok: true} : {why: `state=${st} cells=${cells}`};
   });
   if ((await attr('panel-expert-load', 'balancedness-after')) !== '0.92') fail('expert-load panel does not report balancedness_after');
+  await waitFor('recorded chaos event on the timeline', 10, async () => {
+    const n = (await page.$$('#timeline-list li.tl-entry[data-kind="chaos"][data-target="d9"]')).length;
+    return n === 1 ? {ok: true} : {why: `${n} chaos entries for d9 (want exactly 1, once)`};
+  });
   await page.locator('#panel-expert-load').screenshot({path: args.screenshot.replace(/\.png$/, '') + '-expert-load.png'});
   log('expert-load heatmap rendered (2 x 6 x 16 cells)');
 
