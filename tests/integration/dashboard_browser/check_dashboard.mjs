@@ -85,8 +85,9 @@ try {
   await page.goto(args.url + '/dashboard', {waitUntil: 'load'});
   log('page loaded:', await page.title());
 
-  const state = (id) => page.getAttribute('#' + id, 'data-state');
-  const attr = (id, a) => page.getAttribute('#' + id, 'data-' + a);
+  // no auto-wait: a missing panel reads as 'missing' at once, so the failure message names it
+  const attr = async (id, a) => { const el = await page.$('#' + id); return el ? el.getAttribute('data-' + a) : 'missing'; };
+  const state = (id) => attr(id, 'state');
   const panels = ['panel-topology', 'panel-timeline', 'panel-throughput', 'panel-latency', 'panel-queues',
                   'panel-kvpool', 'panel-kv-transfers', 'panel-requests'];
 
