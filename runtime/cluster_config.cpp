@@ -13,6 +13,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include "runtime/model_config.hpp"
 #include "runtime/yaml_reader.hpp"
 
 namespace petrel {
@@ -243,6 +244,14 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     if (!fs::is_regular_file(fs::path(cfg.model.path) / "config.json", ec))
       r.fail(m["path"], "model.path '" + cfg.model.path +
                             "' has no config.json (point it at a Hugging Face checkpoint directory)");
+  }
+  // The model's own config must load too: a broken config.json would otherwise only fail in every
+  // rank and in the gateway, over and over, until the supervisors give up.
+  try {
+    model_config::load(cfg.model.is_dummy() ? fs::path(cfg.model.dummy_config)
+                                            : fs::path(cfg.model.path) / "config.json");
+  } catch (const std::exception& e) {
+    r.fail(m[cfg.model.is_dummy() ? "dummy_config" : "path"], std::string("the model's config.json does not load: ") + e.what());
   }
   if (cfg.model.served_name.empty())
     cfg.model.served_name = cfg.model.is_dummy() ? "dummy" : fs::path(cfg.model.path).filename().string();

@@ -14,7 +14,7 @@ namespace {
 
 std::string three_node_yaml(const temp_dir& dir, const std::string& name) {
   return "cluster: {name: " + name + ", run_dir: " + (dir.path / "run").string() + "}\n" +
-         "model: {path: " + dir.file("model/config.json", "{}").substr(0, dir.path.string().size()) + "/model}\n"
+         "model: {path: " + std::string(PETREL_SOURCE_DIR) + "/tests/data/fortune-moe}\n"
          "gateway: {host: 127.0.0.1, port: 0}\n"
          "nodes:\n"
          "  - {name: p0, ranks: [cpu]}\n"
@@ -69,7 +69,7 @@ TEST_CASE("a killed node process is restarted with a new epoch; too many kills e
   background_process head({"launch", cfg}, (dir.path / "head.log").string());
   json st;
   REQUIRE_MESSAGE(eventually(30s, [&] { return all_running(st = status_json(cfg), 3); }), head.output());
-  CHECK(node_of(st, "d1")["children"].size() == 2);
+  CHECK(node_of(st, "d1")["children"].size() == 3); // kv_agent, rank0, rank1
   int head_port = 0;
   {
     std::ifstream in(dir.path / "run" / "t3node" / "head.json");
@@ -176,8 +176,7 @@ TEST_CASE("a malformed or inconsistent cluster.yaml exits 2 with the file, the l
     const char* yaml;
     const char* expect;
   };
-  dir.file("model/config.json", "{}");
-  std::string model = "model: {path: " + (dir.path / "model").string() + "}\n";
+  std::string model = "model: {path: " + std::string(PETREL_SOURCE_DIR) + "/tests/data/fortune-moe}\n";
   bad_case cases[] = {
       {"nodes: [\n", "not valid YAML"},
       {"model: {path: /nonexistent}\nnodes: [{name: a, ranks: [cpu]}]\n", "has no config.json"},

@@ -17,13 +17,21 @@ namespace fs = std::filesystem;
 
 namespace {
 
+/// A real model config (the embedded model's): the loader checks that model configs load.
+std::string model_config_json() {
+  std::ifstream in(std::string(PETREL_SOURCE_DIR) + "/tests/data/fortune-moe/config.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 /// A temporary directory holding `model/config.json`, the checkpoint that model.path must name.
 struct config_dir {
   fs::path path;
   config_dir() {
     char tmpl[] = "/tmp/petrel-cfg-XXXXXX";
     path = ::mkdtemp(tmpl);
-    file("model/config.json", "{}");
+    file("model/config.json", model_config_json());
   }
   ~config_dir() {
     std::error_code ec;
@@ -565,11 +573,14 @@ TEST_CASE("model.path must hold a config.json; dummy needs dummy_config") {
   dir.file("configs/v3.json", "{}");
   CHECK_CONFIG_ERROR(dir, "model:\n  path: dummy\n  dummy_config: configs/v3.json\n" + rest, 3,
                      "must be a file named config.json (or the directory holding one)");
-  dir.file("configs/v3/config.json", "{}");
+  dir.file("configs/v3/config.json", model_config_json());
   auto cfg = dir.parse("model: {path: dummy, dummy_config: configs/v3/config.json}\n" + rest);
   CHECK(cfg.model.is_dummy());
   CHECK(cfg.model.dummy_config == (dir.path / "configs/v3/config.json").string());
   CHECK(cfg.model.served_name == "dummy");
+  // A config.json that exists but does not load is refused at load time, naming the key.
+  dir.file("broken/config.json", "{}");
+  CHECK_CONFIG_ERROR(dir, "model:\n  path: broken\n" + rest, 2, "the model's config.json does not load");
   // A checkpoint directory stands for its config.json.
   auto from_dir = dir.parse("model: {path: dummy, dummy_config: model, name: v3-dummy}\n" + rest);
   CHECK(from_dir.model.dummy_config == (dir.path / "model/config.json").string());
@@ -610,7 +621,8 @@ TEST_CASE("every example in docs/cluster-yaml.md loads") {
         continue;
       REQUIRE_MESSAGE(fs::path(p).is_relative(), "examples name files relative to cluster.yaml: " << p);
       bool is_json = p.size() > 5 && p.substr(p.size() - 5) == ".json";
-      dir.file(is_json ? p : p + "/config.json", "{}");
+      bool model_file = (*f)[0].str().rfind("init_expert_location", 0) != 0;
+      dir.file(is_json ? p : p + "/config.json", model_file ? model_config_json() : "{}");
     }
     CHECK_NOTHROW(dir.parse(yaml));
     ++count;
