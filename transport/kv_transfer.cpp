@@ -187,6 +187,23 @@ struct local_registry {
   }
 };
 
+/// Issue 4: say once per process which memory UCX can handle and which path KV pages take. Pools are registered as
+/// host memory (register_pool), so the path is host memory whatever UCX reports; a GPU pool would be staged.
+void log_kv_memory_path_once(ucp_context_h context) {
+  static std::once_flag once;
+  std::call_once(once, [context] {
+    ucp_context_attr_t attr{};
+    attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+    std::string types;
+    if (ucp_context_query(context, &attr) == UCS_OK) {
+      static const char* const names[] = {"host", "cuda", "cuda-managed", "rocm", "rocm-managed"};
+      for (int t = 0; t < int(sizeof(names) / sizeof(names[0])); ++t)
+        if (attr.memory_types & (uint64_t(1) << t)) types += (types.empty() ? "" : ", ") + std::string(names[t]);
+    }
+    std::fprintf(stderr, "KV path: host memory (UCX memory types: %s)\n", types.empty() ? "unknown" : types.c_str());
+  });
+}
+
 } // namespace
 
 // -- descriptor ---------------------------------------------------------------------------------------------------
@@ -399,6 +416,7 @@ public:
                                    (opts.net_devices.empty() ? "default" : opts.net_devices) + ")")
                                       .c_str(),
                                   s));
+    log_kv_memory_path_once(context);
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE | UCP_WORKER_PARAM_FIELD_NAME;
     wp.thread_mode = UCS_THREAD_MODE_SINGLE; // only the progress thread touches the worker
