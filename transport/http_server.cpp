@@ -402,54 +402,57 @@ response_stream::~response_stream() {
     end_sse();
 }
 
+// Each call checks the state, changes it and queues its bytes under one lock, so that pieces sent
+// from different threads reach the wire in the order their calls took effect.
 bool response_stream::respond(int status, std::string_view content_type, std::string body,
                               const http_header_list& extra) {
   if (status < 100 || status > 999) status = 500;
-  {
-    std::lock_guard lock(mutex_);
-    if (state_ != state::fresh || disconnected_) return false;
-    state_ = state::done;
-    on_disconnect_ = nullptr;
-  }
-  return session_->enqueue(serialize_full(version_, keep_alive_, status, content_type, std::move(body), extra),
-                           true, !keep_alive_);
+  std::string bytes = serialize_full(version_, keep_alive_, status, content_type, std::move(body), extra);
+  std::lock_guard lock(mutex_);
+  if (state_ != state::fresh || disconnected_) return false;
+  state_ = state::done;
+  on_disconnect_ = nullptr;
+  return session_->enqueue(std::move(bytes), true, !keep_alive_);
 }
 
 bool response_stream::respond_json(int status, std::string body, const http_header_list& extra) {
   return respond(status, "application/json", std::move(body), extra);
 }
 
-bool response_stream::begin_sse(int status, const http_header_list& extra) {
-  if (status < 100 || status > 999) status = 500;
-  {
-    std::lock_guard lock(mutex_);
-    if (state_ != state::fresh || disconnected_) return false;
-    state_ = state::streaming;
-  }
+namespace {
+
+std::string sse_header(unsigned version, bool keep_alive, int status, const http_header_list& extra) {
   http::response<http::empty_body> res;
-  res.version(version_);
+  res.version(version);
   res.result(static_cast<unsigned>(status));
   res.set(http::field::server, "petrel");
   res.set(http::field::content_type, "text/event-stream");
   res.set(http::field::cache_control, "no-cache");
   res.set("X-Accel-Buffering", "no");
   apply_extra(res, extra);
-  if (version_ >= 11) {
-    res.keep_alive(keep_alive_);
+  if (version >= 11) {
+    res.keep_alive(keep_alive);
     res.chunked(true);
   } else {
     res.keep_alive(false); // HTTP/1.0: the end of the stream is the end of the connection
   }
   std::ostringstream os;
   os << res.base();
-  return session_->enqueue(std::move(os).str(), false, false);
+  return std::move(os).str();
+}
+
+} // namespace
+
+bool response_stream::begin_sse(int status, const http_header_list& extra) {
+  if (status < 100 || status > 999) status = 500;
+  std::string header = sse_header(version_, keep_alive_, status, extra);
+  std::lock_guard lock(mutex_);
+  if (state_ != state::fresh || disconnected_) return false;
+  state_ = state::streaming;
+  return session_->enqueue(std::move(header), false, false);
 }
 
 bool response_stream::send_event(std::string_view data) {
-  {
-    std::lock_guard lock(mutex_);
-    if (state_ != state::streaming || disconnected_) return false;
-  }
   std::string frame;
   frame.reserve(data.size() + 8);
   std::size_t start = 0;
@@ -462,17 +465,23 @@ bool response_stream::send_event(std::string_view data) {
     start = nl + 1;
   }
   frame += '\n';
-  return session_->enqueue(version_ >= 11 ? chunk(frame) : std::move(frame), false, false);
+  if (version_ >= 11) frame = chunk(frame);
+  std::lock_guard lock(mutex_);
+  if (state_ == state::done || disconnected_) return false;
+  if (state_ == state::fresh) {
+    // The first event opens the stream when nobody did: tokens may overtake the code that calls begin_sse().
+    if (!session_->enqueue(sse_header(version_, keep_alive_, 200, {}), false, false)) return false;
+    state_ = state::streaming;
+  }
+  return session_->enqueue(std::move(frame), false, false);
 }
 
 bool response_stream::end_sse() {
-  {
-    std::lock_guard lock(mutex_);
-    if (state_ != state::streaming) return false;
-    state_ = state::done;
-    on_disconnect_ = nullptr;
-    if (disconnected_) return false;
-  }
+  std::lock_guard lock(mutex_);
+  if (state_ != state::streaming) return false;
+  state_ = state::done;
+  on_disconnect_ = nullptr;
+  if (disconnected_) return false;
   if (version_ >= 11) return session_->enqueue("0\r\n\r\n", true, !keep_alive_);
   return session_->enqueue({}, true, true);
 }

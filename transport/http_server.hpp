@@ -62,7 +62,8 @@ public:
 
   /// Starts a text/event-stream response (chunked on HTTP/1.1; on HTTP/1.0 the connection closes at the end).
   bool begin_sse(int status = 200, const http_header_list& extra = {});
-  /// Sends "data: <data>\n\n" (a multi-line payload becomes one data: line per line).
+  /// Sends "data: <data>\n\n" (a multi-line payload becomes one data: line per line). On a fresh
+  /// response it calls begin_sse() first, so an event that overtakes begin_sse() is not lost.
   bool send_event(std::string_view data);
   /// Ends the stream; the connection is then reused (keep-alive) or closed.
   bool end_sse();

@@ -152,10 +152,11 @@ TEST_CASE("SSE: events arrive in order, end with [DONE], and the connection is r
   std::vector<std::thread> producers;
   std::mutex pm;
   s.server.route("POST", "/stream", [&](const http_request&, std::shared_ptr<response_stream> out) {
-    REQUIRE(out->begin_sse());
+    // No begin_sse(): the first send_event() opens the stream; a late begin_sse() is refused.
     std::lock_guard lock(pm);
     producers.emplace_back([out] {
       for (int i = 0; i < 20; ++i) {
+        if (i == 1) CHECK_FALSE(out->begin_sse());
         CHECK(out->send_event("{\"i\":" + std::to_string(i) + "}"));
         if (i % 5 == 0) std::this_thread::sleep_for(2ms);
       }
