@@ -498,7 +498,7 @@ api_result<generation_request> parse_generation_request(api_endpoint endpoint, s
   json j;
   try {
     j = json::parse(body);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) { // parse_error, and out_of_range for numbers like 1e999
     return api_error::invalid("", std::string("the request body is not valid JSON: ") + e.what(), "invalid_json");
   }
   if (!j.is_object()) return api_error::invalid("", "the request body must be a JSON object, got " + type_name(j),

@@ -1,9 +1,11 @@
 // libFuzzer target: CAF 0.17 binary deserialisation of Petrel's message types (actors/messages.hpp),
 // which is what a node's middleman runs on bytes from the network. Byte 0 picks the type, the rest is
 // the payload. Deserialising must end in a value or a caf::error/exception, never a crash, a hang or
-// a huge allocation. Types holding a caf::actor handle are decoded without an actor system (no proxy
-// registry), so an actor handle in the input yields an error: the field decoders around it still run.
+// a huge allocation. Types holding a caf::actor handle are decoded with an actor system but no middleman (no proxy
+// registry, see sys()), so a non-null actor handle in the input yields an error; the field decoders around it
+// still run.
 // A value that decodes must serialise again and decode to the same bytes (round trip).
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
 #include <caf/binary_deserializer.hpp>
 #include <caf/binary_serializer.hpp>
 #include <caf/byte.hpp>
@@ -21,22 +25,58 @@
 
 namespace {
 
+bool g_feed_known_bugs = false; // PETREL_FUZZ_KNOWN_BUGS=1: round-trip non-finite floats too
+
+// One actor system for the whole run, as a node process has: the (de)serialisers get its execution
+// context, so actor handles take the real load_actor/save_actor path. It has no middleman, hence no
+// proxy registry: a remote handle in the input decodes to an error, as before a connection exists.
+caf::actor_system& sys() {
+  static caf::actor_system* s = [] {
+    static caf::actor_system_config cfg;
+    cfg.set("scheduler.max-threads", 1);
+    return new caf::actor_system(cfg);
+  }();
+  return *s;
+}
+
+// KNOWN BUG (CAF 0.17.6, caf/detail/ieee_754.hpp pack754): serialising a float or double that is +-inf
+// loops forever (`while (fnorm >= 2) fnorm /= 2` never ends), and NaN reaches an out-of-range float to
+// integer cast (UB). Deserialising arbitrary bytes can yield such values, so the round trip skips them; see
+// docs/fuzzing.md for what it means for Petrel's messages.
+bool finite(double x) { return std::isfinite(x); }
+template <class T>
+bool all_finite(const T&) { return true; }
+bool all_finite(const petrel::sampling_spec& x) { return finite(x.temperature) && finite(x.top_p); }
+bool all_finite(const petrel::serve_request& x) { return all_finite(x.sampling); }
+bool all_finite(const petrel::decode_admission& x) { return all_finite(x.sampling); }
+bool all_finite(const petrel::prefill_job& x) { return all_finite(x.sampling); }
+bool all_finite(const petrel::step_item& x) { return all_finite(x.sampling); }
+bool all_finite(const petrel::forward_step& x) {
+  for (const auto& it : x.items)
+    if (!all_finite(it)) return false;
+  return true;
+}
+bool all_finite(const petrel::step_output& x) { return finite(x.seconds); }
+bool all_finite(const petrel::kv_receipt& x) { return finite(x.bootstrap) && finite(x.transfer); }
+bool all_finite(const petrel::fault_spec& x) { return finite(x.factor) && finite(x.prob); }
+
 template <class T>
 void round_trip(const T& value) {
-  std::vector<caf::byte> buf;
+  if (!g_feed_known_bugs && !all_finite(value)) return;
+  std::vector<char> buf;
   {
-    caf::binary_serializer sink(nullptr, buf);
+    caf::binary_serializer sink(sys(), buf);
     T copy = value;
     if (auto err = sink(copy)) return; // e.g. an actor handle that cannot be serialised without a system
   }
   T again;
-  caf::binary_deserializer src(nullptr, buf);
+  caf::binary_deserializer src(sys(), buf);
   if (auto err = src(again)) {
     std::fprintf(stderr, "fuzz_caf_messages: re-decoding a serialised value failed\n");
     std::abort();
   }
-  std::vector<caf::byte> buf2;
-  caf::binary_serializer sink2(nullptr, buf2);
+  std::vector<char> buf2;
+  caf::binary_serializer sink2(sys(), buf2);
   if (sink2(again) || buf2 != buf) {
     std::fprintf(stderr, "fuzz_caf_messages: round trip changed the bytes\n");
     std::abort();
@@ -46,7 +86,7 @@ void round_trip(const T& value) {
 template <class T>
 void decode(const uint8_t* data, size_t size) {
   T value;
-  caf::binary_deserializer src(nullptr, reinterpret_cast<const char*>(data), size);
+  caf::binary_deserializer src(sys(), reinterpret_cast<const char*>(data), size);
   caf::error err;
   try {
     err = src(value);
@@ -58,8 +98,8 @@ void decode(const uint8_t* data, size_t size) {
 
 template <class T>
 void write_seed(const char* dir, uint8_t sel, const char* name, T value) {
-  std::vector<caf::byte> buf;
-  caf::binary_serializer sink(nullptr, buf);
+  std::vector<char> buf;
+  caf::binary_serializer sink(sys(), buf);
   if (sink(value)) std::abort();
   std::string path = std::string(dir) + "/" + name;
   FILE* f = std::fopen(path.c_str(), "wb");
@@ -121,6 +161,8 @@ void write_seeds(const char* dir) {
 } // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  const char* known = std::getenv("PETREL_FUZZ_KNOWN_BUGS");
+  g_feed_known_bugs = known && std::string(known) == "1";
   if (const char* dir = std::getenv("PETREL_FUZZ_WRITE_SEEDS")) {
     write_seeds(dir);
     std::exit(0);

@@ -20,13 +20,53 @@ void make_base() {
   g_base = tmpl;
   for (const char* dir : {"model", "tests/data/fortune-moe", "data/fortune-moe", "configs/deepseek-v3"}) {
     std::filesystem::create_directories(g_base + "/" + dir);
-    std::ofstream(g_base + "/" + dir + "/config.json") << "{}\n";
+    // cluster_config loads the model's config.json too: use the embedded model's real one.
+    std::filesystem::copy_file(PETREL_SOURCE_DIR "/tests/data/fortune-moe/config.json",
+                               g_base + "/" + dir + "/config.json");
   }
 }
+// KNOWN BUG (yaml-cpp 0.7.0, Debian bookworm; upstream issue jbeder/yaml-cpp#1040, fixed by PR #1319 in
+// 0.8.0): YAML::LoadAll, which parse_cluster_config calls, loops forever, allocating without bound, when a
+// document's first token is a flow entry ','. The smallest input is the one byte ",". Until
+// runtime/cluster_config.cpp stops reaching that loop, the target skips such inputs so that it can look for
+// other bugs; set PETREL_FUZZ_KNOWN_BUGS=1 to feed them anyway (the run then hangs: a libFuzzer timeout).
+// See docs/fuzzing.md. The check is deliberately coarse: a ',' first in the stream or first after a '---'
+// or '...' marker, skipping blanks, comments and directives.
+bool hits_yaml_cpp_comma_loop(const std::string& t) {
+  bool doc_start = true;
+  size_t i = 0;
+  while (i < t.size()) {
+    const char c = t[i];
+    const bool line_start = i == 0 || t[i - 1] == '\n' || t[i - 1] == '\r';
+    if (line_start && (t.compare(i, 3, "---") == 0 || t.compare(i, 3, "...") == 0)) {
+      doc_start = true;
+      i += 3;
+      continue;
+    }
+    if (doc_start) {
+      if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\xef' || c == '\xbb' || c == '\xbf') {
+        ++i;
+        continue;
+      }
+      if (c == '#' || (c == '%' && line_start)) {
+        while (i < t.size() && t[i] != '\n') ++i;
+        continue;
+      }
+      if (c == ',') return true;
+      doc_start = false;
+    }
+    ++i;
+  }
+  return false;
+}
+
+bool g_feed_known_bugs = false;
 } // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   make_base();
+  const char* known = std::getenv("PETREL_FUZZ_KNOWN_BUGS");
+  g_feed_known_bugs = known && std::string(known) == "1";
   std::atexit([] {
     std::error_code ec;
     std::filesystem::remove_all(g_base, ec);
@@ -36,6 +76,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string text(reinterpret_cast<const char*>(data), size);
+  if (!g_feed_known_bugs && hits_yaml_cpp_comma_loop(text)) return 0;
   try {
     auto cfg = petrel::parse_cluster_config(text, "fuzz.yaml", g_base);
     // A config that loads must be internally consistent: every group's nodes exist and belong to it.
