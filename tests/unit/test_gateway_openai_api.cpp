@@ -92,6 +92,7 @@ TEST_CASE("completions: every validation rule names its param") {
   expect_error(C, "{\"prompt\": \"hi\"", "");              // malformed JSON
   expect_error(C, "[1,2]", "");                            // not an object
   expect_error(C, "", "");                                 // empty body
+  expect_error(C, R"({"prompt":"hi","temperature":1e999})", ""); // number out of double range
   expect_error(C, R"({"prompt":"hi","model":"gpt-4"})", "model", 404);
   expect_error(C, R"({"prompt":"hi","model":7})", "model");
   expect_error(C, R"({})", "prompt");
