@@ -206,7 +206,7 @@ TEST_CASE("admission control: a full KV pool queues requests, then refuses with 
       ++refused;
     }
   }
-  CHECK(ok >= 3);     // one running + two waiting at least
+  CHECK(ok >= 2);     // the pool holds one request: a second success means it waited in the queue
   CHECK(refused >= 1);
   CHECK(ok + refused == 16);
   // A request that can never fit the pool is refused at once, not queued forever.
