@@ -83,7 +83,7 @@ struct supervision_section {
   duration_ms period{10'000};                                 // ... within this window, else escalate
   int node_intensity = 3;                                     // node-process restarts by the head
   duration_ms node_period{30'000};
-  duration_ms heartbeat{500};                                 // head <-> node liveness probe
+  duration_ms heartbeat{1000}; // head <-> node liveness probe; two probes unanswered for 3 periods each = dead
 };
 
 struct gateway_section {

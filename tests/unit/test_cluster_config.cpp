@@ -167,7 +167,7 @@ TEST_CASE("the default cluster.yaml loads: one prefill and one decode node on th
   CHECK(cfg.supervision.period == duration_ms{10'000});
   CHECK(cfg.supervision.node_intensity == 3);
   CHECK(cfg.supervision.node_period == duration_ms{30'000});
-  CHECK(cfg.supervision.heartbeat == duration_ms{500});
+  CHECK(cfg.supervision.heartbeat == duration_ms{1000});
   CHECK(cfg.transport.kv_tls == "tcp");
   CHECK(cfg.transport.kv_timeout == duration_ms{10'000});
   CHECK(cfg.transport.expert_exchange == "inproc");
