@@ -284,12 +284,7 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
         for (auto& q : st.quarantine)
           if (st.slots[q.rank].up() && st.slots[q.rank].epoch() == q.rank_epoch)
             l.free_pages += static_cast<int32_t>(q.pages.size());
-        for (auto& s : st.slots)
-          if (s.up()) {
-            ++l.ranks_up;
-            l.free_pages += s.pages->free_count();
-            l.total_pages += s.info.num_pages;
-          }
+        count_rank_capacity(st.slots, l);
         return l;
       },
       [self](tick_atom) {

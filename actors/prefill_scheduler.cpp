@@ -284,12 +284,7 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
         auto& st = self->state;
         group_load l{st.group.name, static_cast<int32_t>(st.jobs.size()), 0, 0, 0, 0,
                      static_cast<int32_t>(st.slots.size())};
-        for (auto& s : st.slots)
-          if (s.up()) {
-            ++l.ranks_up;
-            l.free_pages += s.pages->free_count();
-            l.total_pages += s.info.num_pages;
-          }
+        count_rank_capacity(st.slots, l);
         return l;
       },
       [self](tick_atom) {

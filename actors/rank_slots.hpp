@@ -45,6 +45,17 @@ inline std::vector<rank_slot> make_rank_slots(const cluster_config& cfg, const g
   return out;
 }
 
+/// Adds the ranks that run, and their KV pages, to a group's load report.
+inline void count_rank_capacity(const std::vector<rank_slot>& slots, group_load& l) {
+  l.ranks = static_cast<int32_t>(slots.size());
+  for (auto& s : slots)
+    if (s.up()) {
+      ++l.ranks_up;
+      l.free_pages += s.pages->free_count();
+      l.total_pages += s.info.num_pages;
+    }
+}
+
 /// Resolves every slot that is down and not being resolved: head whereis -> rank info -> monitor.
 /// `on_up(i)` runs when slot i has a live incarnation. Call it periodically (on a tick).
 template <class Self, class OnUp>
