@@ -32,6 +32,7 @@
 #include "runtime/cluster_config.hpp"
 #include "tools/command.hpp"
 #include "tools/http_client.hpp"
+#include "tools/svg_plot.hpp"
 
 namespace {
 
@@ -59,6 +60,7 @@ struct bench_options {
   double temperature = 0.0;
   double timeout_s = 600;
   std::string json_path;
+  std::string plot_path;
   bool progress = false;
 };
 
@@ -683,6 +685,26 @@ int run_bench(bench_options o) {
       return failure("cannot write --json " + o.json_path);
     f << j.dump(2) << "\n";
   }
+  if (!o.plot_path.empty()) {
+    // Latency CDFs of the successful requests, in ms on a log axis: TTFT, ITL and E2E differ by orders of magnitude.
+    auto in_ms = [](std::vector<double> v) {
+      for (auto& x : v)
+        x *= 1000.0;
+      return v;
+    };
+    petrel::plot::line_chart c;
+    c.title = "petrel bench: latency CDFs (" + std::to_string(ok) + " requests, " + o.model + ", max concurrency " +
+              (o.max_concurrency ? std::to_string(o.max_concurrency) : std::string("unlimited")) + ")";
+    c.x_label = "latency (ms, log scale)";
+    c.y_label = "cumulative fraction";
+    c.x_log = true;
+    c.step = true;
+    c.series = {petrel::plot::empirical_cdf("TTFT", in_ms(ttft)), petrel::plot::empirical_cdf("ITL", in_ms(itl)),
+                petrel::plot::empirical_cdf("E2E", in_ms(e2e))};
+    if (auto err = petrel::plot::write_svg_file(o.plot_path, petrel::plot::render_svg({c}, 1, 800, 480)); !err.empty())
+      return failure("--plot: " + err);
+    std::fprintf(stderr, "petrel bench: wrote %s\n", o.plot_path.c_str());
+  }
   if (ok == 0 || bad > 0)
     return petrel::cli::exit_failure;
   return petrel::cli::exit_ok;
@@ -715,6 +737,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--temperature", o->temperature, "sampling temperature")->capture_default_str();
       sub.add_option("--timeout", o->timeout_s, "seconds one request may take")->capture_default_str();
       sub.add_option("--json", o->json_path, "write the results (and every request's figures) to this file");
+      sub.add_option("--plot", o->plot_path, "write the TTFT, ITL and E2E latency CDFs as an SVG to this file");
       sub.add_flag("--progress", o->progress, "show the progress bar even when stderr is not a terminal");
       return [o] { return run_bench(*o); };
     });

@@ -12,6 +12,7 @@
 #include "runtime/expert_load.hpp"
 #include "runtime/simulator.hpp"
 #include "tools/command.hpp"
+#include "tools/svg_plot.hpp"
 
 namespace {
 
@@ -24,6 +25,7 @@ struct simulate_options {
   int prefill_nodes = 4, decode_nodes = 9, prefill_slots = 288, decode_slots = 288;
   uint64_t seed = 1;
   bool json = false;
+  std::string plot_file;
 };
 
 int bad_input(const std::string& msg) {
@@ -47,6 +49,41 @@ int write_json(const std::string& path, const nlohmann::json& j) {
   std::ofstream out(path);
   if (!out) return bad_input("cannot write '" + path + "'");
   out << j.dump(2) << "\n";
+  std::fprintf(stderr, "petrel simulate: wrote %s\n", path.c_str());
+  return petrel::cli::exit_ok;
+}
+
+// A short bar label from a row's metric: "prefill input tok/s/node, 4K prompts, ideal expert balance (EP32...)"
+// -> "prefill 4K prompts, ideal expert balance"; the full metric stays in the table and in --json.
+std::string short_label(const std::string& metric) {
+  std::string s = metric.substr(0, metric.find(" ("));
+  for (const char* noise : {"input tok/s/node, ", "output tok/s/node", " (4K prompts)"})
+    if (auto p = s.find(noise); p != std::string::npos) s.erase(p, std::string(noise).size());
+  while (!s.empty() && s.back() == ' ') s.pop_back();
+  return s;
+}
+
+/// Simulated next to published: per-node throughput (tok/s rows) and the speedups (x rows) that have an anchor.
+int write_plot(const std::string& path, const suite_result& res, const std::string& label) {
+  petrel::plot::bar_chart tput, speedup;
+  tput.title = "Throughput per node: simulated vs published";
+  tput.y_label = "tokens/s per node";
+  speedup.title = "TBO and EPLB speedups: simulated vs published";
+  speedup.y_label = "speedup (x)";
+  for (auto* c : {&tput, &speedup}) c->series_names = {"simulated (petrel simulate)", "published (SGLang, H100)"};
+  for (const auto& r : res.rows) {
+    if (!r.anchor) continue;
+    auto* c = r.unit == "tok/s" ? &tput : r.unit == "x" ? &speedup : nullptr;
+    if (c) c->groups.push_back({short_label(r.metric), {r.simulated, *r.anchor}});
+  }
+  std::vector<petrel::plot::chart> panels{tput, speedup};
+  auto svg = petrel::plot::render_svg(panels, 1, 900, 420);
+  // The inputs the figures came from, as a footnote-free comment a reader of the file can find.
+  std::string note = label;
+  for (auto& ch : note)
+    if (ch == '-') ch = ' '; // "--" may not appear inside an XML comment
+  svg.insert(svg.find("<svg"), "<!-- " + note + " -->\n");
+  if (auto err = petrel::plot::write_svg_file(path, svg); !err.empty()) return bad_input("--plot: " + err);
   std::fprintf(stderr, "petrel simulate: wrote %s\n", path.c_str());
   return petrel::cli::exit_ok;
 }
@@ -110,6 +147,8 @@ int run(const simulate_options& o) {
   const auto res = run_anchor_suite(in);
   const std::string label = "SIMULATED (petrel simulate); kernel times: " + in.kernels.source +
                             "; dispatch/combine: " + in.comm.source;
+  if (!o.plot_file.empty())
+    if (int rc = write_plot(o.plot_file, res, label); rc != petrel::cli::exit_ok) return rc;
   if (o.json) {
     nlohmann::ordered_json rows = nlohmann::ordered_json::array();
     for (const auto& r : res.rows) {
@@ -165,6 +204,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--write-kernel-times", o->write_kernel_times, "write the default kernel-time file and exit");
       sub.add_option("--write-comm", o->write_comm, "write the default (DeepEP published) comm file and exit");
       sub.add_flag("--json", o->json, "print JSON instead of a table");
+      sub.add_option("--plot", o->plot_file, "also write an SVG of simulated next to published figures to this file");
       return [o] { return run(*o); };
     });
 
