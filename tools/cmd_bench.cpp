@@ -61,6 +61,7 @@ struct bench_options {
   double timeout_s = 600;
   std::string json_path;
   std::string plot_path;
+  std::vector<std::string> plot_from;
   bool progress = false;
 };
 
@@ -449,7 +450,62 @@ std::vector<bench_request> make_requests(const bench_options& o, const std::vect
 
 // -- the command --------------------------------------------------------------------------------------------
 
+/// `--plot-from a.json b.json ... --plot out.svg`: throughput and latency against concurrency from the --json
+/// results of earlier runs (one per --max-concurrency), with no server involved.
+int plot_sweep(const bench_options& o) {
+  if (o.plot_path.empty())
+    return bad_input("--plot-from needs --plot FILE.svg to write to");
+  struct point {
+    double concurrency, out_tps, in_tps, ttft_p50, ttft_p99, itl_p50, itl_p99;
+  };
+  std::vector<point> pts;
+  for (const auto& path : o.plot_from) {
+    std::ifstream in(path);
+    if (!in)
+      return bad_input("--plot-from: cannot read " + path);
+    json j = json::parse(in, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      return bad_input("--plot-from: " + path + " is not a JSON object (write one with petrel bench --json)");
+    try {
+      int c = j.at("max_concurrency").get<int>();
+      // Without a limit every request may be in flight at once.
+      pts.push_back({double(c > 0 ? c : j.at("num_prompts").get<int>()), j.at("output_throughput").get<double>(),
+                     j.at("input_throughput").get<double>(), j.at("median_ttft_ms").get<double>(),
+                     j.at("p99_ttft_ms").get<double>(), j.at("median_itl_ms").get<double>(),
+                     j.at("p99_itl_ms").get<double>()});
+    } catch (const json::exception& e) {
+      return bad_input("--plot-from: " + path + " lacks a petrel bench --json field: " + e.what());
+    }
+  }
+  std::sort(pts.begin(), pts.end(), [](const point& a, const point& b) { return a.concurrency < b.concurrency; });
+  petrel::plot::line_chart tput, lat;
+  tput.title = "Throughput against concurrency (" + std::to_string(pts.size()) + " runs)";
+  tput.x_label = "max concurrency (requests in flight)";
+  tput.y_label = "tokens/s";
+  lat.title = "Latency against concurrency";
+  lat.x_label = tput.x_label;
+  lat.y_label = "latency (ms)";
+  tput.series = {{"output tok/s", {}, {}}, {"input tok/s", {}, {}}};
+  lat.series = {{"TTFT p50", {}, {}}, {"TTFT p99", {}, {}}, {"ITL p50", {}, {}}, {"ITL p99", {}, {}}};
+  tput.x_log = lat.x_log = true; // sweeps double the concurrency
+  for (const auto& p : pts) {
+    const double ys[] = {p.out_tps, p.in_tps, p.ttft_p50, p.ttft_p99, p.itl_p50, p.itl_p99};
+    for (size_t k = 0; k < 6; ++k) {
+      auto& s = k < 2 ? tput.series[k] : lat.series[k - 2];
+      s.x.push_back(p.concurrency);
+      s.y.push_back(ys[k]);
+    }
+  }
+  if (auto err = petrel::plot::write_svg_file(o.plot_path, petrel::plot::render_svg({tput, lat}, 2, 640, 420));
+      !err.empty())
+    return bad_input("--plot: " + err);
+  std::fprintf(stderr, "petrel bench: wrote %s\n", o.plot_path.c_str());
+  return petrel::cli::exit_ok;
+}
+
 int run_bench(bench_options o) {
+  if (!o.plot_from.empty())
+    return plot_sweep(o);
   // Where the gateway is.
   if (!o.config.empty()) {
     try {
@@ -738,6 +794,9 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--timeout", o->timeout_s, "seconds one request may take")->capture_default_str();
       sub.add_option("--json", o->json_path, "write the results (and every request's figures) to this file");
       sub.add_option("--plot", o->plot_path, "write the TTFT, ITL and E2E latency CDFs as an SVG to this file");
+      sub.add_option("--plot-from", o->plot_from,
+                     "with --plot: plot throughput and latency against concurrency from these --json results "
+                     "(no server needed)");
       sub.add_flag("--progress", o->progress, "show the progress bar even when stderr is not a terminal");
       return [o] { return run_bench(*o); };
     });

@@ -235,6 +235,15 @@ void render_line(std::ostringstream& o, const line_chart& c, double w, double h,
     }
     o << "<path class=\"series\" data-series=\"" << escape(s.name) << "\" d=\"" << d << "\" fill=\"none\" stroke=\""
       << palette[k % palette_size] << "\" stroke-width=\"2\" clip-path=\"url(#plot-area-" << clip_id << ")\"/>\n";
+    // Markers on a plain line: a sweep has few points, and the reader should see where they are.
+    if (!c.step) {
+      o << "<g class=\"markers\" fill=\"" << palette[k % palette_size] << "\">";
+      for (size_t i = 0; i < std::min(s.x.size(), s.y.size()); ++i)
+        if (usable(s.x[i], s.y[i]))
+          o << "<circle cx=\"" << num(ax.pos(s.x[i], f.x0, f.x1)) << "\" cy=\"" << num(ay.pos(s.y[i], f.y0, f.y1))
+            << "\" r=\"3\"/>";
+      o << "</g>\n";
+    }
   }
 }
 

@@ -102,4 +102,29 @@ assert "latency (ms, log scale)" in texts and "cumulative fraction" in texts, te
 assert any("12 requests" in t for t in texts), "the title counts the requests"
 print("bench plot ok")
 EOF
+
+# -- throughput against concurrency, from the --json results of a small sweep ------------------------------------
+for c in 1 2 4; do
+  "$PETREL_BINARY" bench --port "$port" --num-prompts 6 --input-len 8 --output-len 6 --max-concurrency $c \
+    --warmup 0 --json "$work/sweep_$c.json" > /dev/null
+done
+"$PETREL_BINARY" bench --plot-from "$work"/sweep_{4,1,2}.json --plot "$work/sweep.svg" 2> /dev/null
+python3 - "$work/sweep.svg" <<'PY'
+import sys, xml.etree.ElementTree as ET
+ns = {"s": "http://www.w3.org/2000/svg"}
+root = ET.parse(sys.argv[1]).getroot()
+paths = root.findall(".//s:path[@class='series']", ns)
+names = [p.get("data-series") for p in paths]
+assert names == ["output tok/s", "input tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"], names
+for p in paths:
+    assert p.get("d").count("L") == 2, f"{p.get('data-series')}: expected 3 points, got {p.get('d')}"
+    xs = [float(seg.split()[0]) for seg in p.get("d")[1:].split("L")]
+    assert xs == sorted(xs), "points are not in order of concurrency"
+texts = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+assert texts.count("max concurrency (requests in flight)") == 2 and "tokens/s" in texts, texts
+print("sweep plot ok")
+PY
+if "$PETREL_BINARY" bench --plot-from "$work/sim.svg" --plot "$work/x.svg" 2> /dev/null; then
+  echo "--plot-from accepted an SVG as bench results"; exit 1
+fi
 echo "test_svg_plot.sh: ok"
