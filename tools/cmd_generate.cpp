@@ -3,7 +3,9 @@
 //                   [--backend cpu] [--load dummy] [--prefill-chunk N] [--threads T]
 // stdout: {"output_ids":[...]} (new tokens only). --dump-logits writes the prompt's logits, float32 LE,
 // row-major [prompt_len, vocab].
+#include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -14,6 +16,7 @@
 #include "runtime/backend.hpp"
 #include "runtime/generation.hpp"
 #include "runtime/model.hpp"
+#include "runtime/safetensors.hpp"
 #include "tools/command.hpp"
 
 namespace {
@@ -52,6 +55,28 @@ bool parse_ids(const std::string& s, std::vector<int32_t>& out) {
   return !out.empty();
 }
 
+/// What loading will read: tensors and bytes over DIR/*.safetensors (headers only; the files are mapped, not read).
+/// Printed before and after the load so a long load is not silent. deepseek_model::load takes no progress
+/// callback, so this is a start and an end line, not a live counter. Any problem here is left to load() to report.
+struct checkpoint_size {
+  size_t files = 0, tensors = 0, bytes = 0;
+};
+checkpoint_size scan_checkpoint(const std::string& dir) {
+  checkpoint_size s;
+  try {
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      if (e.path().extension() != ".safetensors") continue;
+      auto f = petrel::safetensors_file::open(e.path());
+      ++s.files;
+      s.tensors += f->tensors().size();
+      for (const auto& [name, t] : f->tensors()) s.bytes += t.nbytes;
+    }
+  } catch (const std::exception&) {
+    return {};
+  }
+  return s;
+}
+
 int run(const generate_cli& o) {
   std::vector<int32_t> prompt;
   if (!parse_ids(o.input_ids, prompt))
@@ -67,10 +92,20 @@ int run(const generate_cli& o) {
   }
   if (o.threads > 0) be->set_num_threads(o.threads);
   std::unique_ptr<petrel::deepseek_model> model;
+  const checkpoint_size ck = o.load == "dummy" ? checkpoint_size{} : scan_checkpoint(o.model);
+  if (ck.files)
+    std::fprintf(stderr, "petrel generate: loading %s: %zu tensors, %.1f MiB in %zu file(s)\n", o.model.c_str(),
+                 ck.tensors, double(ck.bytes) / (1 << 20), ck.files);
+  const auto load_start = std::chrono::steady_clock::now();
   try {
     model = petrel::deepseek_model::load(o.model, *be, o.load == "dummy", o.seed);
   } catch (const petrel::model_load_error& e) {
     return bad_input(e.what());
+  }
+  if (ck.files) {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
+    std::fprintf(stderr, "petrel generate: loaded %zu tensors (%.1f MiB) in %.2f s (%.0f MiB/s)\n", ck.tensors,
+                 double(ck.bytes) / (1 << 20), s, s > 0 ? double(ck.bytes) / (1 << 20) / s : 0.0);
   }
   const auto& cfg = model->config();
   for (int32_t t : prompt)
