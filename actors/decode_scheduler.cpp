@@ -98,6 +98,7 @@ bool emit(decode_pointer self, decode_entry& e, int32_t token) {
   ++e.generated;
   bool stop = std::find(a.stop_ids.begin(), a.stop_ids.end(), token) != a.stop_ids.end();
   bool finished = stop || e.generated >= a.generated + a.max_new_tokens;
+  count_group_tokens(self->state.group.name, "output", 1);
   if (self->state.router)
     self->anon_send(self->state.router, tokens_atom::value, token_event{a.rid, {token}, finished, {}});
   return finished;

@@ -396,6 +396,13 @@ metrics::serving_metrics& serving_metrics() {
   return instance;
 }
 
+void count_group_tokens(const std::string& group, const char* kind, double tokens) {
+  static auto& family = metrics::global_registry().add_counter(
+      "petrel_group_tokens_total", "Tokens processed per group: input (prefilled) or output (decoded)",
+      {"group", "kind"});
+  family.with({group, kind}).inc(tokens);
+}
+
 std::vector<child_spec> service_children(const service_context& sc) {
   std::vector<child_spec> out;
   for (auto& g : sc.cfg->groups) {

@@ -46,4 +46,8 @@ struct serving_metrics;
 }
 metrics::serving_metrics& serving_metrics();
 
+/// Tokens processed per group (petrel_group_tokens_total{group, kind=input|output}): what
+/// `petrel status` turns into per-group throughput.
+void count_group_tokens(const std::string& group, const char* kind, double tokens);
+
 } // namespace petrel

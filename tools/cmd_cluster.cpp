@@ -1,10 +1,16 @@
 // petrel launch | node | status | stop: starting, inspecting and stopping a cluster.
+#include <iomanip>
 #include <iostream>
+#include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
 #include <memory>
 #include <thread>
 
 #include "actors/cluster.hpp"
 #include "tools/command.hpp"
+#include "tools/http_client.hpp"
 #include "tools/launch_demo.hpp"
 
 namespace {
@@ -99,6 +105,52 @@ std::optional<run_file> find_running(const std::string& path) {
   return rf;
 }
 
+/// Tokens per group and kind from the gateway's metrics: {"decode0/output": 1234, ...}.
+std::map<std::string, double> group_token_counts(const run_file& rf) {
+  std::map<std::string, double> out;
+  auto r = http_client::get(rf.gateway_host, rf.gateway_port, "/dashboard/data", std::chrono::milliseconds(3000));
+  if (!r.ok())
+    return out;
+  try {
+    auto doc = nlohmann::json::parse(r.body);
+    for (auto& sample : doc.at("metrics").at("petrel_group_tokens_total").at("samples"))
+      out[sample["labels"]["group"].get<std::string>() + "/" + sample["labels"]["kind"].get<std::string>()] =
+          sample["value"].get<double>();
+  } catch (const std::exception&) {
+  }
+  return out;
+}
+
+/// One line per group: load from /health, throughput from two token counts `seconds` apart.
+std::string group_table(const run_file& rf, const std::map<std::string, double>& before,
+                        const std::map<std::string, double>& after, double seconds) {
+  auto h = http_client::get(rf.gateway_host, rf.gateway_port, "/health", std::chrono::milliseconds(3000));
+  if (!h.ok())
+    return "";
+  std::ostringstream os;
+  os << "\n" << std::left << std::setw(12) << "GROUP" << std::setw(8) << "QUEUED" << std::setw(9) << "RUNNING"
+     << std::setw(14) << "KV FREE" << std::setw(10) << "RANKS UP" << std::setw(14) << "INPUT tok/s"
+     << "OUTPUT tok/s\n";
+  try {
+    auto health = nlohmann::json::parse(h.body);
+    for (auto& g : health.at("groups")) {
+      auto name = g["group"].get<std::string>();
+      auto rate = [&](const char* kind) {
+        auto key = name + "/" + kind;
+        auto a = after.count(key) ? after.at(key) : 0.0, b = before.count(key) ? before.at(key) : 0.0;
+        return seconds > 0 ? (a - b) / seconds : 0.0;
+      };
+      os << std::setw(12) << name << std::setw(8) << g["queued"].get<int>() << std::setw(9) << g["running"].get<int>()
+         << std::setw(14) << (std::to_string(g["free_pages"].get<int>()) + "/" + std::to_string(g["total_pages"].get<int>()))
+         << std::setw(10) << (std::to_string(g["ranks_up"].get<int>()) + "/" + std::to_string(g["ranks"].get<int>()))
+         << std::setw(14) << std::fixed << std::setprecision(1) << rate("input") << rate("output") << "\n";
+    }
+  } catch (const std::exception&) {
+    return "";
+  }
+  return os.str();
+}
+
 const bool status_registered = register_command(
     "status", "Show the live actor tree of a running cluster: node, actor, state, epoch, restarts",
     [](CLI::App& sub) -> command_fn {
@@ -112,9 +164,19 @@ const bool status_registered = register_command(
         auto rf = find_running(*path);
         if (!rf)
           return int(exit_failure);
+        // Per-group throughput needs two samples: over the --watch period, or over one second.
+        double period = *watch > 0 ? *watch : 1.0;
+        auto before = *json ? std::map<std::string, double>{} : group_token_counts(*rf);
         for (;;) {
           std::string out;
           int rc = print_cluster_status(*rf, *json, out);
+          if (rc == 0 && !*json && rf->gateway_port) {
+            if (*watch <= 0)
+              std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int>(period * 1000)));
+            auto after = group_token_counts(*rf);
+            out += group_table(*rf, before, after, period);
+            before = std::move(after);
+          }
           if (*watch > 0)
             std::cout << "\x1b[2J\x1b[H";
           (rc == 0 ? std::cout : std::cerr) << out << std::flush;

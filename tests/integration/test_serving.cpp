@@ -156,8 +156,15 @@ TEST_CASE("PD-disaggregated serving matches the single-process model and streams
   CHECK(too_long.status == 400);
   CHECK(json::parse(too_long.body)["error"]["param"] == "max_tokens");
 
+  // `petrel status` shows per-group load and throughput next to the actor tree.
+  auto status = run_petrel("status " + c.cfg);
+  CHECK(status.exit_code == 0);
+  CHECK(status.output.find("OUTPUT tok/s") != std::string::npos);
+  CHECK(status.output.find("prefill0") != std::string::npos);
+
   // Metrics move.
   auto m = http_get(c.port, "/metrics").body;
+  CHECK(m.find("petrel_group_tokens_total{group=\"decode0\",kind=\"output\"}") != std::string::npos);
   CHECK(m.find("petrel_kv_transfer_seconds_count{phase=\"transfer\"}") != std::string::npos);
   CHECK(m.find("petrel_output_tokens_total") != std::string::npos);
   CHECK(eventually(5s, [&] { return all_pages_free(c); }));
