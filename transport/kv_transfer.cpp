@@ -291,8 +291,11 @@ kv_expected<std::vector<uint8_t>> from_hex(const std::string& text) {
 
 kv_expected<std::vector<kv_page_range>> coalesce_page_ranges(std::vector<kv_page_range> ranges) {
   using R = kv_expected<std::vector<kv_page_range>>;
-  for (size_t i = 0; i < ranges.size(); ++i)
+  for (size_t i = 0; i < ranges.size(); ++i) {
     if (ranges[i].length == 0) return R::failure("page range " + std::to_string(i) + " has length 0");
+    if (ranges[i].src_offset + ranges[i].length < ranges[i].src_offset || ranges[i].dst_offset + ranges[i].length < ranges[i].dst_offset)
+      return R::failure("page range " + std::to_string(i) + " runs past 2^64"); // else merged lengths could wrap to 0
+  }
   std::stable_sort(ranges.begin(), ranges.end(),
                    [](const kv_page_range& a, const kv_page_range& b) { return a.dst_offset < b.dst_offset; });
   std::vector<kv_page_range> out;

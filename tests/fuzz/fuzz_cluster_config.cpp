@@ -28,19 +28,20 @@ void make_base() {
 // KNOWN BUG (yaml-cpp 0.7.0, Debian bookworm; upstream issue jbeder/yaml-cpp#1040, fixed by PRs #1318 and
 // #1319 in 0.8.0): YAML::LoadAll, which parse_cluster_config calls, loops forever, allocating without bound,
 // when the parser meets a ',' outside a flow collection that it cannot place: the one byte ",", "--- ,",
-// "\0, ", "!tag,", or a line starting with ',' after a multi-line plain scalar. Until
+// "\0, ", "!tag,", "'multi-line quoted', x", or a line starting with ',' after a multi-line plain scalar. Until
 // runtime/cluster_config.cpp stops reaching that loop, the target skips every input with a ',' outside
-// brackets, quotes and comments, so that it can look for other bugs; PETREL_FUZZ_KNOWN_BUGS=1 feeds them
+// brackets, quotes and comments, or an empty flow entry ("{,", "[ ,", ",,"), so that it can look for other bugs; PETREL_FUZZ_KNOWN_BUGS=1 feeds them
 // anyway (the run then hangs: a libFuzzer timeout). See docs/fuzzing.md. Coarse on purpose (narrower
 // filters were each beaten by a new trigger within minutes); it also skips plain scalars with commas.
 bool hits_yaml_cpp_comma_loop(const std::string& t) {
   int depth = 0;
   char quote = 0;
+  char prev = 0; // the last character outside quotes, comments and blanks
   for (size_t i = 0; i < t.size(); ++i) {
     const char c = t[i];
-    if (c == '\n' || c == '\r') {
-      quote = 0; // a quote left open is a parse error anyway; do not let it hide later lines
-      continue;
+    if (!quote && i > 0) {
+      const char p = t[i - 1];
+      if (p != ' ' && p != '\t' && p != '\n' && p != '\r') prev = p;
     }
     if (quote) {
       if (c == quote) quote = 0;
@@ -50,6 +51,8 @@ bool hits_yaml_cpp_comma_loop(const std::string& t) {
       quote = c;
     } else if (c == '#' && (i == 0 || t[i - 1] == ' ' || t[i - 1] == '\t' || t[i - 1] == '\n' || t[i - 1] == '\r')) {
       while (i + 1 < t.size() && t[i + 1] != '\n' && t[i + 1] != '\r') ++i;
+    } else if (c == ',' && (prev == 0 || prev == '[' || prev == '{' || prev == ',')) {
+      return true; // "{," "[ ," ",,": an empty flow entry
     } else if (c == '[' || c == '{') {
       ++depth;
     } else if (c == ']' || c == '}') {
