@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <iostream>
+#include <mutex>
 #include <thread>
 
 #include <caf/all.hpp>
@@ -33,6 +34,51 @@ struct rank_state {
 
 using rank_pointer = rank_actor::stateful_pointer<rank_state>;
 
+// -- retired KV pools ---------------------------------------------------------------------------
+// A peer may still be writing into (or reading from) a pool after its rank's incarnation ended: a
+// transfer in flight, or one that timed out on the sender but whose bytes are still on the wire.
+// UCX over tcp does not check keys at the target, so freeing the memory would turn such a write
+// into a crash or, worse, into garbage in someone else's pages. A retired pool therefore stays
+// mapped and registered, unused, for a grace period longer than any transfer deadline.
+
+struct retired_pool {
+  std::unique_ptr<backend> be; // declared first: destroyed last, after the pool it allocated
+  std::unique_ptr<kv_pool> kv;
+  std::shared_ptr<transport::kv_transfer_engine> engine;
+  uint64_t pool_id = 0;
+  std::chrono::steady_clock::time_point retired_at;
+};
+
+std::mutex retired_mutex;
+std::vector<retired_pool> retired_pools;
+constexpr auto retired_grace = std::chrono::seconds(60);
+
+void release_expired_pools() {
+  std::vector<retired_pool> expired;
+  {
+    std::lock_guard<std::mutex> guard{retired_mutex};
+    auto now = std::chrono::steady_clock::now();
+    for (auto it = retired_pools.begin(); it != retired_pools.end();)
+      if (now - it->retired_at > retired_grace) {
+        expired.push_back(std::move(*it));
+        it = retired_pools.erase(it);
+      } else {
+        ++it;
+      }
+  }
+  for (auto& r : expired)
+    if (r.engine && r.pool_id != 0)
+      r.engine->deregister_pool(r.pool_id);
+}
+
+void retire_pool(rank_state& st) {
+  if (!st.kv)
+    return;
+  std::lock_guard<std::mutex> guard{retired_mutex};
+  retired_pools.push_back(retired_pool{std::move(st.be), std::move(st.kv), st.config.kv_engine, st.info.pool_id,
+                                       std::chrono::steady_clock::now()});
+}
+
 /// Stateless per-position sampling: the token at output position `position` depends only on the
 /// logits, the request's settings and (seed, position), so a migrated request continues exactly.
 int32_t sample_at(std::span<const float> logits, const sampling_spec& s, int32_t position) {
@@ -48,6 +94,7 @@ int32_t sample_at(std::span<const float> logits, const sampling_spec& s, int32_t
 }
 
 void load(rank_pointer self) {
+  release_expired_pools();
   auto& st = self->state;
   auto& cfg = st.config;
   st.be = make_backend(cfg.backend);
@@ -85,11 +132,7 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
     std::cerr << "petrel " << what << "\n";
     throw std::runtime_error(what);
   }
-  self->attach_functor([self](const caf::error&) {
-    auto& st = self->state;
-    if (st.config.kv_engine && st.info.pool_id != 0)
-      st.config.kv_engine->deregister_pool(st.info.pool_id);
-  });
+  self->attach_functor([self](const caf::error&) { retire_pool(self->state); });
   return {
       [self](ping_atom) { return caf::make_result(pong_atom::value, self->state.fence.epoch); },
       [self](info_atom) { return self->state.info; },

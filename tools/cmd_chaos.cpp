@@ -3,6 +3,7 @@
 // fault-free run. Every fault and every request outcome goes into a JSON history.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -193,6 +194,8 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
     auto log = (fs::path(run_path).parent_path() / "chaos-head.log").string();
     pid_t pid = ::fork();
     if (pid == 0) {
+      // If the runner dies (a test timeout, ^C), the cluster stops with it instead of lingering.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
       int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       ::dup2(fd, 1);
       ::dup2(fd, 2);

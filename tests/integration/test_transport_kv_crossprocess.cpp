@@ -3,6 +3,8 @@
 // that every transfer still ends (error callback, deadline) and nothing hangs.
 #include <doctest/doctest.h>
 
+#include <fstream>
+
 #include "transport/kv_transfer.hpp"
 
 #include <atomic>
@@ -130,7 +132,21 @@ public:
     }
   }
 
-  void signal(int sig) { ::kill(pid_, sig); }
+  void signal(int sig) {
+    ::kill(pid_, sig);
+    if (sig != SIGSTOP)
+      return;
+    // kill() returns before the child is stopped: wait until /proc says so, or the test races it.
+    for (int i = 0; i < 200; ++i) {
+      std::ifstream stat("/proc/" + std::to_string(pid_) + "/stat");
+      std::string line;
+      std::getline(stat, line);
+      auto close = line.rfind(')');
+      if (close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T')
+        return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
   void reap() {
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
