@@ -176,12 +176,31 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   reader r(name);
   YAML::Node root;
   try {
-    auto docs = YAML::LoadAll(yaml_text);
-    if (!docs.empty())
-      root = docs[0];
-    for (size_t i = 1; i < docs.size(); ++i)
-      if (!docs[i].IsNull())
-        r.fail(docs[i], "a second YAML document starts here ('---'); a cluster.yaml holds one");
+    // yaml-cpp 0.7's LoadAll can loop forever on some malformed text (a stray ',': upstream issue
+    // 1040, found by fuzz_cluster_config), so parse one document and find a second one by its
+    // marker: a line "---" (or "--- ...") after content.
+    root = YAML::Load(yaml_text);
+    std::istringstream lines(yaml_text);
+    std::string line;
+    bool content = false;
+    for (int n = 1; std::getline(lines, line); ++n) {
+      auto first = line.find_first_not_of(" \t\r");
+      if (first == std::string::npos || line[first] == '#')
+        continue;
+      bool marker = line.rfind("---", 0) == 0 && (line.size() == 3 || line[3] == ' ' || line[3] == '\t' || line[3] == '\r');
+      if (marker && content) {
+        auto rest = line.substr(3);
+        auto next_content = rest.find_first_not_of(" \t\r");
+        std::string after;
+        for (std::string l2; std::getline(lines, l2);)
+          if (l2.find_first_not_of(" \t\r") != std::string::npos && l2[l2.find_first_not_of(" \t\r")] != '#')
+            after = l2;
+        if (next_content != std::string::npos || !after.empty())
+          r.fail_line(n, "a second YAML document starts here ('---'); a cluster.yaml holds one");
+        break;
+      }
+      content |= !marker;
+    }
   } catch (const YAML::ParserException& e) {
     r.fail_line(e.mark.line >= 0 ? e.mark.line + 1 : 0, "not valid YAML: " + e.msg);
   }

@@ -197,7 +197,14 @@ std::shared_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
     t.file = p;
     try {
       t.dtype_str = desc.at("dtype").get<std::string>();
-      for (auto& d : desc.at("shape")) t.shape.push_back(d.get<int64_t>());
+      int64_t elements = 1;
+      for (auto& d : desc.at("shape")) {
+        auto dim = d.get<int64_t>();
+        // A negative dimension, or a product past 2^62, is a corrupt header, not a tensor.
+        if (dim < 0 || __builtin_mul_overflow(elements, dim, &elements) || elements > (int64_t(1) << 62))
+          throw model_load_error("shape dimension " + std::to_string(dim) + " is negative or too large");
+        t.shape.push_back(dim);
+      }
       auto offs = desc.at("data_offsets");
       uint64_t begin = offs.at(0).get<uint64_t>(), end = offs.at(1).get<uint64_t>();
       if (end < begin) throw model_load_error("data_offsets end before begin");

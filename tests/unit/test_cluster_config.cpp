@@ -227,7 +227,7 @@ TEST_CASE("the top level must be one mapping") {
   CHECK_CONFIG_ERROR(dir, "# only a comment\n", 1, "the top level must be a mapping");
   CHECK_CONFIG_ERROR(dir, "- model\n- nodes\n", 1, "the top level must be a mapping");
   CHECK_CONFIG_ERROR(dir, "just text\n", 1, "the top level must be a mapping");
-  CHECK_CONFIG_ERROR(dir, base + "---\nnodes: []\n", 9, "a second YAML document starts here");
+  CHECK_CONFIG_ERROR(dir, base + "---\nnodes: []\n", 8, "a second YAML document starts here");
   CHECK_NOTHROW(dir.parse(base + "---\n")); // an empty trailing document is harmless
 }
 
