@@ -74,7 +74,11 @@ void on_tokens(gateway_pointer self, token_event& ev) {
   auto& r = it->second;
   auto& m = serving_metrics();
   if (!ev.error.empty()) {
-    auto err = api_error::internal(ev.error);
+    // A request the engine refused as invalid (e.g. it can never fit a decode rank's KV pool) is the
+    // client's error (400); anything else failed on our side (500).
+    bool invalid = ev.error.rfind("bad_request", 0) == 0;
+    auto err = invalid ? api_error::invalid("max_tokens", ev.error, "context_length_exceeded")
+                       : api_error::internal(ev.error);
     if (r.stream && r.out->streaming()) {
       r.out->send_event(err.to_json());
       r.out->end_sse();
