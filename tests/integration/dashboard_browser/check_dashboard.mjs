@@ -102,10 +102,13 @@ try {
     const v = +(await attr('panel-throughput', 'peak-output-tps'));
     return v > 0 ? {ok: true} : {why: `peak-output-tps=${v}`};
   });
+  // The page must keep polling. On a loaded machine one /dashboard/data answer can take seconds (it
+  // gathers the live actor tree from every node), so allow a generous window for the next poll.
   const polls0 = +(await page.getAttribute('body', 'data-polls'));
-  await sleep(2500);
-  const polls1 = +(await page.getAttribute('body', 'data-polls'));
-  if (polls1 < polls0 + 1) fail(`the page stopped polling (data-polls ${polls0} -> ${polls1})`);
+  await waitFor('the page keeps polling', 30, async () => {
+    const polls1 = +(await page.getAttribute('body', 'data-polls'));
+    return polls1 >= polls0 + 1 ? {ok: true} : {why: `data-polls ${polls0} -> ${polls1}`};
+  });
   // (retried: on a loaded host a node may be restarting just when we look)
   const liveChecks = async () => ({
     'topology nodes': +(await attr('panel-topology', 'nodes')) >= 2,
