@@ -29,6 +29,9 @@ struct run_file {
 std::string run_file_path(const cluster_config& cfg);
 std::optional<run_file> read_run_file(const std::string& path);
 
+/// True while the head that wrote `run` still runs (an exited, unreaped head counts as gone).
+bool cluster_running(const run_file& run);
+
 struct head_options {
   std::string config_path;
   /// Called once the head is up (run file written); for tests and for the CLI's banner.

@@ -314,9 +314,13 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
 
 } // namespace
 
+bool cluster_running(const run_file& run) {
+  return process_alive(run.head_pid);
+}
+
 int run_head(const cluster_config& cfg, const head_options& opts) {
   auto path = run_file_path(cfg);
-  if (auto existing = read_run_file(path); existing && process_alive(existing->head_pid))
+  if (auto existing = read_run_file(path); existing && cluster_running(*existing))
     throw config_error(cfg.source + ": cluster '" + cfg.cluster.name + "' is already running (head pid " +
                        std::to_string(existing->head_pid) + "); run `petrel stop " + cfg.source +
                        "` first or give this one another cluster.name");

@@ -186,7 +186,7 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
   std::optional<pid_t> head_pid;
   auto run_path = run_file_path(cfg);
   if (!attach) {
-    if (auto existing = read_run_file(run_path); existing && ::kill(existing->head_pid, 0) == 0) {
+    if (auto existing = read_run_file(run_path); existing && cluster_running(*existing)) {
       std::cerr << "petrel chaos: cluster '" << cfg.cluster.name << "' is already running; stop it or use --attach\n";
       return exit_bad_input;
     }
