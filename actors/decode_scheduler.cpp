@@ -27,6 +27,7 @@ struct decode_entry {
   int32_t last_token = 0;   // next input token
   int32_t generated = 0;    // output position of the next token
   caf::actor_clock::time_point reserved_at;
+  caf::actor_addr owner;    // the router incarnation that placed it
 };
 
 struct decode_state {
@@ -92,6 +93,19 @@ void fail(decode_pointer self, uint64_t rid, const std::string& where, const std
     self->anon_send(st.router, failed_atom::value, request_failure{rid, where, reason, true});
 }
 
+/// Drops a request without telling the router (it asked, or it is gone). Pages a step in flight may
+/// still write are freed when that step returns.
+void abort_request(decode_pointer self, uint64_t rid) {
+  auto& st = self->state;
+  auto it = st.requests.find(rid);
+  if (it == st.requests.end())
+    return;
+  if (it->second.in_step)
+    it->second.aborted = true;
+  else
+    free_entry(self, it);
+}
+
 /// Emits `token` for the request; true when the request is finished.
 bool emit(decode_pointer self, decode_entry& e, int32_t token) {
   auto& a = e.admission;
@@ -150,6 +164,8 @@ void schedule(decode_pointer self) {
                 if (it == st.requests.end())
                   continue;
                 auto& e = it->second;
+                if (!e.in_step)
+                  continue; // a newer placement of the same request id, not part of this step
                 e.in_step = false;
                 if (e.aborted) {
                   free_entry(self, it);
@@ -189,14 +205,30 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
       for (auto rid : lost)
         fail(self, rid, st.slots[*r].label(), "rank went down: " + describe(dm.reason));
       update_gauges(self);
+    } else {
+      // A router died: its request table is gone, so are its requests here (the gateway resubmits
+      // them to the next router, which places them afresh).
+      std::vector<uint64_t> orphans;
+      for (auto& [rid, e] : st.requests)
+        if (e.owner == dm.source)
+          orphans.push_back(rid);
+      for (auto rid : orphans)
+        abort_request(self, rid);
+      if (st.router && dm.source == st.router.address())
+        st.router = nullptr;
+      update_gauges(self);
     }
   });
   self->send(self, tick_atom::value);
   return {
       [self](admit_atom, decode_admission& a) -> caf::result<kv_destination> {
         auto& st = self->state;
-        if (!st.router)
-          st.router = caf::actor_cast<router_actor>(self->current_sender());
+        // Tokens go to the router that placed the latest request (a restarted router replaces the old one).
+        auto sender = caf::actor_cast<router_actor>(self->current_sender());
+        if (sender && sender != st.router) {
+          st.router = sender;
+          self->monitor(sender);
+        }
         auto t0 = std::chrono::steady_clock::now();
         int64_t total = static_cast<int64_t>(a.tokens.size()) + a.max_new_tokens;
         // DP attention: the request lives on one rank; pick the one with the most free pages.
@@ -227,7 +259,14 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
           return make_error(petrel_errc::overloaded, "decode group '" + st.group.name + "' has no room");
         auto& s = st.slots[*best];
         auto pages = s.pages->allocate(pages_for_tokens(total, s.info.page_size));
+        if (auto old = st.requests.find(a.rid); old != st.requests.end()) {
+          // An earlier placement of the same request, by a router that died. Its pages may still be
+          // written by a step or a transfer in flight, so they rest in quarantine rather than being reused.
+          old->second.running = false;
+          free_entry(self, old);
+        }
         decode_entry e;
+        e.owner = caf::actor_cast<caf::actor_addr>(self->current_sender());
         e.admission = std::move(a);
         e.rank = *best;
         e.rank_epoch = s.epoch();
@@ -266,14 +305,7 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
         schedule(self);
       },
       [self](abort_atom, uint64_t rid) {
-        auto& st = self->state;
-        auto it = st.requests.find(rid);
-        if (it == st.requests.end())
-          return;
-        if (it->second.in_step)
-          it->second.aborted = true; // the rank may still write its pages
-        else
-          free_entry(self, it);
+        abort_request(self, rid);
         update_gauges(self);
       },
       [self](load_atom) {

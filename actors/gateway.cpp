@@ -30,6 +30,9 @@ struct open_request {
   bool engine_done = false;
   clock_type::time_point started, last_token;
   bool got_first = false;
+  bool accepted = false;  // the router took it (its submit was answered ok)
+  bool orphaned = false;  // its router died: resubmit (with the tokens already streamed) to the next one
+  serve_request submission; // what went to the router; `emitted` grows with every token streamed
 };
 
 struct gateway_state {
@@ -100,6 +103,7 @@ void on_tokens(gateway_pointer self, token_event& ev) {
     r.last_token = now;
     m.output_tokens.get().inc(static_cast<double>(ev.ids.size()));
   }
+  r.submission.emitted.insert(r.submission.emitted.end(), ev.ids.begin(), ev.ids.end());
   auto delta = r.builder->push(ev.ids);
   if (ev.finished && !r.builder->finished()) {
     auto tail = r.builder->finish(finish_reason::length);
@@ -121,6 +125,8 @@ void on_tokens(gateway_pointer self, token_event& ev) {
   close_request(self, it, "ok");
 }
 
+void submit(gateway_pointer self, uint64_t rid);
+
 void on_generation(gateway_pointer self, api_endpoint endpoint, http_call& call) {
   auto& st = self->state;
   auto parsed = parse_generation_request(endpoint, call.body, st.limits);
@@ -136,6 +142,21 @@ void on_generation(gateway_pointer self, api_endpoint endpoint, http_call& call)
     return;
   }
   auto& req = parsed.value();
+  // A request no decode rank's KV pool can ever hold is refused here, before any stream opens.
+  int64_t need = static_cast<int64_t>(req.prompt_ids.size()) + req.sampling.max_tokens, largest = 0;
+  for (auto* g : st.sc.cfg->groups_with(group_role::decode))
+    largest = std::max<int64_t>(largest, int64_t(g->kv_pages) * g->page_size);
+  if (largest > 0 && need > largest) {
+    count_request("invalid");
+    respond_error(call.out, api_error::invalid("max_tokens",
+                                               "prompt (" + std::to_string(req.prompt_ids.size()) +
+                                                   " tokens) + max_tokens (" + std::to_string(req.sampling.max_tokens) +
+                                                   ") = " + std::to_string(need) +
+                                                   " tokens, more than the largest decode rank's KV pool holds (" +
+                                                   std::to_string(largest) + " tokens)",
+                                               "context_length_exceeded"));
+    return;
+  }
   auto rid = st.next_rid++;
   serve_request sreq;
   sreq.rid = rid;
@@ -152,36 +173,59 @@ void on_generation(gateway_pointer self, api_endpoint endpoint, http_call& call)
   r.out = call.out;
   r.started = clock_type::now();
   r.builder = std::make_unique<response_builder>(std::move(req));
-  auto prompt_tokens = sreq.prompt.size();
+  r.submission = std::move(sreq);
   st.open.emplace(rid, std::move(r));
   call.out->on_disconnect([me = caf::actor_cast<gateway_actor>(self), rid] { caf::anon_send(me, abort_atom::value, rid); });
-  self->request(st.router, 10s, submit_atom::value, std::move(sreq))
+  submit(self, rid);
+}
+
+/// Hands open request `rid` to the router: the first time, or again (with the tokens already streamed)
+/// after the router it was on died. The client sees one uninterrupted response either way.
+void submit(gateway_pointer self, uint64_t rid) {
+  auto& st = self->state;
+  auto it = st.open.find(rid);
+  if (it == st.open.end())
+    return;
+  it->second.orphaned = false;
+  auto router = st.router;
+  self->request(router, 10s, submit_atom::value, it->second.submission)
       .then(
-          [self, rid, prompt_tokens](caf::ok_atom) {
+          [self, rid](caf::ok_atom) {
             auto it = self->state.open.find(rid);
-            if (it == self->state.open.end())
+            if (it == self->state.open.end() || it->second.accepted)
               return;
-            serving_metrics().input_tokens.get().inc(static_cast<double>(prompt_tokens));
+            it->second.accepted = true;
+            serving_metrics().input_tokens.get().inc(static_cast<double>(it->second.submission.prompt.size()));
             if (it->second.stream) {
               it->second.out->begin_sse();
               for (auto& payload : it->second.builder->stream_start())
                 it->second.out->send_event(payload);
             }
           },
-          [self, rid](caf::error& err) {
-            auto it = self->state.open.find(rid);
-            if (it == self->state.open.end())
+          [self, rid, router](caf::error& err) {
+            auto& st = self->state;
+            auto it = st.open.find(rid);
+            if (it == st.open.end())
               return;
+            // The router died before it answered: the request waits for the next router.
+            if (router != st.router || !st.router) {
+              it->second.orphaned = true;
+              return;
+            }
             bool overloaded = err.category() == caf::atom("petrel") &&
                               err.code() == static_cast<uint8_t>(petrel_errc::overloaded);
-            if (overloaded)
-              respond_error(it->second.out, api_error::unavailable("server overloaded: " + describe(err)),
-                            {{"Retry-After", "1"}});
-            else
-              respond_error(it->second.out, api_error::internal(describe(err)));
+            auto api = overloaded ? api_error::unavailable("server overloaded: " + describe(err))
+                                  : api_error::internal(describe(err));
+            if (it->second.accepted && it->second.stream && it->second.out->streaming()) {
+              it->second.out->send_event(api.to_json());
+              it->second.out->end_sse();
+            } else if (overloaded) {
+              respond_error(it->second.out, api, {{"Retry-After", "1"}});
+            } else {
+              respond_error(it->second.out, api);
+            }
             it->second.out.reset();
-            auto status = overloaded ? "overloaded" : "failed";
-            close_request(self, it, status);
+            close_request(self, it, overloaded ? "overloaded" : "failed");
           });
 }
 
@@ -296,8 +340,18 @@ void resolve_router(gateway_pointer self) {
   self->request(st.services, 2s, whereis_atom::value, std::string(router_name))
       .then(
           [self](caf::actor& handle, uint64_t) {
-            self->state.router = caf::actor_cast<router_actor>(handle);
+            auto& st = self->state;
+            if (st.router)
+              return;
+            st.router = caf::actor_cast<router_actor>(handle);
             self->monitor(handle);
+            // Requests whose router died go to the new one, continuing from the tokens already streamed.
+            std::vector<uint64_t> orphans;
+            for (auto& [rid, r] : st.open)
+              if (r.orphaned)
+                orphans.push_back(rid);
+            for (auto rid : orphans)
+              submit(self, rid);
           },
           [](caf::error&) {});
 }
@@ -346,8 +400,13 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
       self->state.server->stop();
   });
   self->set_down_handler([self](caf::down_msg& dm) {
-    if (self->state.router && dm.source == self->state.router.address())
-      self->state.router = nullptr;
+    auto& st = self->state;
+    if (st.router && dm.source == st.router.address()) {
+      st.router = nullptr;
+      // Its request table died with it: every open request goes to the router's next incarnation.
+      for (auto& [rid, r] : st.open)
+        r.orphaned = true;
+    }
   });
   resolve_router(self);
   self->send(self, tick_atom::value);

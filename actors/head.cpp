@@ -266,6 +266,17 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
       },
       [self](kill_atom, const std::string& node, const std::string& child) -> caf::result<uint64_t> {
         auto rp = self->make_response_promise<uint64_t>();
+        if (node == "head") {
+          // One of the head's serving actors (router, gateway, a scheduler): its supervisor restarts it.
+          self->request(self->state.service_supervisor, std::chrono::seconds(2), whereis_atom::value, child)
+              .then(
+                  [self, rp](caf::actor& target, uint64_t epoch) mutable {
+                    self->send_exit(target, caf::exit_reason::kill);
+                    rp.deliver(epoch);
+                  },
+                  [rp](caf::error& err) mutable { rp.deliver(err); });
+          return rp;
+        }
         self->request(self->state.cluster_supervisor, std::chrono::seconds(2), whereis_atom::value, node)
             .then(
                 [self, rp, child](caf::actor& proxy, uint64_t) mutable {

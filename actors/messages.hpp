@@ -125,11 +125,13 @@ struct serve_request {
   int32_t max_new_tokens = 16;
   sampling_spec sampling;
   std::vector<int32_t> stop_ids; // the engine ends the request after emitting one of these
+  std::vector<int32_t> emitted;  // tokens already streamed to the client (a resubmission after a router restart)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, serve_request& x) {
-  return f(caf::meta::type_name("petrel.serve_request"), x.rid, x.prompt, x.max_new_tokens, x.sampling, x.stop_ids);
+  return f(caf::meta::type_name("petrel.serve_request"), x.rid, x.prompt, x.max_new_tokens, x.sampling, x.stop_ids,
+           x.emitted);
 }
 
 /// New tokens of one request, in order (router -> gateway, decode/prefill -> router).

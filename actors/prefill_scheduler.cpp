@@ -24,6 +24,7 @@ struct prefill_entry {
   bool shipping = false;
   bool aborted = false;
   caf::actor_clock::time_point queued;
+  caf::actor_addr owner;     // the router incarnation that sent it
 };
 
 struct prefill_state {
@@ -55,6 +56,22 @@ void fail(prefill_pointer self, uint64_t rid, const std::string& where, const st
   st.jobs.erase(it);
   if (!aborted && st.router)
     self->anon_send(st.router, failed_atom::value, request_failure{rid, where, reason, true});
+}
+
+void finish(prefill_pointer self, uint64_t rid);
+
+/// Drops a job without telling the router. A step or shipment in flight may still write its pages:
+/// they are freed when it returns.
+void abort_job(prefill_pointer self, uint64_t rid) {
+  auto& st = self->state;
+  auto it = st.jobs.find(rid);
+  if (it == st.jobs.end())
+    return;
+  auto& slot = st.slots[it->second.rank];
+  if (slot.in_flight || it->second.shipping)
+    it->second.aborted = true;
+  else
+    finish(self, rid);
 }
 
 void finish(prefill_pointer self, uint64_t rid) {
@@ -236,16 +253,29 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
         st.jobs[rid].pages.clear(); // the allocator died with the incarnation
         fail(self, rid, st.slots[*r].label(), "rank went down: " + describe(dm.reason));
       }
-    } else if (st.router && dm.source == st.router.address()) {
-      st.router = nullptr;
+    } else {
+      // A router died, and with it its request table: its jobs here go too (the gateway resubmits
+      // them to the next router).
+      std::vector<uint64_t> orphans;
+      for (auto& [rid, e] : st.jobs)
+        if (e.owner == dm.source)
+          orphans.push_back(rid);
+      for (auto rid : orphans)
+        abort_job(self, rid);
+      if (st.router && dm.source == st.router.address())
+        st.router = nullptr;
     }
   });
   self->send(self, tick_atom::value);
   return {
       [self](prefill_atom, prefill_job& job) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
-        if (!st.router)
-          st.router = caf::actor_cast<router_actor>(self->current_sender());
+        // Failures go to the router that sent the latest job (a restarted router replaces the old one).
+        auto sender = caf::actor_cast<router_actor>(self->current_sender());
+        if (sender && sender != st.router) {
+          st.router = sender;
+          self->monitor(sender);
+        }
         auto rid = job.rid;
         if (job.tokens.empty())
           return make_error(petrel_errc::bad_request, "empty prompt");
@@ -262,6 +292,7 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
         auto& e = st.jobs[rid];
         e = prefill_entry{};
         e.job_id = st.next_job_id++;
+        e.owner = caf::actor_cast<caf::actor_addr>(self->current_sender());
         e.job = std::move(job);
         e.rank = pick_rank(self);
         e.queued = self->clock().now();
@@ -269,18 +300,7 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
         schedule(self);
         return caf::ok_atom::value;
       },
-      [self](abort_atom, uint64_t rid) {
-        auto& st = self->state;
-        auto it = st.jobs.find(rid);
-        if (it == st.jobs.end())
-          return;
-        auto& slot = st.slots[it->second.rank];
-        // A step in flight may still write the pages: free them when it returns.
-        if (slot.in_flight || it->second.shipping)
-          it->second.aborted = true;
-        else
-          finish(self, rid);
-      },
+      [self](abort_atom, uint64_t rid) { abort_job(self, rid); },
       [self](load_atom) {
         auto& st = self->state;
         group_load l{st.group.name, static_cast<int32_t>(st.jobs.size()), 0, 0, 0, 0,

@@ -24,6 +24,7 @@ struct routed_request {
   std::string decode_group;  // where its KV is reserved ("" while waiting)
   std::string prefill_group;
   bool dispatching = false;
+  bool streaming = false; // a token arrived in this attempt: its prefill is done
   caf::actor_clock::time_point not_before{}; // migration backoff
 };
 
@@ -202,14 +203,31 @@ router_actor::behavior_type router_impl(router_pointer self, service_context sc,
   st.max_queued = st.sc.cfg->gateway.max_queued;
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
+    // A scheduler that died took its queue with it: every request it held starts over (a migration),
+    // on a restarted incarnation or another group. A prefill scheduler's death only matters to
+    // requests still in prefill; a decode scheduler's to every request placed on its group.
+    auto migrate = [self](const std::string& group, bool prefill) {
+      std::vector<uint64_t> lost;
+      for (auto& [rid, r] : self->state.requests)
+        if (prefill ? (r.prefill_group == group && !r.streaming) : r.decode_group == group)
+          lost.push_back(rid);
+      for (auto rid : lost)
+        self->anon_send(caf::actor_cast<router_actor>(self), failed_atom::value,
+                        request_failure{rid, group, std::string(prefill ? "prefill" : "decode") +
+                                                        " scheduler went down", true});
+    };
     for (auto it = st.prefillers.begin(); it != st.prefillers.end(); ++it)
       if (it->second.address() == dm.source) {
+        auto group = it->first;
         st.prefillers.erase(it);
+        migrate(group, true);
         break;
       }
     for (auto it = st.decoders.begin(); it != st.decoders.end(); ++it)
       if (it->second.address() == dm.source) {
+        auto group = it->first;
         st.decoders.erase(it);
+        migrate(group, false);
         break;
       }
   });
@@ -225,6 +243,7 @@ router_actor::behavior_type router_impl(router_pointer self, service_context sc,
         if (st.requests.count(rid))
           return make_error(petrel_errc::bad_request, "request id " + std::to_string(rid) + " is in use");
         routed_request r;
+        r.emitted = std::move(req.emitted); // a resubmission after a router restart continues from here
         r.request = std::move(req);
         r.submitter = caf::actor_cast<gateway_actor>(self->current_sender());
         st.requests.emplace(rid, std::move(r));
@@ -237,6 +256,7 @@ router_actor::behavior_type router_impl(router_pointer self, service_context sc,
         if (it == st.requests.end())
           return;
         auto& r = it->second;
+        r.streaming = true;
         r.emitted.insert(r.emitted.end(), ev.ids.begin(), ev.ids.end());
         self->anon_send(r.submitter, tokens_atom::value, ev);
         if (ev.finished) {
@@ -262,6 +282,7 @@ router_actor::behavior_type router_impl(router_pointer self, service_context sc,
         r.decode_group.clear();
         r.prefill_group.clear();
         r.dispatching = false;
+        r.streaming = false;
         if (!f.retryable || ++r.migrations > st.max_migrations) {
           finish(self, f.rid,
                  "request failed after " + std::to_string(r.migrations) + " migrations: " + f.where + ": " + f.reason);

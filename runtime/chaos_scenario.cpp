@@ -202,6 +202,17 @@ std::pair<std::string, std::string> resolve_chaos_actor(const cluster_config& cf
   auto scope = actor.substr(0, slash), child = actor.substr(slash + 1);
   if (cfg.find_node(scope))
     return {scope, child};
+  if (scope == "head") {
+    // The head's serving actors: head/router, head/gateway, head/prefill/GROUP, head/decode/GROUP.
+    if (child == "router" || child == "gateway")
+      return {scope, child};
+    auto sep = child.find('/');
+    auto role = child.substr(0, sep);
+    auto* g = sep == std::string::npos ? nullptr : cfg.find_group(child.substr(sep + 1));
+    if (g && ((role == "prefill" && g->role == group_role::prefill) || (role == "decode" && g->role == group_role::decode)))
+      return {scope, child};
+    throw config_error("actor '" + actor + "': the head's actors are router, gateway, prefill/GROUP and decode/GROUP");
+  }
   const group_section* group = cfg.find_group(scope);
   if (!group && (scope == "prefill" || scope == "decode")) {
     auto groups = cfg.groups_with(scope == "prefill" ? group_role::prefill : group_role::decode);

@@ -40,6 +40,7 @@ TEST_CASE("chaos: node process kills") { play("kill_nodes.yaml"); }
 TEST_CASE("chaos: stalled nodes") { play("stall.yaml"); }
 TEST_CASE("chaos: KV link delay, drop and partition") { play("links.yaml"); }
 TEST_CASE("chaos: a slow rank") { play("slow.yaml"); }
+TEST_CASE("chaos: the head's router and schedulers crash") { play("kill_head_actors.yaml"); }
 
 TEST_CASE("chaos: a bad scenario exits 2 naming the line") {
   temp_dir dir;

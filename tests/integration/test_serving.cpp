@@ -4,6 +4,7 @@
 
 #include <future>
 #include <set>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -94,6 +95,25 @@ std::string reference_text(const std::string& prompt, int max_tokens) {
   return text;
 }
 
+/// The text of an SSE completion stream: (concatenated text, events, whether [DONE] came).
+std::tuple<std::string, size_t, bool> sse_text(const std::string& body) {
+  std::string text;
+  size_t events = 0;
+  for (size_t pos = 0; (pos = body.find("data: ", pos)) != std::string::npos;) {
+    auto end = body.find("\n\n", pos);
+    auto payload = body.substr(pos + 6, end - pos - 6);
+    pos = end;
+    ++events;
+    if (payload == "[DONE]")
+      return {text, events, true};
+    auto j = json::parse(payload);
+    if (j.contains("error"))
+      return {text + "<error: " + j["error"].dump() + ">", events, false};
+    text += j["choices"][0]["text"].get<std::string>();
+  }
+  return {text, events, false};
+}
+
 bool all_pages_free(running_cluster& c) {
   auto h = c.health();
   for (auto& g : h["groups"])
@@ -121,20 +141,7 @@ TEST_CASE("PD-disaggregated serving matches the single-process model and streams
                      R"({"model":"fortune-moe","prompt":"The meaning of life is","max_tokens":48,"temperature":0,"stream":true})");
   CHECK(r.status == 200);
   CHECK(r.headers.find("text/event-stream") != std::string::npos);
-  std::string streamed;
-  size_t events = 0;
-  bool done = false;
-  for (size_t pos = 0; (pos = r.body.find("data: ", pos)) != std::string::npos;) {
-    auto end = r.body.find("\n\n", pos);
-    auto payload = r.body.substr(pos + 6, end - pos - 6);
-    pos = end;
-    ++events;
-    if (payload == "[DONE]") {
-      done = true;
-      break;
-    }
-    streamed += json::parse(payload)["choices"][0]["text"].get<std::string>();
-  }
+  auto [streamed, events, done] = sse_text(r.body);
   CHECK(done);
   CHECK(events > 3);
   CHECK(streamed == completion(c.port, "The meaning of life is", 48));
@@ -247,6 +254,49 @@ TEST_CASE("killing the decode node mid-stream migrates the request: the output i
   auto served = fut.get();
   CHECK(served == expected);
   CHECK(eventually(10s, [&] { return all_pages_free(c) && c.health()["status"] == "ok"; }));
+}
+
+TEST_CASE("restarting the router and the schedulers mid-stream: the stream goes on, the sampled text is unchanged") {
+  running_cluster c("trouter");
+  // Sampled (temperature 0.8, fixed seed): Petrel samples each position from (seed, position), so a
+  // request resubmitted after a restart must continue at the right position to give the same text.
+  const std::string body =
+      R"({"model":"fortune-moe","prompt":"Once upon a time","max_tokens":300,"temperature":0.8,"seed":7,"ignore_eos":true,"stream":true})";
+  auto reference = http_post(c.port, "/v1/completions", body);
+  REQUIRE(reference.status == 200);
+  auto [expected, n_ref, done_ref] = sse_text(reference.body);
+  REQUIRE(done_ref);
+  for (auto actor : {"head/router", "head/decode/decode0", "head/prefill/prefill0"}) {
+    CAPTURE(actor);
+    auto fut = std::async(std::launch::async, [&] { return http_post(c.port, "/v1/completions", body); });
+    REQUIRE(eventually(10s, [&] {
+      for (auto& g : c.health()["groups"])
+        if (g["group"] == "decode0" && g["running"] == 1)
+          return true;
+      return false;
+    }));
+    auto restarted = run_petrel("restart " + c.cfg + " " + actor);
+    CHECK_MESSAGE(restarted.exit_code == 0, restarted.output);
+    auto r = fut.get();
+    CHECK(r.status == 200);
+    auto [text, events, done] = sse_text(r.body);
+    CHECK(done);
+    CHECK(text == expected);
+  }
+  auto m = http_get(c.port, "/metrics").body;
+  CHECK(m.find("petrel_actor_restarts_total{actor=\"router\"}") != std::string::npos);
+  CHECK(eventually(10s, [&] { return all_pages_free(c); }));
+  // An unknown actor is the user's error.
+  CHECK(run_petrel("restart " + c.cfg + " head/nobody").exit_code == 2);
+}
+
+TEST_CASE("a streamed request no decode pool can hold gets a 400 before any stream opens") {
+  running_cluster c("toversize", /*kv_pages=*/6);
+  auto r = http_post(c.port, "/v1/completions",
+                     R"({"model":"fortune-moe","prompt":"x","max_tokens":400,"temperature":0,"stream":true})");
+  CHECK(r.status == 400);
+  CHECK(r.headers.find("text/event-stream") == std::string::npos);
+  CHECK(json::parse(r.body)["error"]["code"] == "context_length_exceeded");
 }
 
 TEST_CASE("the HF golden fixtures through the PD cluster give HF's greedy ids") {
