@@ -6,6 +6,13 @@
 #       lacks into device/cuda/ (git-ignored). cuBLASLt (540 MB) stays behind: the device has its own.
 #   device (repo root):     tools/device/run_cuda_bench.sh run [extra bench-kernels flags]
 #       with device/cuda carried; writes logs and bench.json under $OUT.
+#   device (repo root):     tools/device/run_cuda_bench.sh backend
+#       with device/cuda carried: the cuda backend suite (test_cuda_backend: every op against the cpu backend at
+#       DeepSeek-V3 shapes, the golden fixtures and fortune-moe end to end, graphs, a 2-layer full-width model,
+#       timings); writes test_cuda_backend.log and backend_results.txt (the RESULT lines) under $OUT.
+#       One call from the build machine:
+#         tools/device/run_cuda_bench.sh package build-cudabe   # here, then the device tool's run with
+#         carry=["device/cuda"], command="bash tools/device/run_cuda_bench.sh backend"
 set -uo pipefail
 here=device/cuda
 cmd=${1:-run}
@@ -14,8 +21,10 @@ shift || true
 if [[ $cmd == package ]]; then
   build=${1:-build-cuda}
   rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
-  cp "$build/petrel" "$build/test_cuda_gemm" "$here/bin/"
-  for lib in $(ldd "$build/petrel" "$build/test_cuda_gemm" | awk '/=>/ {print $3}' | sort -u); do
+  bins=()
+  for b in petrel test_cuda_gemm test_cuda_backend; do [[ -f $build/$b ]] && bins+=("$build/$b"); done
+  cp "${bins[@]}" "$here/bin/"
+  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
     case $(basename "$lib") in
       libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*) ;;
       *) cp -L "$lib" "$here/lib/" ;;
@@ -36,6 +45,24 @@ fi
 mkdir -p "$out"
 blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH=$here/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+
+if [[ $cmd == backend ]]; then
+  # The fixtures are read from this checkout, not from the build machine's path compiled into the binary.
+  export PETREL_SOURCE_DIR=$PWD PETREL_CUDA_BIG=${PETREL_CUDA_BIG:-1} PETREL_CUDA_BENCH=${PETREL_CUDA_BENCH:-1}
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv | tee "$out/env.log"
+  echo "== test_cuda_backend"
+  timeout "${BACKEND_TIMEOUT:-400}" "$here/bin/test_cuda_backend" -s > "$out/test_cuda_backend.log" 2>&1
+  rc=$?
+  grep -E '^RESULT' "$out/test_cuda_backend.log" | tee "$out/backend_results.txt"
+  grep -E 'ERROR|FAILED|CHECK|test cases|assertions' "$out/test_cuda_backend.log" | grep -v '^RESULT' | head -60
+  echo "test_cuda_backend rc=$rc"
+  if [[ $rc != 0 ]] && command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck on the op tests"
+    PETREL_CUDA_BIG= PETREL_CUDA_BENCH= timeout 200 compute-sanitizer --tool memcheck "$here/bin/test_cuda_backend" \
+      -tce='*golden*,*fortune*,*sticky*,*DeepSeek-V3 width*' 2>&1 | grep -vE '^\s*$' | head -60 | tee "$out/memcheck.log"
+  fi
+  exit $rc
+fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
   echo "cuBLASLt from: $blas_dir"

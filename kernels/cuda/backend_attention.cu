@@ -1,0 +1,300 @@
+// cuda backend, MLA attention in fp32 (the Backend interface's precision; the bf16 sm_90a kernels are mla_*.cu).
+//
+// Prefill (naive form): flash-style, one block per (16 queries, head), key tiles of 32 staged in shared memory,
+// online softmax in registers (each warp owns 4 query rows and holds a row's 32 scores in its lanes), causal
+// masking by position (query i sits at start + i). Compute bound on the SIMT units: ~2*(qk+v) flops per (q, k, head).
+//
+// Decode (absorbed form): one block per (16 heads, KV split, sequence). The block walks its split of the
+// sequence's paged latent cache in tiles of 32 tokens staged in shared memory (row stride entry+1: no bank
+// conflicts), scores against all 16 heads' absorbed queries, and accumulates the 512-wide latent output in
+// registers (2 columns x 16 heads per thread). Partial (max, sum, output) go to a workspace and a combine kernel
+// merges the splits. The grid depends only on (batch, heads, max_ctx): safe to capture in a CUDA graph.
+#include <cmath>
+
+#include "kernels/cuda/cuda_backend_internal.cuh"
+
+namespace petrel::kernels::cudabe {
+namespace {
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// -- prefill ---------------------------------------------------------------------------------------------------
+
+constexpr int kPQ = 16, kPK = 32, kPThreads = 128; // queries per block, keys per tile, threads
+
+__global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
+    const float* __restrict__ q, int64_t ldq, const float* __restrict__ kv, int64_t ldkv, const float* __restrict__ kpe,
+    int64_t ldpe, float* __restrict__ out, int64_t ldo, int n, int nope, int rope, int vd, int64_t start, float scale) {
+  extern __shared__ float sm[];
+  const int qk = nope + rope, kvw = nope + vd, kstride = qk + 1;
+  float* Qs = sm;                   // [kPQ][qk]
+  float* Ks = Qs + kPQ * qk;        // [kPK][qk+1]
+  float* Vs = Ks + kPK * kstride;   // [kPK][vd]
+  float* Ps = Vs + kPK * vd;        // [kPQ][kPK]
+  float* alpha_s = Ps + kPQ * kPK;  // [kPQ]
+  const int h = blockIdx.y, q0 = blockIdx.x * kPQ, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rows = min(kPQ, n - q0);
+  for (int f = tid; f < kPQ * qk; f += kPThreads) {
+    const int i = f / qk, d = f % qk;
+    Qs[f] = i < rows ? q[int64_t(q0 + i) * ldq + int64_t(h) * qk + d] : 0.0f;
+  }
+  float m_run[4], l_run[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.0f;
+  }
+  float acc[kPQ][2];
+#pragma unroll
+  for (int i = 0; i < kPQ; ++i) acc[i][0] = acc[i][1] = 0.0f;
+  const int64_t kend = start + q0 + rows; // keys needed by the last row of the block
+  for (int64_t k0 = 0; k0 < kend; k0 += kPK) {
+    __syncthreads(); // previous tile fully consumed
+    for (int f = tid; f < kPK * qk; f += kPThreads) {
+      const int j = f / qk, d = f % qk;
+      const int64_t key = k0 + j;
+      float v = 0.0f;
+      if (key < kend) v = d < nope ? kv[key * ldkv + int64_t(h) * kvw + d] : kpe[key * ldpe + (d - nope)];
+      Ks[j * kstride + d] = v;
+    }
+    for (int f = tid; f < kPK * vd; f += kPThreads) {
+      const int j = f / vd, c = f % vd;
+      const int64_t key = k0 + j;
+      Vs[f] = key < kend ? kv[key * ldkv + int64_t(h) * kvw + nope + c] : 0.0f;
+    }
+    __syncthreads();
+    // Scores: warp w owns rows w, w+4, w+8, w+12; lane = key in the tile.
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int i = warp + 4 * r;
+      const float* qi = Qs + i * qk;
+      const float* kj = Ks + lane * kstride;
+      float s = 0.0f;
+      for (int d = 0; d < qk; ++d) s = fmaf(qi[d], kj[d], s);
+      s *= scale;
+      const int64_t key = k0 + lane;
+      const bool valid = i < rows && key <= start + q0 + i;
+      const float mt = warp_max(valid ? s : -INFINITY);
+      float p = 0.0f, alpha = 1.0f;
+      if (i < rows) {
+        const float m_new = fmaxf(m_run[r], mt); // finite: key 0 is valid in the first tile
+        p = valid ? expf(s - m_new) : 0.0f;
+        alpha = expf(m_run[r] - m_new);
+        m_run[r] = m_new;
+        l_run[r] = l_run[r] * alpha + warp_sum(p);
+      }
+      Ps[i * kPK + lane] = p;
+      if (lane == 0) alpha_s[i] = alpha;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int cc = 0; cc < 2; ++cc) {
+      const int c = tid + cc * kPThreads;
+      if (c >= vd) break;
+#pragma unroll
+      for (int i = 0; i < kPQ; ++i) acc[i][cc] *= alpha_s[i];
+      for (int j = 0; j < kPK; ++j) {
+        const float v = Vs[j * vd + c];
+#pragma unroll
+        for (int i = 0; i < kPQ; ++i) acc[i][cc] = fmaf(Ps[i * kPK + j], v, acc[i][cc]);
+      }
+    }
+  }
+  // Row sums live in the owning warp; publish them.
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    if (lane == 0) alpha_s[warp + 4 * r] = l_run[r];
+  __syncthreads();
+#pragma unroll
+  for (int cc = 0; cc < 2; ++cc) {
+    const int c = tid + cc * kPThreads;
+    if (c >= vd) break;
+#pragma unroll
+    for (int i = 0; i < kPQ; ++i)
+      if (i < rows) out[int64_t(q0 + i) * ldo + int64_t(h) * vd + c] = acc[i][cc] / alpha_s[i];
+  }
+}
+
+// -- decode ----------------------------------------------------------------------------------------------------
+
+constexpr int kDH = 16, kDT = 32, kDThreads = 256; // heads per block, tokens per tile, threads (8 warps)
+
+__global__ void __launch_bounds__(kDThreads) mla_decode_partial_kernel(
+    const float* __restrict__ base, int64_t floats_per_page, int page_size, int entry, int layer,
+    const int32_t* __restrict__ pages, const int32_t* __restrict__ page_offsets, const int32_t* __restrict__ ctx_lens,
+    const float* __restrict__ q, int64_t ldq, int heads, int kv_lora, float scale, int64_t chunk, int splits,
+    float* __restrict__ ws_out, float* __restrict__ ws_ml) {
+  extern __shared__ float sm[];
+  const int estride = entry + 1;
+  float* Qs = sm;                    // [kDH][entry]
+  float* Ks = Qs + kDH * entry;      // [kDT][entry+1]
+  float* Ps = Ks + kDT * estride;    // [kDH][kDT]
+  float* alpha_s = Ps + kDH * kDT;   // [kDH]
+  const int h0 = blockIdx.x * kDH, split = blockIdx.y, b = blockIdx.z;
+  const int hg = min(kDH, heads - h0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t ctx = ctx_lens[b];
+  const int64_t t_begin = int64_t(split) * chunk, t_end = min(ctx, t_begin + chunk);
+  const int32_t* pt = pages + page_offsets[b];
+  const float* qb = q + int64_t(b) * ldq + int64_t(h0) * entry;
+  for (int f = tid; f < kDH * entry; f += kDThreads) Qs[f] = f < hg * entry ? qb[f] : 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  float acc[kDH][2];
+#pragma unroll
+  for (int i = 0; i < kDH; ++i) acc[i][0] = acc[i][1] = 0.0f;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kDT) {
+    __syncthreads();
+    for (int f = tid; f < kDT * entry; f += kDThreads) {
+      const int j = f / entry, d = f % entry;
+      const int64_t t = t0 + j;
+      float v = 0.0f;
+      if (t < t_end) {
+        const int64_t page = pt[t / page_size];
+        v = base[page * floats_per_page + (int64_t(layer) * page_size + t % page_size) * entry + d];
+      }
+      Ks[j * estride + d] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int h = warp + 8 * r;
+      const float* qh = Qs + h * entry;
+      const float* kj = Ks + lane * estride;
+      float s = 0.0f;
+      for (int d = 0; d < entry; ++d) s = fmaf(qh[d], kj[d], s);
+      s *= scale;
+      const bool valid = h < hg && t0 + lane < t_end;
+      const float mt = warp_max(valid ? s : -INFINITY);
+      float p = 0.0f, alpha = 1.0f;
+      if (h < hg) {
+        const float m_new = fmaxf(m_run[r], mt); // finite: the tile's first token is valid
+        p = valid ? expf(s - m_new) : 0.0f;
+        alpha = expf(m_run[r] - m_new);
+        m_run[r] = m_new;
+        l_run[r] = l_run[r] * alpha + warp_sum(p);
+      }
+      Ps[h * kDT + lane] = p;
+      if (lane == 0) alpha_s[h] = alpha;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int cc = 0; cc < 2; ++cc) {
+      const int c = tid + cc * kDThreads;
+      if (c >= kv_lora) break;
+#pragma unroll
+      for (int i = 0; i < kDH; ++i) acc[i][cc] *= alpha_s[i];
+      for (int j = 0; j < kDT; ++j) {
+        const float v = Ks[j * estride + c];
+#pragma unroll
+        for (int i = 0; i < kDH; ++i) acc[i][cc] = fmaf(Ps[i * kDT + j], v, acc[i][cc]);
+      }
+    }
+  }
+  // Partials: ws_out [b][split][head][kv_lora], ws_ml [b][split][head][2] (max, sum); an empty split has sum 0.
+  const int64_t slot = (int64_t(b) * splits + split) * heads + h0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int h = warp + 8 * r;
+    if (h < hg && lane == 0) {
+      ws_ml[(slot + h) * 2] = m_run[r];
+      ws_ml[(slot + h) * 2 + 1] = l_run[r];
+    }
+  }
+#pragma unroll
+  for (int cc = 0; cc < 2; ++cc) {
+    const int c = tid + cc * kDThreads;
+    if (c >= kv_lora) break;
+#pragma unroll
+    for (int i = 0; i < kDH; ++i)
+      if (i < hg) ws_out[(slot + i) * kv_lora + c] = acc[i][cc];
+  }
+}
+
+__global__ void mla_decode_combine_kernel(const float* __restrict__ ws_out, const float* __restrict__ ws_ml, int heads,
+                                          int kv_lora, int splits, float* __restrict__ out, int64_t ldo) {
+  const int h = blockIdx.x, b = blockIdx.y;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) {
+    const int64_t slot = (int64_t(b) * splits + s) * heads + h;
+    if (ws_ml[slot * 2 + 1] > 0.0f) mx = fmaxf(mx, ws_ml[slot * 2]);
+  }
+  float den = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const int64_t slot = (int64_t(b) * splits + s) * heads + h;
+    const float l = ws_ml[slot * 2 + 1];
+    if (l > 0.0f) den += expf(ws_ml[slot * 2] - mx) * l;
+  }
+  const float inv = 1.0f / den;
+  for (int c = threadIdx.x; c < kv_lora; c += blockDim.x) {
+    float num = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const int64_t slot = (int64_t(b) * splits + s) * heads + h;
+      const float l = ws_ml[slot * 2 + 1];
+      if (l > 0.0f) num += expf(ws_ml[slot * 2] - mx) * ws_out[slot * kv_lora + c];
+    }
+    out[int64_t(b) * ldo + int64_t(h) * kv_lora + c] = num * inv;
+  }
+}
+
+size_t prefill_smem(int qk, int vd) {
+  return sizeof(float) * size_t(kPQ * qk + kPK * (qk + 1) + kPK * vd + kPQ * kPK + kPQ);
+}
+size_t decode_smem(int entry) { return sizeof(float) * size_t(kDH * entry + kDT * (entry + 1) + kDH * kDT + kDH); }
+
+void raise_smem_limit(const void* fn, size_t bytes, const char* op) {
+  if (bytes <= 48 * 1024) return;
+  check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), op);
+}
+
+} // namespace
+
+void launch_mla_prefill(const mat_view& q, const mat_view& kv, const mat_view& k_pe, const mat_view& out, int64_t heads,
+                        int64_t nope, int64_t rope, int64_t v_dim, int64_t start, float scale, cudaStream_t s) {
+  const size_t smem = prefill_smem(int(nope + rope), int(v_dim));
+  raise_smem_limit(reinterpret_cast<const void*>(&mla_prefill_kernel), smem, "mla_prefill_attention(smem)");
+  dim3 grid(unsigned((q.rows + kPQ - 1) / kPQ), unsigned(heads));
+  mla_prefill_kernel<<<grid, kPThreads, smem, s>>>(q.data, q.ld, kv.data, kv.ld, k_pe.data, k_pe.ld, out.data, out.ld,
+                                                   int(q.rows), int(nope), int(rope), int(v_dim), start, scale);
+  check_launch("mla_prefill_attention");
+}
+
+decode_plan plan_mla_decode(int64_t batch, int64_t heads, int64_t kv_lora, int64_t max_ctx, int sms) {
+  decode_plan p;
+  const int64_t head_groups = (heads + kDH - 1) / kDH, base = batch * head_groups;
+  const int64_t tiles = (max_ctx + kDT - 1) / kDT;
+  int64_t splits = (2 * int64_t(sms) + base - 1) / base; // about two blocks per SM
+  const int64_t max_splits = (tiles + 1) / 2;              // at least two tiles per split
+  if (splits > max_splits) splits = max_splits;
+  if (splits < 1) splits = 1;
+  p.chunk = (tiles + splits - 1) / splits * kDT;
+  p.splits = int((max_ctx + p.chunk - 1) / p.chunk);
+  p.workspace_floats = size_t(batch) * size_t(p.splits) * size_t(heads) * size_t(kv_lora + 2);
+  return p;
+}
+
+void launch_mla_decode(const kv_pool_geometry& pool, int32_t layer, const decode_attention_batch& b,
+                       const mat_view& q_abs, const mat_view& out_lat, int64_t heads, int64_t kv_lora, float scale,
+                       const decode_plan& plan, float* workspace, cudaStream_t s) {
+  const size_t smem = decode_smem(pool.entry_floats);
+  raise_smem_limit(reinterpret_cast<const void*>(&mla_decode_partial_kernel), smem, "mla_decode_attention(smem)");
+  float* ws_out = workspace;
+  float* ws_ml = workspace + size_t(b.batch) * size_t(plan.splits) * size_t(heads) * size_t(kv_lora);
+  dim3 grid(unsigned((heads + kDH - 1) / kDH), unsigned(plan.splits), unsigned(b.batch));
+  mla_decode_partial_kernel<<<grid, kDThreads, smem, s>>>(
+      pool.base, pool.floats_per_page(), pool.page_size, pool.entry_floats, layer, b.pages, b.page_offsets, b.ctx_lens,
+      q_abs.data, q_abs.ld, int(heads), int(kv_lora), scale, plan.chunk, plan.splits, ws_out, ws_ml);
+  check_launch("mla_decode_attention(partial)");
+  mla_decode_combine_kernel<<<dim3(unsigned(heads), unsigned(b.batch)), 128, 0, s>>>(
+      ws_out, ws_ml, int(heads), int(kv_lora), plan.splits, out_lat.data, out_lat.ld);
+  check_launch("mla_decode_attention(combine)");
+}
+
+} // namespace petrel::kernels::cudabe
