@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# MLA attention kernels on the device machine (H100): unit tests, benchmark, optional ncu profile.
+#
+#   here (build machine):   tools/device/run_mla_bench.sh package [build-dir]
+#       builds nothing; copies petrel, test_cuda_mla and the non-CUDA shared libraries Ubuntu 24.04 lacks
+#       into device/mla/bundle.tar.xz (git-ignored; carry "device/mla" in the device call). Same packing
+#       as tools/device/run_cuda_bench.sh.
+#   device (repo root):     tools/device/run_mla_bench.sh run [extra bench-mla flags]
+#       env: NCU=1 also profiles the first decode launch (batch 64, KV 2048) and the prefill with ncu;
+#            SKIP_TESTS=1 skips the unit tests. Logs, bench JSON and SASS counts land under $OUT.
+set -uo pipefail
+here=device/mla
+cmd=${1:-run}
+shift || true
+
+if [[ $cmd == package ]]; then
+  build=${1:-build-mla}
+  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
+  cp "$build/petrel" "$build/test_cuda_mla" "$here/bin/" || exit 1
+  for lib in $(ldd "$build/petrel" "$build/test_cuda_mla" | awk '/=>/ {print $3}' | sort -u); do
+    case $(basename "$lib") in
+      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*|libcudart*) ;;
+      *) cp -L "$lib" "$here/lib/" ;;
+    esac
+  done
+  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
+  tar -C "$here" -cJf /tmp/petrel-mla-bundle.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
+  mv /tmp/petrel-mla-bundle.tar.xz "$here/bundle.tar.xz"
+  du -sh "$here"
+  exit 0
+fi
+
+out=${OUT:-/tmp/petrel-mla-out}
+mkdir -p "$out" /tmp/petrel-mla
+tar -C /tmp/petrel-mla -xJf "$here/bundle.tar.xz" || { echo "no bundle: run '$0 package' here first"; exit 1; }
+bin=/tmp/petrel-mla/bin
+blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH=/tmp/petrel-mla/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
+  echo "SASS of the MLA kernels (HGMMA = bf16 wgmma, UTMALDG = TMA load, LDGSTS = cp.async, LDL/STL = local memory):"
+  cuobjdump -sass "$bin/petrel" > /tmp/petrel-mla/petrel.sass 2>&1
+  python3 - <<'PY'
+import collections, re
+fn, counts = None, collections.Counter()
+for line in open('/tmp/petrel-mla/petrel.sass', errors='replace'):
+    m = re.search(r'Function : (\S+)', line)
+    if m:
+        fn = m.group(1)
+        continue
+    k = re.search(r'mla_(?:decode|prefill|decode_combine)_kernel', fn or '')
+    if k:
+        for op in re.findall(r'\b(?:HGMMA|UTMALDG|LDGSTS|LDL|STL|MUFU\.EX2|BAR|SYNCS)[A-Z0-9_.]*', line):
+            counts[(k.group(0), op)] += 1
+for (kernel, op), n in sorted(counts.items()):
+    print(f'{n:6d} {kernel} {op}')
+PY
+} 2>&1 | tee "$out/env.log"
+if [[ -z ${SKIP_TESTS:-} ]]; then
+  echo "== unit tests"
+  timeout 240 "$bin/test_cuda_mla" -s > "$out/test_cuda_mla.log" 2>&1
+  test_rc=$?
+  grep -E 'rel_l2|ERROR|FAILED|test cases|assertions|workspace' "$out/test_cuda_mla.log" | head -40
+  echo "unit tests rc=$test_rc"
+  if [[ $test_rc != 0 ]] && command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck on the small cases"
+    timeout 120 compute-sanitizer --tool memcheck "$bin/test_cuda_mla" -tc='*small*' 2>&1 | grep -vE '^\s*$' | head -40
+  fi
+fi
+echo "== bench-mla"
+timeout "${BENCH_TIMEOUT:-240}" "$bin/petrel" bench-mla --json "$out/mla_bench.json" "$@" 2>&1 | tee "$out/bench.log"
+echo "bench rc=${PIPESTATUS[0]}"
+if [[ -n ${NCU:-} ]]; then
+  echo "== ncu: first decode launch (batch 64, KV 2048) and one prefill launch"
+  sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
+  timeout 150 ncu $sections -k regex:mla_decode_kernel -c 1 "$bin/petrel" bench-mla --only decode --iters 1 --warmup 0 \
+    > "$out/ncu_decode.txt" 2>&1
+  echo "ncu decode rc=$?"
+  grep -E 'Throughput|Duration|Busy|Pipe|Stall|Issued|Eligible|Bandwidth|L2 Hit|Executed Ipc' "$out/ncu_decode.txt" | head -40
+  timeout 150 ncu $sections -k regex:mla_prefill_kernel -c 1 "$bin/petrel" bench-mla --only prefill --iters 1 --warmup 0 \
+    > "$out/ncu_prefill.txt" 2>&1
+  echo "ncu prefill rc=$?"
+  grep -E 'Throughput|Duration|Busy|Pipe|Stall|Issued|Eligible' "$out/ncu_prefill.txt" | head -25
+fi
