@@ -424,18 +424,18 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
       [self](tokens_atom, token_event& ev) { on_tokens(self, ev); },
       [self](tick_atom) {
         resolve_router(self);
-        // Once a second, turn the supervisors' restart counts into the restarts counter.
-        if (++self->state.ticks % 5 == 0)
+        // Once a second, turn the supervisors' restart counts into the restarts counter: node
+        // processes and their actors ("d0", "d0/rank0") and the head's serving actors ("head/router").
+        if (++self->state.ticks % 5 == 0) {
+          auto count = [self](const std::string& actor, uint32_t restarts) {
+            auto& last = self->state.restarts_seen[actor];
+            if (restarts > last)
+              serving_metrics().actor_restarts.with({actor}).inc(restarts - last);
+            last = std::max(last, restarts);
+          };
           self->request(self->state.sc.head, 2s, status_atom::value)
               .then(
-                  [self](cluster_status& cs) {
-                    auto& seen = self->state.restarts_seen;
-                    auto count = [&](const std::string& actor, uint32_t restarts) {
-                      auto& last = seen[actor];
-                      if (restarts > last)
-                        serving_metrics().actor_restarts.with({actor}).inc(restarts - last);
-                      last = std::max(last, restarts);
-                    };
+                  [count](cluster_status& cs) {
                     for (auto& n : cs.nodes) {
                       count(n.name, n.restarts);
                       for (auto& c : n.children)
@@ -443,6 +443,14 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
                     }
                   },
                   [](caf::error&) {});
+          self->request(self->state.services, 2s, children_atom::value)
+              .then(
+                  [count](std::vector<child_status>& children) {
+                    for (auto& c : children)
+                      count("head/" + c.name, c.restarts);
+                  },
+                  [](caf::error&) {});
+        }
         self->delayed_send(self, 200ms, tick_atom::value);
       },
   };

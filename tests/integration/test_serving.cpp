@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "actors/cluster.hpp"
 #include "tests/support/http_client.hpp"
 #include "tests/support/process.hpp"
 
@@ -261,16 +262,24 @@ TEST_CASE("restarting the router and the schedulers mid-stream: the stream goes 
   // Sampled (temperature 0.8, fixed seed): Petrel samples each position from (seed, position), so a
   // request resubmitted after a restart must continue at the right position to give the same text.
   const std::string body =
-      R"({"model":"fortune-moe","prompt":"Once upon a time","max_tokens":300,"temperature":0.8,"seed":7,"ignore_eos":true,"stream":true})";
+      R"({"model":"fortune-moe","prompt":"Once upon a time","max_tokens":200,"temperature":0.8,"seed":7,"ignore_eos":true,"stream":true})";
   auto reference = http_post(c.port, "/v1/completions", body);
   REQUIRE(reference.status == 200);
   auto [expected, n_ref, done_ref] = sse_text(reference.body);
   REQUIRE(done_ref);
-  for (auto actor : {"head/router", "head/decode/decode0", "head/prefill/prefill0"}) {
+  // Stretch every decode step (about 50x) so that each restart lands while the stream is running.
+  auto run = petrel::read_run_file(petrel::run_file_path(petrel::load_cluster_config(c.cfg)));
+  REQUIRE(run);
+  petrel::fault_request slow;
+  slow.kind = "slow", slow.node = "d0", slow.child = "rank0", slow.factor = 50, slow.duration_ms = 120'000;
+  std::string detail;
+  REQUIRE_MESSAGE(petrel::inject_fault(*run, slow, detail) == 0, detail);
+  for (std::string actor : {"head/router", "head/decode/decode0", "head/prefill/prefill0"}) {
     CAPTURE(actor);
     auto fut = std::async(std::launch::async, [&] { return http_post(c.port, "/v1/completions", body); });
     REQUIRE(eventually(10s, [&] {
-      for (auto& g : c.health()["groups"])
+      auto h = c.health(); // (not a range-for over a temporary's member)
+      for (auto& g : h["groups"])
         if (g["group"] == "decode0" && g["running"] == 1)
           return true;
       return false;
@@ -283,8 +292,11 @@ TEST_CASE("restarting the router and the schedulers mid-stream: the stream goes 
     CHECK(done);
     CHECK(text == expected);
   }
-  auto m = http_get(c.port, "/metrics").body;
-  CHECK(m.find("petrel_actor_restarts_total{actor=\"router\"}") != std::string::npos);
+  CHECK(eventually(5s, [&] {
+    auto m = http_get(c.port, "/metrics").body;
+    return m.find("petrel_actor_restarts_total{actor=\"head/router\"} 1") != std::string::npos &&
+           m.find("petrel_actor_restarts_total{actor=\"head/decode/decode0\"} 1") != std::string::npos;
+  }));
   CHECK(eventually(10s, [&] { return all_pages_free(c); }));
   // An unknown actor is the user's error.
   CHECK(run_petrel("restart " + c.cfg + " head/nobody").exit_code == 2);
