@@ -4,6 +4,7 @@
 // pages on both sides.
 #include <cstdlib>
 #include <map>
+#include <thread>
 
 #include <caf/all.hpp>
 #include <nlohmann/json.hpp>
@@ -383,6 +384,11 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
   opts.port = cfg.gateway.address.port;
   opts.threads = cfg.gateway.threads;
   opts.max_body_bytes = static_cast<size_t>(cfg.gateway.max_body_bytes);
+  // A restarted gateway takes the port its previous incarnation had (the one the run file shows), even
+  // when cluster.yaml says 0 (any free port).
+  uint16_t previous = st.sc.gateway_port->load();
+  if (opts.port == 0 && previous != 0)
+    opts.port = previous;
   st.server = std::make_unique<transport::http_server>(opts);
   auto me = caf::actor_cast<gateway_actor>(self);
   auto forward = [me](const transport::http_request& req, std::shared_ptr<response_stream> out) {
@@ -392,7 +398,13 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
     st.server->route("POST", path, forward);
   for (auto* path : {"/health", "/v1/models", "/metrics", "/dashboard", "/dashboard/data"})
     st.server->route("GET", path, forward);
-  if (auto err = st.server->start())
+  auto err = st.server->start();
+  for (int attempt = 0; err && previous != 0 && attempt < 20; ++attempt) {
+    // The old listener may still be closing: try again briefly.
+    std::this_thread::sleep_for(50ms);
+    err = st.server->start();
+  }
+  if (err)
     throw std::runtime_error("gateway: " + *err);
   st.sc.gateway_port->store(st.server->port());
   self->attach_functor([self](const caf::error&) {

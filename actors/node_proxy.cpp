@@ -70,6 +70,11 @@ pid_t spawn_node_process(const node_proxy_config& cfg, uint64_t epoch) {
     int devnull = ::open("/dev/null", O_RDONLY);
     if (devnull >= 0)
       ::dup2(devnull, 0);
+    // Inherit nothing else: without this the node would hold the head's sockets (the gateway's
+    // listener, CAF and UCX connections) open, and a restarted gateway could not bind its port again.
+    if (::close_range(3, ~0U, 0) != 0)
+      for (int fd = 3; fd < 65536; ++fd)
+        ::close(fd);
     ::execv(argv[0], argv.data());
     ::_exit(127);
   }

@@ -298,6 +298,13 @@ TEST_CASE("restarting the router and the schedulers mid-stream: the stream goes 
            m.find("petrel_actor_restarts_total{actor=\"head/decode/decode0\"} 1") != std::string::npos;
   }));
   CHECK(eventually(10s, [&] { return all_pages_free(c); }));
+  // A restarted gateway listens on the same port (the one the run file names), though cluster.yaml says 0.
+  REQUIRE(run_petrel("restart " + c.cfg + " head/gateway").exit_code == 0);
+  CHECK(eventually(10s, [&] {
+    auto h = http_get(c.port, "/health");
+    return h.status == 200 && json::parse(h.body)["status"] == "ok";
+  }));
+  CHECK(completion(c.port, "Once upon a time", 8) == reference_text("Once upon a time", 8));
   // An unknown actor is the user's error.
   CHECK(run_petrel("restart " + c.cfg + " head/nobody").exit_code == 2);
 }
