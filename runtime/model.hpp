@@ -2,15 +2,20 @@
 //
 // One deepseek_model per rank. forward() may be called from any thread (there is no global state); calls on
 // one instance are serialised by an internal mutex. Scratch buffers grow to the largest step seen and are
-// reused, so steady-state decode allocates nothing.
+// reused, so steady-state decode allocates nothing. forward_ops() is the same pass written as a coroutine with
+// yield points around the expert all-to-all (expert parallelism and two-batch overlap, runtime/ep.hpp).
 #pragma once
 
+#include <algorithm>
+#include <coroutine>
 #include <cstdint>
+#include <exception>
 #include <filesystem>
 #include <memory>
 #include <mutex>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/backend.hpp"
@@ -54,10 +59,81 @@ struct moe_routing {
 ///   out[t] = sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(hidden[t])
 /// (out is overwritten; the shared expert is not included). The default runs every expert locally; an EP
 /// implementation dispatches rows to the ranks owning the experts and combines the results.
+///
+/// The staged form (dispatch_start -> expert_compute -> combine_finish) is what deepseek_model::forward_ops
+/// calls, with a yield point after each of the first two stages, so that another micro-batch can compute while
+/// this one's dispatch or combine is in flight (two-batch overlap). `slot` (0 or 1) names the micro-batch; the
+/// stages of one slot come in order, those of two slots interleave. `hidden` and the routing arrays stay valid
+/// and unchanged until combine_finish of the same slot returns. The defaults keep the arguments and call run()
+/// in combine_finish, so an implementation that only overrides run() works everywhere.
 class moe_experts {
 public:
   virtual ~moe_experts() = default;
   virtual void run(int32_t layer, const mat_view& hidden, const moe_routing& routing, const mat_view& out) = 0;
+
+  virtual void dispatch_start(int slot, int32_t layer, const mat_view& hidden, const moe_routing& routing) {
+    staged_[size_t(slot)] = {layer, hidden, routing};
+  }
+  virtual void expert_compute(int /*slot*/) {}
+  virtual void combine_finish(int slot, const mat_view& out) {
+    const staged_call& c = staged_[size_t(slot)];
+    run(c.layer, c.hidden, c.routing, out);
+  }
+
+private:
+  struct staged_call {
+    int32_t layer = 0;
+    mat_view hidden;
+    moe_routing routing;
+  };
+  staged_call staged_[2];
+};
+
+/// A forward pass as a C++20 coroutine: resume() runs it up to its next yield point (a dispatch or a combine
+/// has just been started) or to its end. Move-only; destroying an unfinished task abandons the pass.
+class forward_task {
+public:
+  struct promise_type {
+    std::exception_ptr error;
+    forward_task get_return_object() {
+      return forward_task(std::coroutine_handle<promise_type>::from_promise(*this));
+    }
+    std::suspend_always initial_suspend() noexcept { return {}; }
+    std::suspend_always final_suspend() noexcept { return {}; }
+    void return_void() {}
+    void unhandled_exception() { error = std::current_exception(); }
+  };
+
+  forward_task() = default;
+  explicit forward_task(std::coroutine_handle<promise_type> h) : h_(h) {}
+  forward_task(forward_task&& o) noexcept : h_(std::exchange(o.h_, {})) {}
+  forward_task& operator=(forward_task&& o) noexcept {
+    if (this != &o) {
+      if (h_) h_.destroy();
+      h_ = std::exchange(o.h_, {});
+    }
+    return *this;
+  }
+  forward_task(const forward_task&) = delete;
+  forward_task& operator=(const forward_task&) = delete;
+  ~forward_task() {
+    if (h_) h_.destroy();
+  }
+
+  bool done() const { return !h_ || h_.done(); }
+  /// Runs to the next yield point; rethrows what the pass threw.
+  void resume() {
+    if (done()) return;
+    h_.resume();
+    if (h_.promise().error) std::rethrow_exception(std::exchange(h_.promise().error, nullptr));
+  }
+  /// Runs to the end (no overlap).
+  void run_to_end() {
+    while (!done()) resume();
+  }
+
+private:
+  std::coroutine_handle<promise_type> h_;
 };
 
 /// All routed experts on this backend: one permutation (gather), a GEMM pair per expert on contiguous
@@ -77,9 +153,12 @@ private:
   device_buffer rows_dev_, weights_dev_, x_, gate_up_, act_, y_;
 };
 
+struct forward_scratch; // per-call plan and scratch buffers (model.cpp)
+
 class deepseek_model {
 public:
   deepseek_model(model_config cfg, model_weights weights, backend& be);
+  ~deepseek_model();
 
   /// Loads DIR/config.json and its safetensors; with dummy = true, random weights of the full shape instead.
   /// Throws model_load_error (bad config or checkpoint, message names the file/tensor).
@@ -92,25 +171,38 @@ public:
   /// chunks at any point. Throws std::invalid_argument on a bad token id or a page table that is too short.
   void forward(std::span<const sequence_step> batch, kv_pool& kv, step_result& out);
 
+  /// The same pass as forward(), as operations with yield points (see forward_task), for two-batch overlap:
+  /// `slot` (0 or 1) picks one of two independent sets of per-call scratch, so two tasks on one model may be in
+  /// flight at once, each with its own sequences (same kv pool, disjoint pages). `experts` computes the routed
+  /// experts through its staged methods. Unlike forward(), an empty batch still walks every layer and calls
+  /// the experts with zero tokens: an EP rank without sequences must still take part in every all-to-all.
+  /// Not synchronised: the caller runs tasks of one model on one thread and never together with forward().
+  /// `batch`, `kv`, `out` and `experts` must outlive the task. Adds to routing_counts() (forward() clears it).
+  forward_task forward_ops(std::span<const sequence_step> batch, kv_pool& kv, step_result& out, int slot,
+                           moe_experts& experts);
+
   /// Tokens routed to each expert in the last forward: [num_hidden_layers][n_routed_experts], row-major
   /// (rows of dense layers are 0).
   const std::vector<int64_t>& routing_counts() const { return routing_counts_; }
+  void clear_routing_counts() { std::fill(routing_counts_.begin(), routing_counts_.end(), 0); }
 
   /// Replaces the routed-expert computation (expert parallelism). The default is local_moe_experts.
   void set_moe_experts(std::shared_ptr<moe_experts> e) { experts_ = std::move(e); }
+  moe_experts& experts() const { return *experts_; }
 
   const model_config& config() const { return cfg_; }
   const model_weights& weights() const { return w_; }
+  /// For expert parallelism: the rank's expert store takes the routed experts it keeps and frees the others.
+  /// Never while a forward runs.
+  model_weights& mutable_weights() { return w_; }
   backend& be() const { return be_; }
 
 private:
-  struct scratch {
-    device_buffer buf;
-    float* ensure(backend& be, size_t floats);
-  };
-  void attention(int32_t layer, const mat_view& hn, kv_pool& kv, const mat_view& attn_out);
-  void ffn(int32_t layer, const mat_view& hn, const mat_view& out);
-  void mlp(const mlp_weights& m, const mat_view& x, const mat_view& out);
+  void plan(forward_scratch& s, std::span<const sequence_step> batch, kv_pool& kv);
+  void attention(forward_scratch& s, int32_t layer, const mat_view& hn, kv_pool& kv, const mat_view& attn_out);
+  void mlp(forward_scratch& s, const mlp_weights& m, const mat_view& x, const mat_view& out);
+  void route(forward_scratch& s, int32_t layer, const mat_view& hn, moe_routing& r);
+  void logits(forward_scratch& s, std::span<const sequence_step> batch, const mat_view& x, step_result& out);
 
   model_config cfg_;
   model_weights w_;
@@ -120,26 +212,7 @@ private:
   std::mutex mu_;
   float softmax_scale_;
   float rope_af_;
-
-  // -- per-step plan (host) ------------------------------------------------------------------------
-  struct prefill_seq {
-    int64_t row0, n, start;
-    int64_t ctx_slot_off; // into the ctx-slot section of ints
-  };
-  std::vector<prefill_seq> prefill_;
-  std::vector<int32_t> decode_rows_;
-  bool pure_decode_ = false;
-  int64_t tokens_ = 0, max_ctx_ = 0;
-  std::vector<int32_t> host_ints_;     // ids | positions | slots | decode rows | pages | offs | ctx | ctx slots
-  int64_t off_ids_ = 0, off_pos_ = 0, off_slots_ = 0, off_drows_ = 0, off_pages_ = 0, off_poffs_ = 0,
-          off_ctx_ = 0, off_ctx_slots_ = 0;
-  std::vector<int32_t> logit_rows_;
-  std::vector<int32_t> topk_ids_host_;
-  std::vector<float> topk_w_host_;
-
-  // -- scratch (backend) ---------------------------------------------------------------------------
-  scratch ints_, x_, hn_, q_a_, q_, ckv_, attn_, tmp_h_, ffn_a_, ffn_b_, ffn_c_, lat_, kvb_, scores_, qd_, qabs_,
-      olat_, od_, cos_sin_, topk_ids_, topk_w_, logits_dev_, final_h_;
+  std::unique_ptr<forward_scratch> scratch_[2];
 };
 
 } // namespace petrel
