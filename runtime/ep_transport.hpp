@@ -1,0 +1,110 @@
+// The expert all-to-all of one EP group, behind ONE interface with a start half and a wait half.
+//
+// Every exchange the group makes is an all-to-all under a 64-bit tag that all ranks agree on (step, micro-batch,
+// layer, phase: see make_tag): each rank hands one byte range per destination (empty allowed, itself included)
+// and gets one back from every source. The dispatch and combine of the MoE layers, the per-step header, the
+// expert-load gather and the expert-weight moves of a live rebalance all use it; nothing else crosses ranks.
+//
+// Implementations:
+//   inprocess_exchange   N ranks as N threads of one process (shared-memory mailboxes), with an injectable delay.
+//   (later) UCX          ranks in different processes on CPU (transport/ep_ucx), tagged sends per destination.
+//   (later) GPU          NCCL / P2P kernels; the byte ranges are then device memory of the rank's backend.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace petrel::ep {
+
+using byte_buffer = std::vector<std::byte>;
+
+/// The group failed: a peer aborted (its step threw) or a peer was lost. Every pending and later wait throws it.
+struct transport_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// What an all-to-all carries; the low 4 bits of a tag.
+enum class exchange_phase : uint8_t {
+  step_header = 1, // per-step agreement: token counts, mode, rebalance requests
+  dispatch = 2,    // token rows to the ranks owning their experts
+  combine = 3,     // expert outputs back to the tokens' ranks
+  load_gather = 4, // expert-load windows, for EPLB
+  weights = 5,     // expert weights moving to their new ranks
+};
+
+/// step (40 bits) | micro-batch (4 bits) | layer (16 bits) | phase (4 bits).
+inline uint64_t make_tag(uint64_t step, int micro_batch, int layer, exchange_phase phase) {
+  return (step << 24) | (uint64_t(micro_batch & 0xf) << 20) | (uint64_t(layer & 0xffff) << 4) | uint64_t(phase);
+}
+
+class ep_transport {
+public:
+  virtual ~ep_transport() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  /// Starts the all-to-all `tag`: send[d] goes to rank d (send.size() == size()). Returns without waiting for
+  /// the peers. The caller keeps every send[d] alive and unchanged until wait_all_to_all(tag) returns, so an
+  /// implementation may send from the caller's memory. Each tag is used once per rank.
+  virtual void start_all_to_all(uint64_t tag, std::span<const std::span<const std::byte>> send) = 0;
+
+  /// Blocks until rank s's part of `tag` has arrived for every s; recv[s] = those bytes (resized to size()).
+  /// Throws transport_error once the group is aborted.
+  virtual void wait_all_to_all(uint64_t tag, std::vector<byte_buffer>& recv) = 0;
+
+  /// Fails the whole group (idempotent): every pending and later wait on every rank throws transport_error(reason).
+  virtual void abort(const std::string& reason) = 0;
+};
+
+/// Shared-memory mailboxes of N in-process ranks. make_rank(r) gives rank r's endpoint; the exchange must
+/// outlive them. `delay` simulates the network: a part becomes visible to its receiver `delay` after it was
+/// started (without burning a core), for the two-batch-overlap measurement.
+class inprocess_exchange {
+public:
+  explicit inprocess_exchange(int size, std::chrono::microseconds delay = std::chrono::microseconds(0));
+  ~inprocess_exchange();
+
+  std::unique_ptr<ep_transport> make_rank(int rank);
+  int size() const { return size_; }
+  void set_delay(std::chrono::microseconds d);
+
+  /// Bytes that went through start_all_to_all (all ranks, self-sends included), and all-to-alls completed.
+  uint64_t bytes_sent() const;
+
+private:
+  class endpoint;
+  struct arrival {
+    std::vector<byte_buffer> parts;
+    std::vector<bool> present;
+    int count = 0;
+    std::chrono::steady_clock::time_point ready;
+  };
+  struct mailbox {
+    std::map<uint64_t, arrival> by_tag;
+  };
+
+  void deliver(int from, int to, uint64_t tag, std::span<const std::byte> bytes);
+  void collect(int rank, uint64_t tag, std::vector<byte_buffer>& recv);
+  void fail(const std::string& reason);
+
+  const int size_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<mailbox> boxes_;
+  std::chrono::microseconds delay_;
+  bool aborted_ = false;
+  std::string abort_reason_;
+  uint64_t bytes_ = 0;
+};
+
+} // namespace petrel::ep
