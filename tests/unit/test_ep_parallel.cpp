@@ -55,11 +55,15 @@ reference plain_reference(const fs::path& dir, const std::vector<std::vector<int
   return r;
 }
 
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+/// max |a - b| relative to max(1, max |b|).
+double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
   REQUIRE(a.size() == b.size());
-  double w = 0;
-  for (size_t i = 0; i < a.size(); ++i) w = std::max(w, double(std::fabs(a[i] - b[i])));
-  return w;
+  double w = 0, top = 1;
+  for (size_t i = 0; i < a.size(); ++i) {
+    w = std::max(w, double(std::fabs(a[i] - b[i])));
+    top = std::max(top, double(std::fabs(b[i])));
+  }
+  return w / top;
 }
 
 void check_same(const reference& ref, const std::vector<generate_result>& got) {
@@ -68,7 +72,9 @@ void check_same(const reference& ref, const std::vector<generate_result>& got) {
     CAPTURE(i);
     CHECK(got[i].output_ids == ref.results[i].output_ids);
     if (!ref.results[i].prompt_logits.empty()) {
-      const double d = max_abs_diff(got[i].prompt_logits, ref.results[i].prompt_logits);
+      // Within 1e-5 of the largest logit (1e-5 absolute when logits are small): the single-rank reference
+      // batches the prompts differently, and OpenBLAS sums differently for different row counts.
+      const double d = max_rel_diff(got[i].prompt_logits, ref.results[i].prompt_logits);
       CHECK(d <= 1e-5);
     }
   }
