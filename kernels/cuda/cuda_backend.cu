@@ -2,6 +2,7 @@
 // The kernels themselves are in backend_elementwise.cu, backend_attention.cu and backend_moe.cu.
 #include "kernels/cuda/cuda_backend.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -177,7 +178,8 @@ cuda_backend::cuda_backend(int device, cuda_backend_options opt) : device_(devic
 
 cuda_backend::~cuda_backend() {
   if (!impl_) return;
-  cudaSetDevice(device_);
+  // At process exit the runtime may already be unloading (a static backend): then there is nothing to free.
+  if (cudaSetDevice(device_) != cudaSuccess) return;
   if (capturing_) {
     cudaGraph_t g = nullptr;
     cudaStreamEndCapture(impl_->compute, &g);
@@ -448,7 +450,10 @@ void cuda_backend::copy_mat(const mat_view& src, const mat_view& dst) {
   require_view(dst, "copy_mat", "dst");
   require(src.rows == dst.rows && src.cols == dst.cols, "copy_mat", "shapes differ");
   if (src.rows == 0 || src.cols == 0) return;
-  check(cudaMemcpy2DAsync(dst.data, size_t(dst.ld) * sizeof(float), src.data, size_t(src.ld) * sizeof(float),
+  // A single row may have ld < cols; the pitch then only has to cover the row.
+  const size_t dpitch = size_t(std::max(dst.ld, dst.cols)) * sizeof(float),
+               spitch = size_t(std::max(src.ld, src.cols)) * sizeof(float);
+  check(cudaMemcpy2DAsync(dst.data, dpitch, src.data, spitch,
                           size_t(src.cols) * sizeof(float), size_t(src.rows), cudaMemcpyDeviceToDevice,
                           impl_->compute),
         "copy_mat");

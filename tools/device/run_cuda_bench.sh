@@ -14,7 +14,7 @@
 #         tools/device/run_cuda_bench.sh package build-cudabe   # here, then the device tool's run with
 #         carry=["device/cuda"], command="bash tools/device/run_cuda_bench.sh backend"
 set -uo pipefail
-here=device/cuda
+here=${PETREL_DEVICE_DIR:-device/cuda} # another folder (device/<name>) keeps parallel packagers apart
 cmd=${1:-run}
 shift || true
 
@@ -41,6 +41,7 @@ fi
 out=${OUT:-/tmp/petrel-cuda-out}
 if [[ -f $here/bundle.tar.xz ]]; then
   mkdir -p /tmp/petrel-cuda && tar -C /tmp/petrel-cuda -xJf "$here/bundle.tar.xz" && here=/tmp/petrel-cuda
+  chmod +x "$here"/bin/*
 fi
 mkdir -p "$out"
 blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
@@ -49,6 +50,7 @@ export LD_LIBRARY_PATH=$here/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PA
 if [[ $cmd == backend ]]; then
   # The fixtures are read from this checkout, not from the build machine's path compiled into the binary.
   export PETREL_SOURCE_DIR=$PWD PETREL_CUDA_BIG=${PETREL_CUDA_BIG:-1} PETREL_CUDA_BENCH=${PETREL_CUDA_BENCH:-1}
+  export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-8} # the cpu references
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv | tee "$out/env.log"
   echo "== test_cuda_backend"
   timeout "${BACKEND_TIMEOUT:-400}" "$here/bin/test_cuda_backend" -s > "$out/test_cuda_backend.log" 2>&1
