@@ -157,12 +157,14 @@ kernel_times derived_kernel_times() {
 
 namespace {
 
-const char* const k_time_fields[] = {"attention_core_us", "attention_gemm_us", "mlp_gemm_us", "shared_expert_gemm_us",
-                                     "expert_gemm_us",    "head_gemm_us",      "routing_us",  "norm_us", "quant_us"};
+constexpr int k_num_fields = 10;
+const char* const k_time_fields[k_num_fields] = {"attention_core_us", "attention_gemm_us", "mlp_gemm_us",
+                                                 "shared_expert_gemm_us", "expert_gemm_us", "head_gemm_us",
+                                                 "routing_us", "norm_us", "quant_us", "other_us"};
 
 double* time_field(layer_kernel_times& l, int i) {
   double* f[] = {&l.attention_core_us, &l.attention_gemm_us, &l.mlp_gemm_us, &l.shared_expert_gemm_us, &l.expert_gemm_us,
-                 &l.head_gemm_us,      &l.routing_us,        &l.norm_us,     &l.quant_us};
+                 &l.head_gemm_us,      &l.routing_us,        &l.norm_us,     &l.quant_us,  &l.other_us};
   return f[i];
 }
 
@@ -170,13 +172,15 @@ nlohmann::json phase_to_json(const phase_kernel_times& p) {
   nlohmann::json layers = nlohmann::json::array();
   for (auto l : p.layers) {
     nlohmann::json j = {{"kind", l.kind}, {"count", l.count}};
-    for (int i = 0; i < 9; ++i)
+    for (int i = 0; i < k_num_fields; ++i)
       if (*time_field(l, i) != 0) j[k_time_fields[i]] = *time_field(l, i);
     layers.push_back(j);
   }
-  return {{"tokens_per_rank", p.tokens_per_rank}, {"context", p.context}, {"gemm_knee_tokens", p.gemm_knee_tokens},
-          {"expert_gemm_knee_tokens", p.expert_gemm_knee_tokens}, {"min_kernel_us", p.min_kernel_us},
-          {"layers", layers}};
+  nlohmann::json j = {{"tokens_per_rank", p.tokens_per_rank}, {"context", p.context},
+                      {"gemm_knee_tokens", p.gemm_knee_tokens}, {"expert_gemm_knee_tokens", p.expert_gemm_knee_tokens},
+                      {"min_kernel_us", p.min_kernel_us}, {"layers", layers}};
+  if (!p.source.empty()) j["source"] = p.source;
+  return j;
 }
 
 double positive_number(const nlohmann::json& j, const std::string& where, const char* name, bool allow_zero) {
@@ -191,6 +195,10 @@ double positive_number(const nlohmann::json& j, const std::string& where, const 
 phase_kernel_times phase_from_json(const nlohmann::json& j, const std::string& where) {
   if (!j.is_object()) throw std::invalid_argument(where + ": must be an object");
   phase_kernel_times p;
+  if (j.contains("source")) {
+    if (!j.at("source").is_string()) throw std::invalid_argument(where + ": \"source\" must be a string");
+    p.source = j.at("source").get<std::string>();
+  }
   p.tokens_per_rank = positive_number(j, where, "tokens_per_rank", false);
   p.context = positive_number(j, where, "context", false);
   p.gemm_knee_tokens = positive_number(j, where, "gemm_knee_tokens", true);
@@ -210,7 +218,7 @@ phase_kernel_times phase_from_json(const nlohmann::json& j, const std::string& w
     if (!lj.contains("count") || !lj.at("count").is_number_integer() || lj.at("count").get<int>() < 0)
       throw std::invalid_argument(lw + ": \"count\" must be a non-negative integer");
     l.count = lj.at("count").get<int>();
-    for (int i = 0; i < 9; ++i)
+    for (int i = 0; i < k_num_fields; ++i)
       if (lj.contains(k_time_fields[i])) *time_field(l, i) = positive_number(lj, lw, k_time_fields[i], true);
     for (auto it = lj.begin(); it != lj.end(); ++it) {
       const auto& key = it.key();
@@ -246,6 +254,28 @@ kernel_times kernel_times_from_json(const nlohmann::json& j) {
   k.prefill = phase_from_json(ph.at("prefill"), "kernel times: phases.prefill");
   k.decode = phase_from_json(ph.at("decode"), "kernel times: phases.decode");
   return k;
+}
+
+bool phase_is_measured(const kernel_times& k, bool decode) {
+  const std::string& s = (decode ? k.decode : k.prefill).source;
+  return (s.empty() ? k.source : s).rfind("measured", 0) == 0;
+}
+
+kernel_times merge_measured(const kernel_times& base, const kernel_times& top) {
+  kernel_times out = base;
+  std::string measured;
+  for (bool decode : {false, true}) {
+    if (!phase_is_measured(top, decode)) continue;
+    auto& dst = decode ? out.decode : out.prefill;
+    dst = decode ? top.decode : top.prefill;
+    if (dst.source.empty()) dst.source = top.source;
+  }
+  for (bool decode : {false, true}) {
+    const auto& p = decode ? out.decode : out.prefill;
+    if (phase_is_measured(out, decode)) measured += std::string(measured.empty() ? "" : "; ") + (decode ? "decode: " : "prefill: ") + (p.source.empty() ? out.source : p.source);
+  }
+  if (!measured.empty()) out.source = measured;
+  return out;
 }
 
 // -- communication ---------------------------------------------------------------------------------
@@ -457,6 +487,30 @@ double remote_gpus_per_token(const deployment& d, int ep) {
   return touched * (ep - 1) / ep;
 }
 
+// One layer's kernel times scaled from the phase's reference load (n0 tokens, context c0) to n tokens at
+// `context`; expert GEMMs divided by the balancedness b of the busiest rank.
+layer_kernel_times scaled_layer(const phase_kernel_times& k, const layer_kernel_times& l, double n, double context,
+                                bool prefill, double b) {
+  const double n0 = k.tokens_per_rank;
+  layer_kernel_times t;
+  t.kind = l.kind;
+  t.count = l.count;
+  if (l.attention_core_us > 0)
+    t.attention_core_us = std::max(k.min_kernel_us, l.attention_core_us * (n * context) / (n0 * k.context));
+  t.attention_gemm_us = gemm_scale(l.attention_gemm_us, n, n0, k.gemm_knee_tokens);
+  t.norm_us = elementwise(l.norm_us, n, n0, k.min_kernel_us);
+  t.quant_us = elementwise(l.quant_us, n, n0, k.min_kernel_us);
+  t.routing_us = elementwise(l.routing_us, n, n0, k.min_kernel_us);
+  t.other_us = elementwise(l.other_us, n, n0, k.min_kernel_us);
+  // LM head: prefill has one row per prompt, decode one per token.
+  const double rows = prefill ? n / context : n, rows0 = prefill ? n0 / k.context : n0;
+  t.head_gemm_us = gemm_scale(l.head_gemm_us, rows, rows0, prefill ? 0.0 : k.gemm_knee_tokens);
+  t.mlp_gemm_us = gemm_scale(l.mlp_gemm_us, n, n0, k.gemm_knee_tokens);
+  t.shared_expert_gemm_us = gemm_scale(l.shared_expert_gemm_us, n, n0, k.gemm_knee_tokens);
+  t.expert_gemm_us = gemm_scale(l.expert_gemm_us, n, n0, k.expert_gemm_knee_tokens) / b;
+  return t;
+}
+
 struct phase_plan {
   const phase_kernel_times* k;
   double n;                 // tokens per micro-batch
@@ -470,7 +524,7 @@ struct phase_plan {
 template <class CommFn>
 step_result simulate_step(const phase_plan& plan, const balance_profile& balance, CommFn comm, double total_tokens) {
   const auto& k = *plan.k;
-  const double n = plan.n, n0 = k.tokens_per_rank;
+  const double n = plan.n;
   const double s = plan.compute_slowdown;
   std::vector<sim_op> ops;
   auto add = [&](int res, double us, std::vector<int> deps) {
@@ -484,28 +538,21 @@ step_result simulate_step(const phase_plan& plan, const balance_profile& balance
     for (int rep = 0; rep < l.count; ++rep) {
       const double b = l.kind == "moe" ? balance_at(balance, moe_layer) : 1.0;
       for (int m = 0; m < plan.micro_batches; ++m) {
-        double attn = 0;
-        if (l.attention_core_us > 0)
-          attn += std::max(k.min_kernel_us, l.attention_core_us * (n * plan.context) / (n0 * k.context));
-        attn += gemm_scale(l.attention_gemm_us, n, n0, k.gemm_knee_tokens);
-        attn += elementwise(l.norm_us, n, n0, k.min_kernel_us) + elementwise(l.quant_us, n, n0, k.min_kernel_us) +
-                elementwise(l.routing_us, n, n0, k.min_kernel_us);
+        const layer_kernel_times t = scaled_layer(k, l, n, plan.context, plan.prefill, b);
+        double attn = t.attention_core_us + t.attention_gemm_us + t.norm_us + t.quant_us + t.routing_us + t.other_us;
         if (l.kind == "head") {
-          // Prefill: one LM-head row per prompt; decode: one per token.
-          const double rows = plan.prefill ? n / plan.context : n;
-          const double rows0 = plan.prefill ? n0 / k.context : n0;
-          attn += gemm_scale(l.head_gemm_us, rows, rows0, plan.prefill ? 0.0 : k.gemm_knee_tokens);
+          attn += t.head_gemm_us;
           prev[m] = {add(k_compute, attn * s + plan.overhead_us, prev[m])};
           continue;
         }
         if (l.kind == "dense") {
-          attn += gemm_scale(l.mlp_gemm_us, n, n0, k.gemm_knee_tokens);
+          attn += t.mlp_gemm_us;
           prev[m] = {add(k_compute, attn * s + plan.overhead_us, prev[m])};
           continue;
         }
         // MoE layer.
-        const double shared = gemm_scale(l.shared_expert_gemm_us, n, n0, k.gemm_knee_tokens);
-        const double experts = gemm_scale(l.expert_gemm_us, n, n0, k.expert_gemm_knee_tokens) / b;
+        const double shared = t.shared_expert_gemm_us;
+        const double experts = t.expert_gemm_us;
         const auto [dispatch_us, combine_us] = comm(n, b);
         if (overlap) {
           // TBO: the shared expert runs while this micro-batch's dispatch is in flight.
@@ -538,6 +585,27 @@ step_result simulate_step(const phase_plan& plan, const balance_profile& balance
 
 } // namespace
 
+a2a_layer_cost prefill_a2a_per_layer(const deployment& d, const comm_figures& c, double n, double b) {
+  const auto bw = normal_mode_at(c, d.prefill_ep);
+  const bool intra = d.prefill_ep <= d.gpus_per_node;
+  const double copies = intra ? remote_gpus_per_token(d, d.prefill_ep) : remote_nodes_per_token(d, d.prefill_ep);
+  const double latency = intra ? d.nvlink.latency_us : d.rdma.latency_us;
+  const double dispatch_bytes = d.hidden + d.hidden / 128.0 * 4; // fp8 + 1x128 scales
+  const double combine_bytes = d.hidden * 2.0;                    // bf16
+  b = b > 0 ? std::min(1.0, b) : 1.0;
+  return {latency + n * copies * dispatch_bytes / (bw.dispatch_GBps * 1e3) / b,
+          latency + n * copies * combine_bytes / (bw.combine_GBps * 1e3) / b};
+}
+
+a2a_layer_cost decode_a2a_per_layer(const deployment& d, const comm_figures& c, double n, double b) {
+  // The token-proportional part grows with the busiest rank's share; the fixed latency part does not.
+  const auto base = low_latency_at(c, d.decode_ep, 0.0);
+  const auto full = low_latency_at(c, d.decode_ep, n);
+  b = b > 0 ? std::min(1.0, b) : 1.0;
+  return {base.dispatch_us + (full.dispatch_us - base.dispatch_us) / b,
+          base.combine_us + (full.combine_us - base.combine_us) / b};
+}
+
 step_result simulate_prefill_step(const deployment& d, const kernel_times& k, const comm_figures& c,
                                   double tokens_per_rank, double prompt_len, bool tbo, const balance_profile& balance) {
   if (!(tokens_per_rank > 0) || !(prompt_len > 0))
@@ -545,15 +613,10 @@ step_result simulate_prefill_step(const deployment& d, const kernel_times& k, co
   const int mbs = tbo ? 2 : 1;
   phase_plan plan{&k.prefill, tokens_per_rank / mbs, prompt_len, mbs,
                   tbo ? double(d.num_sms) / (d.num_sms - d.deepep_normal_sms) : 1.0, tbo ? d.tbo_overhead_us : 0.0, true};
-  const auto bw = normal_mode_at(c, d.prefill_ep);
   const bool intra = d.prefill_ep <= d.gpus_per_node;
-  const double copies = intra ? remote_gpus_per_token(d, d.prefill_ep) : remote_nodes_per_token(d, d.prefill_ep);
-  const double latency = intra ? d.nvlink.latency_us : d.rdma.latency_us;
-  const double dispatch_bytes = d.hidden + d.hidden / 128.0 * 4; // fp8 + 1x128 scales
-  const double combine_bytes = d.hidden * 2.0;                    // bf16
   auto comm = [&](double n, double b) {
-    return std::pair<double, double>{latency + n * copies * dispatch_bytes / (bw.dispatch_GBps * 1e3) / b,
-                                     latency + n * copies * combine_bytes / (bw.combine_GBps * 1e3) / b};
+    const auto a = prefill_a2a_per_layer(d, c, n, b);
+    return std::pair<double, double>{a.dispatch_us, a.combine_us};
   };
   auto r = simulate_step(plan, balance, comm, tokens_per_rank);
   // KV of the prefilled tokens leaves over the same NIC (to the decode nodes) while the next batch runs: the NIC
@@ -573,11 +636,8 @@ step_result simulate_decode_step(const deployment& d, const kernel_times& k, con
   // Low-latency kernels receive through a hook and hold no SMs while waiting, so compute keeps all SMs.
   phase_plan plan{&k.decode, seqs_per_rank / mbs, kv_len, mbs, 1.0, tbo ? d.tbo_overhead_us : 0.0, false};
   auto comm = [&](double n, double b) {
-    // The token-proportional part grows with the busiest rank's share; the fixed latency part does not.
-    const auto base = low_latency_at(c, d.decode_ep, 0.0);
-    const auto full = low_latency_at(c, d.decode_ep, n);
-    return std::pair<double, double>{base.dispatch_us + (full.dispatch_us - base.dispatch_us) / b,
-                                     base.combine_us + (full.combine_us - base.combine_us) / b};
+    const auto a = decode_a2a_per_layer(d, c, n, b);
+    return std::pair<double, double>{a.dispatch_us, a.combine_us};
   };
   auto r = simulate_step(plan, balance, comm, seqs_per_rank);
   // KV arriving for new requests (seqs / output_len of them per step) shares the NIC with the all-to-all.
@@ -614,6 +674,71 @@ balance_profile step_balance(const eplb::expert_load_matrix& window, int ep, int
 }
 
 // -- the anchor suite -------------------------------------------------------------------------
+
+// -- validation against bench-rank ----------------------------------------------------------------
+
+validation_result validate_bench_rank(const nlohmann::json& run, const kernel_times& k) {
+  if (!run.is_object() || !run.contains("bench_rank") || !run.at("bench_rank").is_object())
+    throw std::invalid_argument("validation: the file has no \"bench_rank\" object (write one with petrel bench-rank --json)");
+  const auto& b = run.at("bench_rank");
+  auto num = [&](const char* key) {
+    if (!b.contains(key) || !b.at(key).is_number() || !std::isfinite(b.at(key).get<double>()) || b.at(key).get<double>() < 0)
+      throw std::invalid_argument(std::string("validation: bench_rank.") + key + " must be a non-negative number");
+    return b.at(key).get<double>();
+  };
+  auto str = [&](const char* key) {
+    if (!b.contains(key) || !b.at(key).is_string())
+      throw std::invalid_argument(std::string("validation: bench_rank.") + key + " must be a string");
+    return b.at(key).get<std::string>();
+  };
+  validation_result v;
+  v.phase = str("phase");
+  if (v.phase != "prefill" && v.phase != "decode")
+    throw std::invalid_argument("validation: bench_rank.phase must be \"prefill\" or \"decode\", not \"" + v.phase + "\"");
+  const bool decode = v.phase == "decode";
+  v.tokens = num("tokens");
+  v.context = num("context");
+  if (v.tokens <= 0 || v.context <= 0) throw std::invalid_argument("validation: bench_rank.tokens and .context must be positive");
+  v.imbalance = b.contains("imbalance") ? num("imbalance") : 1.0;
+  if (v.imbalance < 1) v.imbalance = 1;
+  const int layers = static_cast<int>(num("layers"));
+  v.dense_layers = std::min(layers, static_cast<int>(num("dense_layers")));
+  v.moe_layers = layers - v.dense_layers;
+  v.run = b.value("preset", std::string("?")) + " on " + b.value("device", std::string("?")) + ", " +
+          b.value("date", std::string("?"));
+  const auto& ph = decode ? k.decode : k.prefill;
+  v.kernels_from = ph.source.empty() ? k.source : ph.source;
+
+  auto per_step = [&](const phase_kernel_times& p, bool scale) {
+    std::vector<double> f(k_num_fields, 0.0);
+    const std::pair<const char*, int> kinds[] = {{"dense", v.dense_layers}, {"moe", v.moe_layers}, {"head", 1}};
+    for (const auto& [kind, count] : kinds) {
+      if (count == 0) continue;
+      auto it = std::find_if(p.layers.begin(), p.layers.end(), [&](const layer_kernel_times& l) { return l.kind == kind; });
+      if (it == p.layers.end())
+        throw std::invalid_argument(std::string("validation: the kernel times have no \"") + kind + "\" layer for " + v.phase);
+      layer_kernel_times t = scale ? scaled_layer(p, *it, v.tokens, v.context, !decode,
+                                                  std::string(kind) == "moe" ? 1.0 / v.imbalance : 1.0)
+                                   : *it;
+      for (int i = 0; i < k_num_fields; ++i) f[i] += *time_field(t, i) * count;
+    }
+    return f;
+  };
+  const auto sim = per_step(ph, true);
+  double sim_step = 0;
+  for (double x : sim) sim_step += x;
+  v.rows.push_back({"step", num("step_us"), sim_step});
+  // Kernel fields, where the run's own file holds measured times for its phase.
+  if (run.contains("phases")) {
+    const kernel_times own = kernel_times_from_json(run);
+    if (phase_is_measured(own, decode)) {
+      const auto meas = per_step(decode ? own.decode : own.prefill, false);
+      for (int i = 0; i < k_num_fields; ++i)
+        if (meas[i] > 0 || sim[i] > 0) v.rows.push_back({k_time_fields[i], meas[i], sim[i]});
+    }
+  }
+  return v;
+}
 
 double cost_per_million_tokens(double tokens_per_s_per_node, int gpus_per_node, double gpu_hour_usd) {
   if (!(tokens_per_s_per_node > 0)) throw std::invalid_argument("cost_per_million_tokens: throughput must be positive");

@@ -33,9 +33,11 @@ struct layer_kernel_times {
   double routing_us = 0;             // gate GEMM + sigmoid + group top-k
   double norm_us = 0;                // RMSNorms, residual adds, RoPE
   double quant_us = 0;               // fp8 per-token quantisation, SiLU*mul, permute
+  double other_us = 0;               // KV-cache store, K/V assembly, sampling (elementwise scaling)
 };
 
 struct phase_kernel_times {
+  std::string source;                 // optional: where this phase's times come from (bench-rank sets it)
   double tokens_per_rank = 0;         // reference tokens per rank (decode: sequences per rank)
   double context = 0;                 // reference prompt length (prefill) or KV length (decode)
   double gemm_knee_tokens = 0;        // dense GEMMs cost the same below this many tokens (weight-read / tile bound)
@@ -58,6 +60,11 @@ kernel_times derived_kernel_times();
 nlohmann::json to_json(const kernel_times& k);
 /// Throws std::invalid_argument naming the bad field.
 kernel_times kernel_times_from_json(const nlohmann::json& j);
+
+/// True when a phase's times were measured (its own "source", else the file's, starts with "measured").
+bool phase_is_measured(const kernel_times& k, bool decode);
+/// Overlays the measured phases of `top` onto `base` (several bench-rank files, one per phase, make one set).
+kernel_times merge_measured(const kernel_times& base, const kernel_times& top);
 
 // -- communication -------------------------------------------------------------------------------
 
@@ -118,6 +125,12 @@ struct deployment {
 
 /// Checks the deployment; "" when usable, else a message naming the field.
 std::string check_deployment(const deployment& d);
+
+/// Dispatch and combine time of one MoE layer on the busiest rank (balance = mean/max load, 1 = perfect), as the
+/// step simulation charges them: prefill = normal mode at d.prefill_ep, decode = low-latency mode at d.decode_ep.
+struct a2a_layer_cost { double dispatch_us = 0, combine_us = 0; };
+a2a_layer_cost prefill_a2a_per_layer(const deployment& d, const comm_figures& c, double tokens_per_rank, double balance);
+a2a_layer_cost decode_a2a_per_layer(const deployment& d, const comm_figures& c, double seqs_per_rank, double balance);
 
 // -- one step ---------------------------------------------------------------------------------
 
@@ -194,6 +207,30 @@ struct suite_result {
 /// Prefill tok/s/node at 1K/2K/4K (EP32, 16,384 tok/device), 4K with ideal balance, decode tok/s/node (EP72,
 /// 256 seq/device, KV 2000), TBO and EPLB ablations, cost per 1M output tokens; each with its anchor.
 suite_result run_anchor_suite(const suite_inputs& in);
+
+// -- validation against bench-rank ------------------------------------------------------------
+
+struct validation_row {
+  std::string metric;  // "step" or a kernel field ("expert_gemm_us", ...), per step
+  double measured_us = 0, simulated_us = 0;
+  double error() const { return measured_us != 0 ? (simulated_us - measured_us) / measured_us : 0.0; }
+};
+
+struct validation_result {
+  std::string phase;          // "prefill" or "decode"
+  std::string run;            // what was measured (preset, device, date)
+  std::string kernels_from;   // the kernel-time source the simulation used
+  double tokens = 0, context = 0, imbalance = 1;
+  int dense_layers = 0, moe_layers = 0;
+  std::vector<validation_row> rows;  // first row: the whole step
+};
+
+/// Simulates the single-GPU run a `petrel bench-rank --json` file describes (its "bench_rank" block: phase,
+/// layers, tokens, context, imbalance; no all-to-all, because the mirror exchange moves nothing; no TBO) with
+/// kernel times `k` scaled to the run's load, and compares with what the run measured: its step time
+/// (CUDA graph or eager) and, where the run's file holds measured per-layer times for its phase, each kernel
+/// field per step. Throws std::invalid_argument naming a missing or bad field.
+validation_result validate_bench_rank(const nlohmann::json& run, const kernel_times& k);
 
 /// $ per 1M output tokens: gpus_per_node * gpu_hour_usd / (tok/s/node * 3600) * 1e6.
 double cost_per_million_tokens(double tokens_per_s_per_node, int gpus_per_node, double gpu_hour_usd);

@@ -5,6 +5,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -19,7 +20,8 @@ namespace {
 using namespace petrel::sim;
 
 struct simulate_options {
-  std::string kernel_times_file, comm_file, expert_load_file, write_kernel_times, write_comm;
+  std::vector<std::string> kernel_times_files, validate_files;
+  std::string comm_file, expert_load_file, write_kernel_times, write_comm;
   double zipf = 1.0, window_tokens = 65536, gpu_hour_usd = 2.0, tbo_overhead_us = 5;
   double prefill_tokens = 16384, decode_seqs = 256, kv_len = 2000;
   int prefill_nodes = 4, decode_nodes = 9, prefill_slots = 288, decode_slots = 288;
@@ -88,19 +90,56 @@ int write_plot(const std::string& path, const suite_result& res, const std::stri
   return petrel::cli::exit_ok;
 }
 
+// --validate: simulate each single-GPU bench-rank run and show the error against what it measured.
+int validate(const simulate_options& o, const kernel_times& given) {
+  nlohmann::json all = nlohmann::json::array();
+  for (const auto& path : o.validate_files) {
+    nlohmann::json j;
+    if (auto err = read_json(path, "--validate", j); !err.empty()) return bad_input(err);
+    validation_result v;
+    try {
+      const kernel_times k = o.kernel_times_files.empty() ? kernel_times_from_json(j) : given;
+      v = validate_bench_rank(j, k);
+    } catch (const std::exception& e) {
+      return bad_input("--validate '" + path + "': " + e.what());
+    }
+    nlohmann::json rows = nlohmann::json::array();
+    for (const auto& r : v.rows)
+      rows.push_back({{"metric", r.metric}, {"measured_us", r.measured_us}, {"simulated_us", r.simulated_us}, {"error", r.error()}});
+    all.push_back({{"file", path}, {"run", v.run}, {"phase", v.phase}, {"tokens", v.tokens}, {"context", v.context},
+                   {"imbalance", v.imbalance}, {"kernel_times", v.kernels_from}, {"rows", rows}});
+    if (o.json) continue;
+    std::cout << fmt::format("validation: SIMULATED single-GPU {} run vs MEASURED ({})\n", v.phase, path);
+    std::cout << fmt::format("  run: {}; {} tokens/rank, context {}, {} dense + {} MoE layers, imbalance {:.2f}, no all-to-all\n",
+                             v.run, v.tokens, v.context, v.dense_layers, v.moe_layers, v.imbalance);
+    std::cout << fmt::format("  kernel times: {}\n", v.kernels_from);
+    std::cout << fmt::format("  {:<24} {:>14} {:>14} {:>9}\n", "per step", "measured ms", "simulated ms", "error");
+    for (const auto& r : v.rows)
+      std::cout << fmt::format("  {:<24} {:>14.3f} {:>14.3f} {:>8.1f}%\n", r.metric, r.measured_us / 1000, r.simulated_us / 1000,
+                               100 * r.error());
+  }
+  if (o.json) std::cout << nlohmann::json({{"label", "SIMULATED vs MEASURED (petrel simulate --validate)"}, {"validation", all}}).dump(2) << "\n";
+  return petrel::cli::exit_ok;
+}
+
 int run(const simulate_options& o) {
   if (!o.write_kernel_times.empty()) return write_json(o.write_kernel_times, to_json(derived_kernel_times()));
   if (!o.write_comm.empty()) return write_json(o.write_comm, to_json(deepep_published_figures()));
   suite_inputs in;
-  if (!o.kernel_times_file.empty()) {
+  // Several --kernel-times files: the first is taken whole, later ones overlay their measured phases
+  // (one bench-rank file per phase makes one measured set).
+  for (std::size_t i = 0; i < o.kernel_times_files.size(); ++i) {
+    const auto& path = o.kernel_times_files[i];
     nlohmann::json j;
-    if (auto err = read_json(o.kernel_times_file, "--kernel-times", j); !err.empty()) return bad_input(err);
+    if (auto err = read_json(path, "--kernel-times", j); !err.empty()) return bad_input(err);
     try {
-      in.kernels = kernel_times_from_json(j);
+      const auto k = kernel_times_from_json(j);
+      in.kernels = i == 0 ? k : merge_measured(in.kernels, k);
     } catch (const std::exception& e) {
-      return bad_input("--kernel-times '" + o.kernel_times_file + "': " + e.what());
+      return bad_input("--kernel-times '" + path + "': " + e.what());
     }
   }
+  if (!o.validate_files.empty()) return validate(o, in.kernels);
   if (!o.comm_file.empty()) {
     nlohmann::json j;
     if (auto err = read_json(o.comm_file, "--comm", j); !err.empty()) return bad_input(err);
@@ -185,8 +224,12 @@ const bool registered = petrel::cli::register_command(
     "simulate", "Discrete-event model of the PD + large-EP deployment; simulated figures next to published anchors",
     [](CLI::App& sub) -> petrel::cli::command_fn {
       auto o = std::make_shared<simulate_options>();
-      sub.add_option("--kernel-times", o->kernel_times_file,
-                     "per-layer kernel times JSON (petrel.kernel_times.v1); default: derived from published figures");
+      sub.add_option("--kernel-times", o->kernel_times_files,
+                     "per-layer kernel times JSON (petrel.kernel_times.v1, e.g. petrel bench-rank --json); repeat to "
+                     "overlay measured phases; default: derived from published figures");
+      sub.add_option("--validate", o->validate_files,
+                     "bench-rank --json file(s): simulate that single-GPU run and show the error against its "
+                     "measurement (kernel times: --kernel-times, else the run's own)");
       sub.add_option("--comm", o->comm_file, "dispatch/combine figures JSON (petrel.comm_figures.v1); default: DeepEP's");
       sub.add_option("--expert-load", o->expert_load_file, "real expert-load dump or [[...]] matrix instead of Zipf");
       sub.add_option("--zipf", o->zipf, "Zipf exponent of the synthetic expert load (default 1.0)");

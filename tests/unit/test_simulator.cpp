@@ -206,3 +206,86 @@ TEST_CASE("simulator: CLI prints JSON with anchors and exits 2 on bad input") {
   CHECK(run_cli("--expert-load " + bad) == 2); // 3 experts, the model has 256
   std::remove(bad.c_str());
 }
+
+namespace {
+
+// A bench-rank --json file for a run of `tokens` at `context`, whose measured phase is the derived default scaled by
+// `factor` (so the expected numbers are known).
+nlohmann::json fake_bench_rank(bool decode, double tokens, double context, double step_us, double factor) {
+  auto j = to_json(derived_kernel_times());
+  const std::string phase = decode ? "decode" : "prefill";
+  auto& ph = j["phases"][phase];
+  ph["source"] = "measured: test";
+  ph["min_kernel_us"] = 0;  // no launch floor: at its own load a file must reproduce itself exactly
+  ph["tokens_per_rank"] = tokens;
+  ph["context"] = context;
+  for (auto& l : ph["layers"])
+    for (auto& [key, v] : l.items())
+      if (key.size() > 3 && key.substr(key.size() - 3) == "_us") v = v.get<double>() * factor;
+  ph["layers"][0]["other_us"] = 10.0;
+  j["bench_rank"] = {{"phase", phase}, {"preset", "test"}, {"device", "none"}, {"date", "today"}, {"layers", 61},
+                     {"dense_layers", 3}, {"tokens", tokens}, {"context", context}, {"imbalance", 1.0},
+                     {"step_us", step_us}};
+  return j;
+}
+
+double sum_step(const kernel_times& k, bool decode) {
+  double s = 0;
+  for (const auto& l : (decode ? k.decode : k.prefill).layers)
+    s += l.count * (l.attention_core_us + l.attention_gemm_us + l.mlp_gemm_us + l.shared_expert_gemm_us + l.expert_gemm_us +
+                    l.head_gemm_us + l.routing_us + l.norm_us + l.quant_us + l.other_us);
+  return s;
+}
+
+} // namespace
+
+TEST_CASE("simulator: validation reproduces a bench-rank run from its own times and reports the step error") {
+  auto run = fake_bench_rank(true, 256, 2000, 0, 1.5);
+  const auto own = kernel_times_from_json(run);
+  CHECK(phase_is_measured(own, true));
+  CHECK_FALSE(phase_is_measured(own, false));
+  const double kernels = sum_step(own, true);
+  run["bench_rank"]["step_us"] = kernels * 1.1;  // the step took 10% longer than its kernels
+  const auto v = validate_bench_rank(run, own);
+  REQUIRE(v.rows.size() > 5);
+  CHECK(v.rows[0].metric == "step");
+  CHECK(v.rows[0].simulated_us == doctest::Approx(kernels));
+  CHECK(v.rows[0].error() == doctest::Approx(1 / 1.1 - 1));
+  for (std::size_t i = 1; i < v.rows.size(); ++i) CHECK(v.rows[i].error() == doctest::Approx(0.0));
+  bool saw_other = false;
+  for (const auto& r : v.rows) saw_other |= r.metric == "other_us";
+  CHECK(saw_other);
+  // Simulating a run at another load from these times scales the kernels (here: half the sequences).
+  auto half = fake_bench_rank(true, 128, 2000, kernels, 1.5);
+  half["bench_rank"]["tokens"] = 128;
+  const auto v2 = validate_bench_rank(half, own);
+  CHECK(v2.rows[0].simulated_us < kernels);
+  // Missing block or bad phase: a clear error.
+  CHECK_THROWS_WITH_AS(validate_bench_rank(nlohmann::json::object(), own), doctest::Contains("bench_rank"), std::invalid_argument);
+  run["bench_rank"]["phase"] = "train";
+  CHECK_THROWS_WITH_AS(validate_bench_rank(run, own), doctest::Contains("phase"), std::invalid_argument);
+}
+
+TEST_CASE("simulator: measured phases from two bench-rank files merge; a2a per layer matches the step model") {
+  const auto pre = kernel_times_from_json(fake_bench_rank(false, 16384, 4096, 1, 2.0));
+  const auto dec = kernel_times_from_json(fake_bench_rank(true, 256, 2000, 1, 3.0));
+  const auto both = merge_measured(pre, dec);
+  CHECK(phase_is_measured(both, false));
+  CHECK(phase_is_measured(both, true));
+  CHECK(sum_step(both, false) == doctest::Approx(sum_step(pre, false)));
+  CHECK(sum_step(both, true) == doctest::Approx(sum_step(dec, true)));
+  CHECK(both.source.find("prefill") != std::string::npos);
+  // other_us survives the round trip
+  CHECK(kernel_times_from_json(to_json(both)).decode.layers[0].other_us == 10.0);
+
+  deployment d;
+  const auto c = deepep_published_figures();
+  const auto a = prefill_a2a_per_layer(d, c, 16384, 1.0);
+  const auto a_busy = prefill_a2a_per_layer(d, c, 16384, 0.5);
+  CHECK(a.dispatch_us > 0);
+  CHECK(a.combine_us > a.dispatch_us);  // bf16 combine moves about twice the bytes of fp8 dispatch at similar GB/s
+  CHECK(a_busy.dispatch_us - d.rdma.latency_us == doctest::Approx(2 * (a.dispatch_us - d.rdma.latency_us)));
+  const auto ll = decode_a2a_per_layer(d, c, 128, 1.0);
+  const auto p64 = low_latency_at(c, 72, 128);
+  CHECK(ll.dispatch_us == doctest::Approx(p64.dispatch_us));
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One rank of the DeepSeek-V3 deployment on the device machine (H100): layer-op checks, petrel bench-rank for
+# both presets, and petrel simulate's validation against what was measured. Two steps:
+#
+#   here (build machine):   tools/device/run_bench_rank.sh package [build-dir]
+#       copies petrel, test_cuda_layer_ops (+ test_cuda_gemm when built) and the non-CUDA shared libraries they
+#       need into device/bench-rank/bundle.tar.xz (git-ignored; name it in the device call's `carry`).
+#   device (repo root):     tools/device/run_bench_rank.sh run quick|full|prefill|decode
+#       quick:   unit tests + both presets at 4 layers (checks that everything runs; a few seconds of GPU time)
+#       full:    unit tests + both presets at 61 layers (the figures for docs/benchmarks.md)
+#       prefill / decode: one preset at 61 layers
+#       BENCH_FLAGS="..." adds flags to every bench-rank call. Logs and JSON land under $OUT.
+set -uo pipefail
+here=device/bench-rank
+cmd=${1:-run}
+shift || true
+
+if [[ $cmd == package ]]; then
+  build=${1:-build-benchrank}
+  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
+  bins=("$build/petrel" "$build/test_cuda_layer_ops")
+  [[ -x $build/test_cuda_gemm ]] && bins+=("$build/test_cuda_gemm")
+  cp "${bins[@]}" "$here/bin/"
+  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
+    case $(basename "$lib") in
+      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*) ;;
+      *) cp -L "$lib" "$here/lib/" ;;
+    esac
+  done
+  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
+  # The working tree that travels is capped at 64 MiB: ship one compressed bundle.
+  tar -C "$here" -cJf /tmp/petrel-bench-rank.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
+  mv /tmp/petrel-bench-rank.tar.xz "$here/bundle.tar.xz"
+  du -sh "$here"
+  exit 0
+fi
+
+mode=${1:-quick}
+out=${OUT:-/tmp/petrel-bench-rank-out}
+mkdir -p "$out"
+if [[ -f $here/bundle.tar.xz ]]; then
+  mkdir -p /tmp/petrel-bench-rank && tar -C /tmp/petrel-bench-rank -xJf "$here/bundle.tar.xz" && here=/tmp/petrel-bench-rank
+fi
+blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH=$here/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+petrel=$here/bin/petrel
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total,memory.used --format=csv 2>&1 | tee "$out/env.log"
+
+if [[ $mode == quick || $mode == full ]]; then
+  echo "== layer-op unit tests"
+  timeout 120 "$here/bin/test_cuda_layer_ops" -s > "$out/test_layer_ops.log" 2>&1
+  rc=$?
+  grep -E 'MESSAGE|ERROR|FAILED|test cases|assertions|worst|mismatch' "$out/test_layer_ops.log" | grep -v '^\s*$' | head -40
+  echo "layer-op tests rc=$rc"
+  if [[ $rc != 0 ]] && command -v compute-sanitizer >/dev/null; then
+    timeout 120 compute-sanitizer --tool memcheck "$here/bin/test_cuda_layer_ops" 2>&1 | grep -vE '^\s*$' | head -30
+  fi
+fi
+
+bench() {  # name, flags...
+  local name=$1
+  shift
+  echo "== bench-rank $name: $*"
+  timeout "${BENCH_TIMEOUT:-240}" "$petrel" bench-rank "$@" ${BENCH_FLAGS:-} --json "$out/$name.json" > "$out/$name.log" 2>&1
+  echo "$name rc=$?"
+  cat "$out/$name.log"
+}
+
+case $mode in
+  quick)
+    bench prefill_quick --preset prefill-ep32 --layers 4 --iters 2
+    bench decode_quick --preset decode-ep72 --layers 4 --iters 5 ;;
+  full)
+    bench prefill --preset prefill-ep32
+    bench decode --preset decode-ep72 ;;
+  prefill) bench prefill --preset prefill-ep32 ;;
+  decode) bench decode --preset decode-ep72 ;;
+  *) echo "unknown mode '$mode' (quick, full, prefill, decode)"; exit 2 ;;
+esac
+
+echo "== petrel simulate --validate"
+for f in "$out"/*.json; do
+  [[ -f $f ]] && "$petrel" simulate --validate "$f" 2>&1
+done
+if [[ -f $out/prefill.json && -f $out/decode.json ]]; then
+  echo "== petrel simulate with the measured kernel times"
+  "$petrel" simulate --kernel-times "$out/prefill.json" --kernel-times "$out/decode.json" --window-tokens 16384 2>&1 | tee "$out/simulate.log"
+fi
