@@ -24,6 +24,8 @@ struct run_file {
   std::string gateway_host = "127.0.0.1";
   int gateway_port = 0;
   std::string config; // absolute path of the cluster.yaml it runs
+  bool tls = false;             // the head's port speaks TLS (security.tls)
+  std::string secret_file;      // where the cluster secret is, for clients of a TLS head
 };
 
 std::string run_file_path(const cluster_config& cfg);
@@ -60,7 +62,7 @@ int print_cluster_status(const run_file& run, bool json, std::string& out);
 
 /// A fault for `petrel chaos` (or an operator) to inject into a running cluster.
 struct fault_request {
-  std::string kind;   // kill (node+child) | kill_node | slow (node+child rank) | delay | drop | partition
+  std::string kind;   // kill (node+child) | kill_node | slow (node+child rank) | delay | drop | partition | corrupt
   std::string node;   // target node; for link faults the sending node
   std::string child;  // kill, slow: "rank0", "kv_agent", ...
   std::string peer;   // link faults: the receiving node

@@ -28,6 +28,8 @@ struct decode_entry {
   int32_t generated = 0;    // output position of the next token
   caf::actor_clock::time_point reserved_at;
   caf::actor_addr owner;    // the router incarnation that placed it
+  uint64_t placement = 0;   // tells this reservation from a later one of the same request id
+  bool verifying = false;   // KV arrived; its pages are being checked against the sender's CRCs
 };
 
 struct decode_state {
@@ -48,6 +50,13 @@ struct decode_state {
     caf::actor_clock::time_point until;
   };
   std::vector<quarantined> quarantine;
+  // The sender's page checksums by request id (transport.kv_checksum), waiting for the kv_ready.
+  struct received_digest {
+    kv_digest digest;
+    caf::actor_clock::time_point at;
+  };
+  std::map<uint64_t, received_digest> digests;
+  uint64_t next_placement = 1;
 };
 
 using decode_pointer = decode_scheduler_actor::stateful_pointer<decode_state>;
@@ -104,6 +113,33 @@ void abort_request(decode_pointer self, uint64_t rid) {
     it->second.aborted = true;
   else
     free_entry(self, it);
+}
+
+/// Emits `token` for the request; true when the request is finished.
+bool emit(decode_pointer self, decode_entry& e, int32_t token);
+
+void update_gauges(decode_pointer self);
+void schedule(decode_pointer self);
+
+/// Counts the checks of arrived KV against the sender's checksums, by result (ok, mismatch, missing).
+metrics::counter& kv_checks(const char* result) {
+  static auto& family = metrics::global_registry().add_counter(
+      "petrel_kv_checksum_checks_total",
+      "Checks of arrived KV pages against the sender's CRC32C: ok, mismatch, missing or error (the last three are re-prefilled)", {"result"});
+  return family.with({result});
+}
+
+/// The request's KV is in place (and checked): it joins the running batch with its first token.
+void start_running(decode_pointer self, std::map<uint64_t, decode_entry>::iterator it, int32_t first_token) {
+  auto& e = it->second;
+  e.running = true;
+  e.pos = static_cast<int64_t>(e.admission.tokens.size());
+  e.last_token = first_token;
+  e.generated = e.admission.generated;
+  if (emit(self, e, first_token))
+    free_entry(self, it);
+  update_gauges(self);
+  schedule(self);
 }
 
 /// Emits `token` for the request; true when the request is finished.
@@ -272,8 +308,10 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
         e.rank_epoch = s.epoch();
         e.pages = std::move(*pages);
         e.reserved_at = self->clock().now();
+        e.placement = st.next_placement++;
         kv_destination dest{e.admission.rid, st.group.name, s.node, static_cast<uint32_t>(*best), s.epoch(), e.pages,
-                            s.info.pool, s.info.page_bytes, caf::actor_cast<caf::actor>(self)};
+                            s.info.pool, s.info.page_bytes, caf::actor_cast<caf::actor>(self),
+                            st.sc.cfg->transport.kv_checksum};
         st.requests[e.admission.rid] = std::move(e);
         serving_metrics().kv_transfer.with({"allocation"}).observe(
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -295,14 +333,69 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
           free_entry(self, it);
           return;
         }
-        e.running = true;
-        e.pos = static_cast<int64_t>(e.admission.tokens.size());
-        e.last_token = ready.first_token;
-        e.generated = e.admission.generated;
-        if (emit(self, e, ready.first_token))
-          free_entry(self, it);
-        update_gauges(self);
-        schedule(self);
+        if (!st.sc.cfg->transport.kv_checksum) {
+          start_running(self, it, ready.first_token);
+          return;
+        }
+        if (e.verifying)
+          return; // a duplicate kv_ready
+        // The pages are read only after they match the sender's checksums; a mismatch (or no digest)
+        // is a failure the router turns into a re-prefill, never garbage in the batch.
+        auto d = st.digests.find(ready.rid);
+        bool matches = d != st.digests.end() && d->second.digest.rank_epoch == e.rank_epoch &&
+                       d->second.digest.pages.size() <= e.pages.size() &&
+                       std::equal(d->second.digest.pages.begin(), d->second.digest.pages.end(), e.pages.begin());
+        if (!matches) {
+          kv_checks("missing").inc();
+          fail(self, ready.rid, st.slots[e.rank].label(), "KV arrived without the sender's page checksums");
+          return;
+        }
+        auto& slot = st.slots[e.rank];
+        if (!slot.agent) {
+          fail(self, ready.rid, slot.label(), "no kv_agent on node " + slot.node + " to check the KV pages");
+          return;
+        }
+        kv_check check{slot.info.pool, d->second.digest.page_bytes, std::move(d->second.digest.pages),
+                       std::move(d->second.digest.crc)};
+        st.digests.erase(d);
+        e.verifying = true;
+        auto placement = e.placement;
+        auto rid = ready.rid;
+        auto first_token = ready.first_token;
+        self->request(slot.agent, 10s, verify_atom::value, std::move(check))
+            .then(
+                [self, rid, placement, first_token](caf::ok_atom) {
+                  auto& st = self->state;
+                  auto it = st.requests.find(rid);
+                  if (it == st.requests.end() || it->second.placement != placement)
+                    return;
+                  it->second.verifying = false;
+                  kv_checks("ok").inc();
+                  if (it->second.aborted || st.slots[it->second.rank].epoch() != it->second.rank_epoch) {
+                    fail(self, rid, st.slots[it->second.rank].label(), "the rank changed while its KV was checked");
+                    return;
+                  }
+                  start_running(self, it, first_token);
+                },
+                [self, rid, placement](caf::error& err) {
+                  auto& st = self->state;
+                  auto it = st.requests.find(rid);
+                  if (it == st.requests.end() || it->second.placement != placement)
+                    return;
+                  it->second.verifying = false;
+                  kv_checks(err.category() == caf::atom("petrel") &&
+                                    err.code() == static_cast<uint8_t>(petrel_errc::kv_corrupt)
+                                ? "mismatch"
+                                : "error")
+                      .inc();
+                  fail(self, rid, st.slots[it->second.rank].label() + "/kv_agent",
+                       "KV check failed: " + describe(err));
+                });
+      },
+      [self](digest_atom, kv_digest& digest) {
+        auto& st = self->state;
+        auto rid = digest.rid;
+        st.digests[rid] = {std::move(digest), self->clock().now()};
       },
       [self](abort_atom, uint64_t rid) {
         abort_request(self, rid);
@@ -331,6 +424,9 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
             expired.push_back(rid);
         for (auto rid : expired)
           fail(self, rid, st.group.name, "the KV transfer did not arrive in time");
+        // Digests of shipments that never led to a kv_ready (request aborted or failed meanwhile).
+        for (auto d = st.digests.begin(); d != st.digests.end();)
+          d = now - d->second.at > st.reservation_timeout ? st.digests.erase(d) : std::next(d);
         release_quarantine(self);
         self->delayed_send(self, 200ms, tick_atom::value);
       },

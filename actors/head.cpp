@@ -15,9 +15,11 @@
 
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
+#include <caf/openssl/manager.hpp>
 #include <nlohmann/json.hpp>
 
 #include "actors/cluster.hpp"
+#include "actors/cluster_tls.hpp"
 #include "actors/node_proxy.hpp"
 #include "actors/process_signals.hpp"
 #include "actors/serving.hpp"
@@ -49,6 +51,8 @@ std::optional<run_file> read_run_file(const std::string& path) {
     r.gateway_host = j.value("gateway_host", "127.0.0.1");
     r.gateway_port = j.value("gateway_port", 0);
     r.config = j.value("config", "");
+    r.tls = j.value("tls", false);
+    r.secret_file = j.value("secret_file", "");
     return r;
   } catch (const std::exception&) {
     return std::nullopt;
@@ -61,7 +65,7 @@ void write_run_file(const std::string& path, const run_file& r) {
   fs::create_directories(fs::path(path).parent_path());
   json j{{"cluster", r.cluster},       {"head_pid", r.head_pid},         {"head_host", r.head_host},
          {"head_port", r.head_port},   {"gateway_host", r.gateway_host}, {"gateway_port", r.gateway_port},
-         {"config", r.config}};
+         {"config", r.config},         {"tls", r.tls},                   {"secret_file", r.secret_file}};
   auto tmp = path + ".tmp";
   std::ofstream(tmp) << j.dump(2) << "\n";
   fs::rename(tmp, path);
@@ -337,13 +341,25 @@ int run_head(const cluster_config& cfg, const head_options& opts) {
                        "` first or give this one another cluster.name");
   signal_watcher signals; // blocks SIGINT/SIGTERM before CAF starts its threads
   petrel_config sys_cfg;
+  // Who may join: every peer of the head (nodes, CLI clients) needs a certificate of the CA that the
+  // cluster secret defines. Without security.secret_file the head makes a fresh secret per launch.
+  std::unique_ptr<tls_identity> tls;
+  bool generated_secret = cfg.security.tls && cfg.security.secret_file.empty();
+  if (cfg.security.tls) {
+    if (generated_secret)
+      create_cluster_secret(cfg);
+    tls = tls_identity::make(read_cluster_secret(cluster_secret_path(cfg), generated_secret), cfg.cluster.name,
+                             "head");
+    sys_cfg.use_tls(*tls);
+    set_tls_endpoint_name("head");
+  }
   caf::actor_system sys{sys_cfg};
   auto config_path = fs::absolute(opts.config_path).string();
   // The node proxies need the head's port before the head is published: pick it first.
   uint16_t port = cfg.transport.head.port != 0 ? cfg.transport.head.port : pick_free_port();
   auto gateway_port = std::make_shared<std::atomic<uint16_t>>(0);
   auto head = sys.spawn(head_impl, cfg, config_path, port, gateway_port);
-  auto published = sys.middleman().publish(head, port, cfg.transport.head.host.c_str(), true);
+  auto published = publish_cluster_port(head, port, cfg.transport.head.host);
   if (!published) {
     anon_send_exit(head, caf::exit_reason::kill);
     throw std::runtime_error("cannot publish the head on " + cfg.transport.head.host + ":" + std::to_string(port) +
@@ -353,7 +369,8 @@ int run_head(const cluster_config& cfg, const head_options& opts) {
   for (int i = 0; i < 200 && gateway_port->load() == 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   run_file rf{cfg.cluster.name, static_cast<int>(::getpid()), "127.0.0.1", *published,
-              cfg.gateway.address.host, gateway_port->load(), config_path};
+              cfg.gateway.address.host, gateway_port->load(), config_path,
+              cfg.security.tls, cfg.security.tls ? fs::absolute(cluster_secret_path(cfg)).string() : ""};
   write_run_file(path, rf);
   if (opts.on_ready)
     opts.on_ready(rf);
@@ -366,7 +383,16 @@ int run_head(const cluster_config& cfg, const head_options& opts) {
   }
   std::error_code ec;
   fs::remove(path, ec);
-  sys.middleman().unpublish(head, *published);
+  if (generated_secret) // every node process is gone by now: the secret of this launch has no use left
+    fs::remove(cluster_secret_path(cfg), ec);
+  if (sys.has_openssl_manager()) {
+    // (caf/openssl/unpublish.hpp of 0.17.6 does not compile: ask its middleman actor directly.)
+    caf::scoped_actor self{sys};
+    self->request(sys.openssl_manager().actor_handle(), std::chrono::seconds(2), caf::unpublish_atom::value,
+                  caf::actor_cast<caf::actor_addr>(head), *published)
+        .receive([] {}, [](caf::error&) {});
+  } else
+    sys.middleman().unpublish(head, *published);
   return reason && reason != caf::exit_reason::user_shutdown ? 1 : 0;
 }
 
@@ -388,8 +414,18 @@ int with_head(const run_file& run, std::string& out, F f) {
     return 1;
   }
   petrel_config sys_cfg;
+  std::unique_ptr<tls_identity> tls;
+  if (run.tls) {
+    try {
+      tls = tls_identity::make(read_cluster_secret(run.secret_file, false), run.cluster, "client");
+    } catch (const std::exception& e) {
+      out = "cannot join cluster '" + run.cluster + "': " + e.what() + "\n";
+      return 1;
+    }
+    sys_cfg.use_tls(*tls);
+  }
   caf::actor_system sys{sys_cfg};
-  auto head = sys.middleman().remote_actor<head_actor>(run.head_host, static_cast<uint16_t>(run.head_port));
+  auto head = connect_cluster_port<head_actor>(sys, run.head_host, static_cast<uint16_t>(run.head_port));
   if (!head) {
     out = "cannot reach the head of cluster '" + run.cluster + "' at " + run.head_host + ":" +
           std::to_string(run.head_port) + ": " + sys.render(head.error()) + "\n";

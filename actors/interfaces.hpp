@@ -100,7 +100,10 @@ using kv_agent_actor = liveness_protocol::extend<
     caf::replies_to<ship_atom, kv_shipment>::with<kv_receipt>,
     /// Internal: the engine's progress thread reports transfer `id` done (error text empty on success).
     caf::reacts_to<ship_atom, uint64_t, kv_receipt, std::string>,
-    /// Fault injection on shipments to one peer node: "delay", "drop" or "partition".
+    /// Recomputes the CRC32C of pages that landed in a pool of this node and compares them with
+    /// the sender's; answers ok, or kv_corrupt naming the first page that differs.
+    caf::replies_to<verify_atom, kv_check>::with<caf::ok_atom>,
+    /// Fault injection on shipments to one peer node: "delay", "drop", "partition" or "corrupt".
     caf::replies_to<fault_atom, fault_spec>::with<caf::ok_atom>>;
 
 /// The PREFILL SCHEDULER actor interface: one per prefill group (runs in the head process, so its
@@ -122,8 +125,10 @@ using decode_scheduler_actor = caf::typed_actor<
     /// Reserves pages for the request on one rank (DP attention); answers the destination, or
     /// overloaded when no rank has room.
     caf::replies_to<admit_atom, decode_admission>::with<kv_destination>,
-    /// The request's KV arrived: it joins the running batch.
+    /// The request's KV arrived: it joins the running batch (after its pages pass the checksum).
     caf::reacts_to<ready_atom, kv_ready>,
+    /// The sender's page checksums of a request's shipment, checked when its kv_ready comes.
+    caf::reacts_to<digest_atom, kv_digest>,
     /// Drops a request (client gone, stop string matched) and frees its pages.
     caf::reacts_to<abort_atom, uint64_t>,
     /// Answers the group's load.

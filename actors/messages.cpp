@@ -19,6 +19,7 @@ const char* to_string(petrel_errc code) {
     case petrel_errc::kv_transfer_failed: return "kv_transfer_failed";
     case petrel_errc::rank_failed: return "rank_failed";
     case petrel_errc::shutting_down: return "shutting_down";
+    case petrel_errc::kv_corrupt: return "kv_corrupt";
   }
   return "unknown";
 }

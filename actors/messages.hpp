@@ -33,6 +33,7 @@ enum class petrel_errc : uint8_t {
   kv_transfer_failed, // a KV transfer failed or timed out
   rank_failed,        // a forward pass failed
   shutting_down,
+  kv_corrupt,         // KV pages arrived with bytes that differ from the sender's (checksum mismatch)
 };
 
 const char* to_string(petrel_errc code);
@@ -159,12 +160,13 @@ struct kv_destination {
   std::vector<uint8_t> pool;       // kv_pool_descriptor::to_bytes() of the destination pool
   uint64_t page_bytes = 0;
   caf::actor decode_scheduler;     // tell it kv_ready once the pages are there
+  bool checksum = false;           // the sender sends a kv_digest; the decode side checks it (transport.kv_checksum)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_destination& x) {
   return f(caf::meta::type_name("petrel.kv_destination"), x.rid, x.decode_group, x.node, x.rank, x.rank_epoch, x.pages,
-           x.pool, x.page_bytes, x.decode_scheduler);
+           x.pool, x.page_bytes, x.decode_scheduler, x.checksum);
 }
 
 /// router -> decode_scheduler: reserve KV for a request of `tokens` (prompt + tokens already emitted)
@@ -300,6 +302,36 @@ typename Inspector::result_type inspect(Inspector& f, kv_ready& x) {
   return f(caf::meta::type_name("petrel.kv_ready"), x.rid, x.first_token, x.rank_epoch);
 }
 
+/// kv_agent (sender) -> decode_scheduler: the CRC32C of every page of a shipment, computed from the
+/// source pages before the put. Sent before the transfer starts, on the same link as the receipt
+/// that leads to kv_ready, so it reaches the decode scheduler first.
+struct kv_digest {
+  uint64_t rid = 0;
+  uint64_t rank_epoch = 0;         // the destination incarnation
+  std::vector<int32_t> pages;      // destination pages, in the order of `crc`
+  uint64_t page_bytes = 0;
+  std::vector<uint32_t> crc;       // CRC32C (Castagnoli) of each page's bytes
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_digest& x) {
+  return f(caf::meta::type_name("petrel.kv_digest"), x.rid, x.rank_epoch, x.pages, x.page_bytes, x.crc);
+}
+
+/// decode_scheduler -> the kv_agent of the destination node: recompute the CRC32C of pages that
+/// landed in a pool of this node and compare them with the sender's.
+struct kv_check {
+  std::vector<uint8_t> pool;       // kv_pool_descriptor bytes of the destination pool
+  uint64_t page_bytes = 0;
+  std::vector<int32_t> pages;
+  std::vector<uint32_t> crc;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_check& x) {
+  return f(caf::meta::type_name("petrel.kv_check"), x.pool, x.page_bytes, x.pages, x.crc);
+}
+
 /// A request failed somewhere on its path; the router decides (migrate, or fail the client).
 struct request_failure {
   uint64_t rid = 0;
@@ -397,6 +429,8 @@ CAF_ADD_TYPE_ID(petrel, (petrel::kv_ready))
 CAF_ADD_TYPE_ID(petrel, (petrel::request_failure))
 CAF_ADD_TYPE_ID(petrel, (petrel::group_load))
 CAF_ADD_TYPE_ID(petrel, (petrel::fault_spec))
+CAF_ADD_TYPE_ID(petrel, (petrel::kv_digest))
+CAF_ADD_TYPE_ID(petrel, (petrel::kv_check))
 
 CAF_END_TYPE_ID_BLOCK(petrel)
 
@@ -429,5 +463,7 @@ using load_atom = caf::atom_constant<caf::atom("load")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
 using fault_atom = caf::atom_constant<caf::atom("fault")>;
 using beat_atom = caf::atom_constant<caf::atom("beat")>;
+using digest_atom = caf::atom_constant<caf::atom("digest")>;
+using verify_atom = caf::atom_constant<caf::atom("verify")>;
 
 } // namespace petrel

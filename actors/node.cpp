@@ -7,6 +7,7 @@
 #include <caf/io/all.hpp>
 
 #include "actors/cluster.hpp"
+#include "actors/cluster_tls.hpp"
 #include "actors/node_children.hpp"
 #include "actors/process_signals.hpp"
 #include "actors/supervisor.hpp"
@@ -21,6 +22,19 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
     throw config_error(cfg.source + ": no node named '" + opts.node + "'");
   signal_watcher signals;
   petrel_config sys_cfg;
+  // The head and every other peer must show a certificate of the cluster's CA, and so must we.
+  std::unique_ptr<tls_identity> tls;
+  if (cfg.security.tls) {
+    try {
+      tls = tls_identity::make(read_cluster_secret(cluster_secret_path(cfg), cfg.security.secret_file.empty()),
+                               cfg.cluster.name, "node " + node->name);
+    } catch (const std::exception& e) {
+      std::cerr << "petrel node " << node->name << ": " << e.what() << "\n";
+      return 1;
+    }
+    sys_cfg.use_tls(*tls);
+    set_tls_endpoint_name("node " + node->name);
+  }
   caf::actor_system sys{sys_cfg};
 
   supervisor_spec spec;
@@ -44,14 +58,14 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
   spec.children = node_children(cfg, *node, kv_engine);
   auto sup = spawn_supervisor(sys, std::move(spec));
 
-  auto published = sys.middleman().publish(sup, node->address.port, node->address.host.c_str(), true);
+  auto published = publish_cluster_port(sup, node->address.port, node->address.host);
   if (!published) {
     std::cerr << "petrel node " << node->name << ": cannot publish on " << node->address.host << ":"
               << node->address.port << ": " << sys.render(published.error()) << "\n";
     anon_send_exit(sup, caf::exit_reason::kill);
     return 1;
   }
-  auto head = sys.middleman().remote_actor<head_actor>(opts.head_host, static_cast<uint16_t>(opts.head_port));
+  auto head = connect_cluster_port<head_actor>(sys, opts.head_host, static_cast<uint16_t>(opts.head_port));
   if (!head) {
     std::cerr << "petrel node " << node->name << ": cannot reach the head at " << opts.head_host << ":"
               << opts.head_port << ": " << sys.render(head.error()) << "\n";

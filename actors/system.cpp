@@ -2,7 +2,9 @@
 
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
+#include <caf/openssl/manager.hpp>
 
+#include "actors/cluster_tls.hpp"
 #include "actors/messages.hpp"
 
 namespace petrel {
@@ -28,6 +30,15 @@ petrel_config::petrel_config(bool testing) {
     set("scheduler.max-threads", size_t{2});
     set("middleman.heartbeat-interval", caf::timespan{std::chrono::milliseconds(250)});
   }
+}
+
+void petrel_config::use_tls(const tls_identity& id) {
+  // Setting any of these switches caf-openssl to authenticated mode: TLS with peer verification
+  // (SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT) against the CA file, on both sides.
+  openssl_certificate = id.certificate_path();
+  openssl_key = id.key_path();
+  openssl_cafile = id.ca_path();
+  load<caf::openssl::manager>();
 }
 
 } // namespace petrel

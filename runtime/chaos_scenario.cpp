@@ -36,7 +36,8 @@ chaos_event parse_event(const yaml_reader& r, const YAML::Node& n, size_t index)
   if (!n.IsMap())
     r.fail(n, where + " must be a mapping such as {at: 2s, kill: {actor: decode/rank0}}");
   ev.at = need_duration(r, n, "at", where);
-  static const std::vector<std::string> kinds{"kill", "kill_node", "stall", "delay", "drop", "partition", "slow"};
+  static const std::vector<std::string> kinds{"kill",      "kill_node", "stall",  "delay",
+                                              "drop",      "partition", "slow",   "corrupt"};
   std::vector<std::string> keys{"at"};
   keys.insert(keys.end(), kinds.begin(), kinds.end());
   r.only_keys(n, where, keys);
@@ -47,7 +48,7 @@ chaos_event parse_event(const yaml_reader& r, const YAML::Node& n, size_t index)
       ev.kind = k;
     }
   if (ev.kind.empty())
-    r.fail(n, where + " names no fault; use one of kill, kill_node, stall, delay, drop, partition, slow");
+    r.fail(n, where + " names no fault; use one of kill, kill_node, stall, delay, drop, partition, slow, corrupt");
   auto f = n[ev.kind];
   auto fw = where + "." + ev.kind;
   if (ev.kind == "kill") {
@@ -73,6 +74,14 @@ chaos_event parse_event(const yaml_reader& r, const YAML::Node& n, size_t index)
     r.opt_string(f, "what", ev.what, fw);
     if (ev.what != "kv_transfer")
       r.fail(f["what"], fw + ".what '" + ev.what + "' is not supported; use kv_transfer");
+    if (f["prob"].IsDefined()) ev.prob = r.scalar<double>(f["prob"], fw + ".prob");
+    if (!(ev.prob >= 0 && ev.prob <= 1))
+      r.fail(f["prob"], fw + ".prob must be within [0, 1]");
+    ev.length = need_duration(r, f, "for", fw);
+  } else if (ev.kind == "corrupt") {
+    // Flips bytes in KV pages on the link after the sender took their checksums.
+    r.only_keys(f, fw, {"link", "prob", "for"});
+    std::tie(ev.from, ev.to) = parse_link(r, f["link"], fw + ".link");
     if (f["prob"].IsDefined()) ev.prob = r.scalar<double>(f["prob"], fw + ".prob");
     if (!(ev.prob >= 0 && ev.prob <= 1))
       r.fail(f["prob"], fw + ".prob must be within [0, 1]");
@@ -150,7 +159,8 @@ chaos_scenario parse_chaos_scenario(const std::string& yaml_text, const std::str
       sc.events.push_back(parse_event(r, ev[i], i));
   }
   if (auto e = root["expect"]; e.IsDefined()) {
-    r.only_keys(e, "expect", {"lost", "failed", "mismatched", "outputs_match_fault_free", "max_recovery"});
+    r.only_keys(e, "expect",
+                {"lost", "failed", "mismatched", "outputs_match_fault_free", "max_recovery", "kv_corrupt_detected"});
     auto opt_count = [&](const char* key, std::optional<int>& out) {
       if (e[key].IsDefined())
         out = r.scalar<int>(e[key], std::string("expect.") + key);
@@ -160,6 +170,8 @@ chaos_scenario parse_chaos_scenario(const std::string& yaml_text, const std::str
     opt_count("mismatched", sc.expect.mismatched);
     if (e["outputs_match_fault_free"].IsDefined())
       sc.expect.outputs_match_fault_free = r.scalar<bool>(e["outputs_match_fault_free"], "expect.outputs_match_fault_free");
+    if (e["kv_corrupt_detected"].IsDefined())
+      sc.expect.kv_corrupt_detected = r.scalar<bool>(e["kv_corrupt_detected"], "expect.kv_corrupt_detected");
     if (e["max_recovery"].IsDefined()) {
       duration_ms d{0};
       r.opt_duration(e, "max_recovery", d, "expect", false);

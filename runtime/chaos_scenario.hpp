@@ -21,13 +21,14 @@ struct chaos_load {
 };
 
 /// One fault on the timeline. kinds: kill (actor), kill_node (node), stall (node, for),
-/// delay (from->to, ms, for), drop (from->to, prob, for), partition (a, b, for), slow (actor, factor, for).
+/// delay (from->to, ms, for), drop (from->to, prob, for), partition (a, b, for), slow (actor, factor, for),
+/// corrupt (from->to, prob, for: flips bytes of shipped KV pages after their checksums were taken).
 struct chaos_event {
   duration_ms at{0};
   std::string kind;
   std::string actor;      // kill, slow: "NODE/CHILD", "GROUP/rankN" or "prefill|decode/rankN"
   std::string node;       // kill_node, stall
-  std::string from, to;   // delay, drop: the link from->to; partition: between from and to
+  std::string from, to;   // delay, drop, corrupt: the link from->to; partition: between from and to
   std::string what = "kv_transfer";
   double prob = 1.0;
   double factor = 1.0;
@@ -40,6 +41,9 @@ struct chaos_expect {
   std::optional<int> lost, failed, mismatched;
   std::optional<bool> outputs_match_fault_free;
   std::optional<duration_ms> max_recovery;
+  /// At least one KV page arrived corrupted and was caught by its checksum (proves a corrupt fault
+  /// really corrupted something, rather than passing because it missed every shipment).
+  std::optional<bool> kv_corrupt_detected;
 };
 
 struct chaos_scenario {

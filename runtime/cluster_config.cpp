@@ -207,7 +207,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   if (!root.IsMap())
     r.fail_line(std::max(1, reader::line_of(root)),
                 "the top level must be a mapping with the sections model, nodes and groups (see docs/cluster-yaml.md)");
-  r.only_keys(root, "the top level", {"cluster", "model", "gateway", "nodes", "groups", "supervision", "transport"},
+  r.only_keys(root, "the top level", {"cluster", "model", "gateway", "nodes", "groups", "supervision", "transport", "security"},
               1);
 
   cluster_config cfg;
@@ -311,7 +311,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
 
   // transport
   if (auto t = root["transport"]; t.IsDefined() && !t.IsNull()) {
-    r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port"},
+    r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port", "kv_checksum"},
                 section_line("transport"));
     r.opt_string(t, "kv_tls", cfg.transport.kv_tls, "transport");
     {
@@ -346,6 +346,28 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
                                  "; pick another port or 0 (any free port)");
   }
   ports.add(cfg.transport.head.host, cfg.transport.head.port, "the head (transport.head_port)");
+  {
+    std::string checksum = "auto";
+    if (auto t = root["transport"]; t.IsDefined() && !t.IsNull())
+      r.opt_choice(t, "kv_checksum", checksum, "transport", {"auto", "on", "off"});
+    if (checksum == "on" && cuda)
+      r.fail(root["transport"]["kv_checksum"],
+             "transport.kv_checksum 'on' needs model.backend: cpu (the check reads KV pools from the host; cuda "
+             "pools have no device-side checksum yet); use auto or off");
+    cfg.transport.kv_checksum = checksum == "on" || (checksum == "auto" && !cuda);
+  }
+
+  // security
+  if (auto s = root["security"]; s.IsDefined() && !s.IsNull()) {
+    r.only_keys(s, "security", {"tls", "secret_file"}, section_line("security"));
+    if (auto t = s["tls"]; t.IsDefined() && !t.IsNull())
+      cfg.security.tls = r.scalar<bool>(t, "security.tls");
+    r.opt_string(s, "secret_file", cfg.security.secret_file, "security");
+    cfg.security.secret_file = resolve(cfg.security.secret_file);
+    if (!cfg.security.tls && !cfg.security.secret_file.empty())
+      r.fail(s["secret_file"], "security.secret_file is set but security.tls is false; the secret is only used "
+                               "with TLS: remove one of the two");
+  }
 
   // nodes
   auto nodes = root["nodes"];

@@ -102,6 +102,20 @@ struct transport_section {
   duration_ms kv_timeout{10'000};    // a KV transfer that takes longer fails (never hangs)
   std::string expert_exchange = "inproc"; // inproc | ucx | nccl
   endpoint head{"127.0.0.1", 0};     // the head process's CAF port (0: pick a free one)
+  /// Every KV page carries a CRC32C from the sender, checked on the decode node before the request
+  /// runs; a mismatch is a retry. Resolved at load: "auto" is on with the cpu backend (the check reads
+  /// pool memory from the host; cuda pools would need a device-side CRC).
+  bool kv_checksum = true;
+};
+
+/// Who may join the cluster (docs/reliability.md, "Who may join").
+struct security_section {
+  /// The CAF links (head <-> nodes <-> CLI clients) use TLS, and every peer needs a certificate of the
+  /// CA derived from the cluster secret. false: plain TCP, any local process may connect (debugging only).
+  bool tls = true;
+  /// The cluster secret (>= 16 bytes, mode 0600, owned by the user). Empty: the head makes a fresh one
+  /// at every launch in RUN_DIR/CLUSTER/secret. Set it when nodes run on other hosts (distribute the file).
+  std::string secret_file;
 };
 
 /// The whole validated cluster.yaml.
@@ -112,6 +126,7 @@ struct cluster_config {
   gateway_section gateway;
   supervision_section supervision;
   transport_section transport;
+  security_section security;
   std::vector<node_section> nodes;
   std::vector<group_section> groups;
 

@@ -12,8 +12,10 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -289,6 +291,21 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
     w.join();
   double duration_s = ms_since(t0) / 1000;
 
+  // The head's KV checksum counters (transport.kv_checksum): how many arrivals were checked and how
+  // many were caught corrupted and re-prefilled.
+  std::map<std::string, double> kv_checks;
+  if (auto m = http_client::get(run->gateway_host, run->gateway_port, "/metrics"); m.status == 200) {
+    std::istringstream lines(m.body);
+    const std::string prefix = "petrel_kv_checksum_checks_total{result=\"";
+    for (std::string line; std::getline(lines, line);)
+      if (line.rfind(prefix, 0) == 0) {
+        auto end = line.find('"', prefix.size());
+        auto space = line.rfind(' ');
+        if (end != std::string::npos && space != std::string::npos)
+          kv_checks[line.substr(prefix.size(), end - prefix.size())] = std::atof(line.c_str() + space + 1);
+      }
+  }
+
   if (head_pid) {
     std::string out;
     stop_cluster(*run, std::chrono::seconds(30), out);
@@ -346,6 +363,9 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
     check("mismatched", *sc.expect.mismatched, mismatched, mismatched <= *sc.expect.mismatched);
   if (sc.expect.outputs_match_fault_free.value_or(false))
     check("outputs_match_fault_free", true, mismatched == 0, mismatched == 0);
+  if (sc.expect.kv_corrupt_detected)
+    check("kv_corrupt_detected", *sc.expect.kv_corrupt_detected, kv_checks["mismatch"] > 0,
+          (kv_checks["mismatch"] > 0) == *sc.expect.kv_corrupt_detected);
   if (sc.expect.max_recovery)
     check("max_recovery_ms", sc.expect.max_recovery->count(), max_recovery,
           all_recovered && max_recovery <= static_cast<double>(sc.expect.max_recovery->count()));
@@ -354,6 +374,9 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
               {"summary",
                {{"total", reqs.size()}, {"completed", completed}, {"failed", failed}, {"lost", lost},
                 {"mismatched", mismatched}, {"max_recovery_ms", max_recovery}}},
+              {"kv_checksum",
+               {{"ok", kv_checks["ok"]}, {"mismatch", kv_checks["mismatch"]}, {"missing", kv_checks["missing"]},
+                {"error", kv_checks["error"]}}},
               {"expectations", checks},   {"passed", passed}};
   if (!report_path.empty())
     std::ofstream(report_path) << report.dump(2) << "\n";
@@ -373,6 +396,10 @@ int run_chaos(const std::string& scenario_path, const std::string& report_path, 
               << "\n";
   std::cout << "\nrequests " << reqs.size() << "  completed " << completed << "  failed " << failed << "  lost " << lost
             << "  mismatched " << (compare ? std::to_string(mismatched) : std::string("n/a")) << "\n";
+  if (kv_checks["mismatch"] + kv_checks["missing"] + kv_checks["error"] > 0)
+    std::cout << "KV checksums: " << static_cast<long long>(kv_checks["ok"]) << " ok, "
+              << static_cast<long long>(kv_checks["mismatch"]) << " corrupt arrivals caught and re-prefilled, "
+              << static_cast<long long>(kv_checks["missing"] + kv_checks["error"]) << " unchecked (re-prefilled)\n";
   for (auto& c : checks)
     std::cout << (c["ok"].get<bool>() ? "  ok    " : "  FAIL  ") << c["expectation"].get<std::string>() << ": expected "
               << c["expected"].dump() << ", got " << c["actual"].dump() << "\n";

@@ -2,7 +2,7 @@
 # Installs Petrel's build and test dependencies from Debian. Idempotent; run as root (or with sudo).
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config python3
-      libcaf-dev libucx-dev ucx-utils libyaml-cpp-dev libboost-dev doctest-dev
+      libcaf-dev libssl-dev libucx-dev ucx-utils libyaml-cpp-dev libboost-dev doctest-dev
       nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev libopenblas-dev
       curl procps iproute2 fortunes nodejs clang-14 libclang-rt-14-dev chromium chromium-driver)
 missing=()

@@ -12,7 +12,7 @@ using json = nlohmann::json;
 
 namespace {
 
-void play(const std::string& name) {
+json play(const std::string& name) {
   temp_dir dir;
   auto report = (dir.path / "report.json").string();
   auto scenario = std::string(PETREL_SOURCE_DIR) + "/tests/chaos/scenarios/" + name;
@@ -31,6 +31,7 @@ void play(const std::string& name) {
     CHECK_MESSAGE(f["injected"] == true, f.dump());
     CHECK(f["recovery_ms"].get<double>() >= 0);
   }
+  return j;
 }
 
 } // namespace
@@ -40,6 +41,11 @@ TEST_CASE("chaos: node process kills") { play("kill_nodes.yaml"); }
 TEST_CASE("chaos: stalled nodes") { play("stall.yaml"); }
 TEST_CASE("chaos: KV link delay, drop and partition") { play("links.yaml"); }
 TEST_CASE("chaos: a slow rank") { play("slow.yaml"); }
+TEST_CASE("chaos: corrupted KV pages are caught by their checksums and re-prefilled") {
+  auto j = play("corrupt.yaml");
+  CHECK(j["kv_checksum"]["mismatch"].get<double>() >= 1);
+  CHECK(j["kv_checksum"]["ok"].get<double>() >= 60);
+}
 TEST_CASE("chaos: the head's router and schedulers crash") { play("kill_head_actors.yaml"); }
 
 TEST_CASE("chaos: a bad scenario exits 2 naming the line") {

@@ -387,6 +387,18 @@ TEST_CASE("choices: backend, strategy, expert exchange, UCX transports") {
   CHECK_CONFIG_ERROR(dir, base + "transport: {kv_tls: 'tcp,'}\n", 8, "is not a list of UCX transports");
   CHECK(dir.parse(base + "transport: {kv_tls: 'tcp,shm'}\n").transport.kv_tls == "tcp,shm");
   CHECK(dir.parse(base + "transport: {kv_tls: ^shm}\n").transport.kv_tls == "^shm");
+  // KV checksums: auto is on with the cpu backend; on with cuda is refused.
+  CHECK(dir.parse(base).transport.kv_checksum);
+  CHECK_FALSE(dir.parse(base + "transport: {kv_checksum: off}\n").transport.kv_checksum);
+  CHECK(dir.parse(base + "transport: {kv_checksum: on}\n").transport.kv_checksum);
+  CHECK_CONFIG_ERROR(dir, base + "transport: {kv_checksum: yes}\n", 8,
+                     "transport.kv_checksum 'yes' is unknown; use auto, on or off");
+  CHECK_CONFIG_ERROR(dir, "model: {path: model, backend: cuda}\n" + rest + "transport: {kv_checksum: on}\n", 8,
+                     "transport.kv_checksum 'on' needs model.backend: cpu");
+  auto gpu_rest = rest;
+  gpu_rest.replace(gpu_rest.find("[cpu]"), 5, "[cuda:0]");
+  gpu_rest.replace(gpu_rest.find("[cpu]"), 5, "[cuda:1]");
+  CHECK_FALSE(dir.parse("model: {path: model, backend: cuda}\n" + gpu_rest).transport.kv_checksum);
   CHECK(dir.parse(base + "supervision: {strategy: rest_for_one}\n").supervision.strategy ==
         restart_strategy::rest_for_one);
 }
@@ -595,6 +607,23 @@ TEST_CASE("model.path must hold a config.json; dummy needs dummy_config") {
                                      "nodes: [p0], init_expert_location: placement.json"))
             .groups[0]
             .init_expert_location == (dir.path / "placement.json").string());
+}
+
+TEST_CASE("security: TLS is on by default; secret_file resolves against the file; bad values are refused") {
+  config_dir dir;
+  auto on = dir.parse(base);
+  CHECK(on.security.tls);
+  CHECK(on.security.secret_file.empty());
+  auto with_secret = dir.parse(base + "security: {secret_file: keys/secret}\n");
+  CHECK(std::filesystem::path(with_secret.security.secret_file).is_absolute());
+  CHECK(with_secret.security.secret_file.size() > std::string("keys/secret").size());
+  CHECK_FALSE(dir.parse(base + "security: {tls: false}\n").security.tls);
+  CHECK_CONFIG_ERROR(dir, base + "security: {tls: maybe}\n", 8,
+                     "security.tls has the wrong type ('maybe' is not true or false)");
+  CHECK_CONFIG_ERROR(dir, base + "security: {secret_file: ''}\n", 8, "security.secret_file must not be empty");
+  CHECK_CONFIG_ERROR(dir, base + "security: {tls: false, secret_file: s}\n", 8,
+                     "security.secret_file is set but security.tls is false");
+  CHECK_CONFIG_ERROR(dir, base + "security: {secret: s}\n", 8, "unknown key 'secret' in security; known keys: tls, secret_file");
 }
 
 // -- the examples in docs/cluster-yaml.md -----------------------------------------------------------------
