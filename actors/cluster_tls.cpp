@@ -292,6 +292,30 @@ metrics::counter& refused_counter() {
 std::mutex name_mutex;
 std::string endpoint_name = "petrel"; // guarded by name_mutex
 
+/// The peer's address, remembered on the session at its first handshake step (by the time a
+/// handshake fails the peer may have hung up, and getpeername() no longer knows it).
+std::string peer_of(SSL* ssl);
+
+int peer_index() {
+  static const int index = SSL_get_ex_new_index(
+      0, nullptr, nullptr, nullptr,
+      [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) { delete static_cast<std::string*>(ptr); });
+  return index;
+}
+
+void remember_peer(SSL* ssl) {
+  int index = peer_index();
+  if (index >= 0 && !SSL_get_ex_data(ssl, index))
+    SSL_set_ex_data(ssl, index, new std::string(peer_of(ssl)));
+}
+
+std::string remembered_peer(SSL* ssl) {
+  int index = peer_index();
+  if (auto* p = index >= 0 ? static_cast<std::string*>(SSL_get_ex_data(ssl, index)) : nullptr)
+    return *p;
+  return peer_of(ssl);
+}
+
 std::string peer_of(SSL* ssl) {
   sockaddr_storage addr{};
   socklen_t len = sizeof(addr);
@@ -341,7 +365,7 @@ void note_refusal(SSL* ssl, int ssl_error) {
     std::lock_guard<std::mutex> guard(name_mutex);
     name = endpoint_name;
   }
-  std::cerr << "petrel " << name << ": refused a cluster connection from " << peer_of(ssl) << ": " << reason
+  std::cerr << "petrel " << name << ": refused a cluster connection from " << remembered_peer(ssl) << ": " << reason
             << " (refusal #" << n << ")" << std::endl;
 }
 
@@ -385,6 +409,7 @@ extern "C" int SSL_accept(SSL* ssl) {
   if (!real)
     return -1;
   ERR_clear_error();
+  petrel::remember_peer(ssl);
   int ret = real(ssl);
   if (ret <= 0) {
     int err = SSL_get_error(ssl, ret);

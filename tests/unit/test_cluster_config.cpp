@@ -609,7 +609,7 @@ TEST_CASE("model.path must hold a config.json; dummy needs dummy_config") {
             .init_expert_location == (dir.path / "placement.json").string());
 }
 
-TEST_CASE("security: TLS is on by default; secret_file resolves against the file; bad values are refused") {
+TEST_CASE("security: TLS is on by default and secret_file resolves against the file and bad values are refused") {
   config_dir dir;
   auto on = dir.parse(base);
   CHECK(on.security.tls);
