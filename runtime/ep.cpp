@@ -266,7 +266,7 @@ void ep_moe_experts::dispatch_start(int slot, int32_t layer, const mat_view& hid
   p.combine_tag = make_tag(rank_.step_, slot, layer, exchange_phase::combine);
 
   p.ids.assign(r.topk_ids_host, r.topk_ids_host + T * K);
-  if (rank_.opt_.routing_override && T > 0) rank_.opt_.routing_override(p.moe_layer, p.ids);
+  if (rank_.opt_.routing_override && T > 0) rank_.opt_.routing_override(me, p.moe_layer, p.ids);
   rank_.recorder_.record_topk(p.moe_layer, p.ids);
 
   // One physical replica per (token, k), spread over the replicas by token (and by rank, so that the ranks'
@@ -357,55 +357,74 @@ void ep_moe_experts::expert_compute(int slot) {
   const int sb = pl.slot_begin(me), nl = pl.num_local(me);
   const auto& experts = rank_.store_.slots[size_t(p.moe_layer)];
 
-  // Lay the rows out for the grouped GEMMs and run each local expert on its block.
+  // Lay the rows out for the grouped GEMMs (index arrays from runtime/moe_layout) and run each local expert on
+  // its block. Only real rows move: expert e's rows are staged compactly on the host (stage offset off[e]) and
+  // uploaded into its block; padding rows (contiguous) and unused rows (masked) are neither copied nor computed
+  // on the CPU. A GPU grouped GEMM would run over whole blocks instead.
   const int32_t* pair_row = nullptr;
-  std::vector<int64_t> begin(static_cast<size_t>(nl)), cnt(static_cast<size_t>(nl));
+  std::vector<int64_t> begin(static_cast<size_t>(nl)), cnt(static_cast<size_t>(nl)),
+      off(static_cast<size_t>(nl) + 1, 0);
   int64_t rows = 0;
+  const int32_t* block_pairs = nullptr; // pair of row begin[e] + m, for m < cnt[e]
   if (rank_.step_mode_ == ep_mode::normal) {
     p.contiguous = moe::build_contiguous_layout(p.recv_slots, M, K, sb, nl);
     rows = p.contiguous.num_rows;
-    p.rows_host.resize(size_t(rows * H));
-    moe::permute_contiguous(p.contiguous, p.recv_x, int(H), p.rows_host);
     for (int e = 0; e < nl; ++e) {
       begin[size_t(e)] = p.contiguous.expert_begin[size_t(e)];
       cnt[size_t(e)] = p.contiguous.expert_count[size_t(e)];
     }
     pair_row = p.contiguous.pair_row.data();
+    block_pairs = p.contiguous.row_pair.data();
   } else {
     const int max_m = rank_.opt_.max_dispatch_tokens * N;
     p.masked = moe::build_masked_layout(p.recv_slots, M, K, sb, nl, max_m);
     if (p.masked.overflowed())
       throw std::runtime_error("low-latency dispatch: " + std::to_string(p.masked.overflow) +
                                " (token, expert) pairs did not fit max_m = " + std::to_string(max_m));
-    rows = int64_t(nl) * max_m;
-    p.rows_host.resize(size_t(rows * H));
-    moe::permute_masked(p.masked, p.recv_x, int(H), p.rows_host);
+    rows = int64_t(nl) * max_m; // fixed: the buffers never change shape
     for (int e = 0; e < nl; ++e) {
       begin[size_t(e)] = int64_t(e) * max_m;
       cnt[size_t(e)] = p.masked.count[size_t(e)];
     }
     pair_row = p.masked.pair_slot.data();
+    block_pairs = p.masked.slot_pair.data();
   }
+  for (int e = 0; e < nl; ++e) off[size_t(e) + 1] = off[size_t(e)] + cnt[size_t(e)];
+  const int64_t real = off[size_t(nl)];
+  p.rows_host.resize(size_t(real * H));
+  for (int e = 0; e < nl; ++e)
+    for (int64_t m = 0; m < cnt[size_t(e)]; ++m) {
+      const int32_t pair = block_pairs[begin[size_t(e)] + m];
+      std::memcpy(p.rows_host.data() + (off[size_t(e)] + m) * H, p.recv_x.data() + int64_t(pair / K) * H,
+                  sizeof(float) * size_t(H));
+    }
   ensure_buf(be, p.rows_dev, sizeof(float) * size_t(rows * H));
   ensure_buf(be, p.gu_dev, sizeof(float) * size_t(rows * 2 * I));
   ensure_buf(be, p.act_dev, sizeof(float) * size_t(rows * I));
   ensure_buf(be, p.y_dev, sizeof(float) * size_t(rows * H));
-  if (rows > 0) be.copy_to_device(p.rows_dev.data(), p.rows_host.data(), sizeof(float) * size_t(rows * H));
   mat_view x(p.rows_dev.f32(), rows, H), gu(p.gu_dev.f32(), rows, 2 * I), act(p.act_dev.f32(), rows, I),
       y(p.y_dev.f32(), rows, H);
-  int64_t computed = 0;
+  p.y_host.resize(size_t(real * H));
   for (int e = 0; e < nl; ++e) {
     const int64_t a = begin[size_t(e)], c = cnt[size_t(e)];
-    if (c == 0) continue; // padding rows and masked-out rows are never computed on the CPU
+    if (c == 0) continue;
     const mlp_weights& w = experts[size_t(e)];
+    be.copy_to_device(x.data + a * H, p.rows_host.data() + off[size_t(e)] * H, sizeof(float) * size_t(c * H));
     be.linear(x.row_slice(a, c), w.gate_up.f32(), gu.row_slice(a, c));
     be.silu_mul(gu.row_slice(a, c), I, act.row_slice(a, c));
     be.linear(act.row_slice(a, c), w.down.f32(), y.row_slice(a, c));
-    computed += c;
+    be.copy_to_host(p.y_host.data() + off[size_t(e)] * H, y.data + a * H, sizeof(float) * size_t(c * H));
   }
-  rank_.stats_.expert_rows += computed;
-  p.y_host.resize(size_t(rows * H));
-  if (rows > 0) be.copy_to_host(p.y_host.data(), p.y_dev.data(), sizeof(float) * size_t(rows * H));
+  rank_.stats_.expert_rows += real;
+  // Block row -> compact staging row.
+  auto staged = [&](int32_t row) -> int64_t {
+    if (rank_.step_mode_ == ep_mode::normal) {
+      const int e = p.contiguous.row_expert[size_t(row)];
+      return off[size_t(e)] + (row - begin[size_t(e)]);
+    }
+    const int max_m = rank_.opt_.max_dispatch_tokens * N;
+    return off[size_t(row / max_m)] + row % max_m;
+  };
 
   // Every (token, k) output goes back to the token's rank, in the order the pairs arrived.
   p.back_send.assign(size_t(N), {});
@@ -417,7 +436,7 @@ void ep_moe_experts::expert_compute(int slot) {
         const int32_t row = pair_row[tok * K + k];
         if (p.recv_slots[size_t(tok * K + k)] < 0) continue;
         if (row < 0) throw std::logic_error("expert combine: a received pair has no row");
-        put(b, p.y_host.data() + int64_t(row) * H, size_t(H));
+        put(b, p.y_host.data() + staged(row) * H, size_t(H));
       }
   }
   rank_.transport_.start_all_to_all(p.combine_tag, spans_of(p.back_send));

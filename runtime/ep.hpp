@@ -106,9 +106,10 @@ struct ep_options {
   /// EPLB shape: expert groups (0: the model's n_group when it divides the experts, else 1) and nodes.
   int eplb_groups = 0;
   int eplb_nodes = 1;
-  /// Benchmarks only: rewrites the routed logical expert ids of this rank's tokens (moe layer, [tokens x top_k])
-  /// before dispatch, e.g. to impose a Zipf load. Outputs are then meaningless.
-  std::function<void(int moe_layer, std::span<int32_t> ids)> routing_override;
+  /// Benchmarks only: rewrites the routed logical expert ids of a rank's tokens (rank, moe layer,
+  /// [tokens x top_k]) before dispatch, e.g. to impose a Zipf load. Called on the rank's thread. Outputs are
+  /// then meaningless.
+  std::function<void(int rank, int moe_layer, std::span<int32_t> ids)> routing_override;
 };
 
 struct ep_stats {
