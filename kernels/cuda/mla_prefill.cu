@@ -20,6 +20,7 @@
 #include <cmath>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/mla_sm90.cuh"
 
@@ -30,17 +31,18 @@ using namespace mla_detail;
 
 // -- constants --------------------------------------------------------------------------
 constexpr int block_m = 128;                                    // queries per CTA
-constexpr int block_n = 128;                                    // keys per tile
+constexpr int block_n = 64;                                     // keys per tile
 constexpr int qk_dim = mla_prefill_qk_dim;                      // 192
 constexpr int v_dim = mla_prefill_v_dim;                        // 128
 constexpr int qk_chunks = qk_dim / 64;                          // 3
 constexpr int v_chunks = v_dim / 64;                            // 2
-constexpr int chunk_bytes = 128 * 128;                          // 128 rows x 64 bf16
-constexpr int q_bytes = qk_chunks * chunk_bytes;                // 48 KiB
-constexpr int k_bytes = qk_chunks * chunk_bytes;                // 48 KiB
-constexpr int v_bytes = v_chunks * chunk_bytes;                 // 32 KiB
+constexpr int q_chunk_bytes = block_m * 128;                    // 128 rows x 64 bf16
+constexpr int kv_chunk_bytes = block_n * 128;                   // 64 rows x 64 bf16
+constexpr int q_bytes = qk_chunks * q_chunk_bytes;              // 48 KiB
+constexpr int k_bytes = qk_chunks * kv_chunk_bytes;             // 24 KiB
+constexpr int v_bytes = v_chunks * kv_chunk_bytes;              // 16 KiB
 constexpr int stage_bytes = k_bytes + v_bytes;
-constexpr int stages = 2;
+constexpr int stages = 4;                                       // tile j + 3 loads while j + 1 computes
 constexpr int threads = 256;
 constexpr int smem_bytes = q_bytes + stages * stage_bytes + 1024;
 
@@ -55,19 +57,20 @@ struct prefill_params {
   __nv_bfloat16* out;
 };
 
-// Copies rows [row0, row0 + 128) of one head of a [total, heads, dim] tensor into swizzled chunks;
+// Copies rows [row0, row0 + ROWS) of one head of a [total, heads, dim] tensor into swizzled chunks;
 // rows at or past `rows` are zero-filled.
-template <int DIM>
+template <int DIM, int ROWS>
 __device__ __forceinline__ void load_rows(std::uint8_t* dst, const __nv_bfloat16* base, int heads, int head, int row0,
                                           int rows, int tid) {
   constexpr int pieces = DIM / 8; // 16-byte pieces per row
   const std::uint32_t dst_addr = smem_addr(dst);
 #pragma unroll
-  for (int idx = tid; idx < block_n * pieces; idx += threads) {
+  for (int k = 0; k < ROWS * pieces / threads; ++k) {
+    const int idx = tid + k * threads;
     const int r = idx / pieces, u = idx % pieces;
     const bool ok = row0 + r < rows;
     const __nv_bfloat16* src = ok ? base + (static_cast<std::size_t>(row0 + r) * heads + head) * DIM + u * 8 : base;
-    cp_async_16(dst_addr + (u / 8) * chunk_bytes + chunk_offset(r, (u % 8) * 8), src, ok ? 16 : 0);
+    cp_async_16(dst_addr + (u / 8) * (ROWS * 128) + chunk_offset(r, (u % 8) * 8), src, ok ? 16 : 0);
   }
 }
 
@@ -99,15 +102,15 @@ __global__ void __launch_bounds__(threads, 1) mla_prefill_kernel(const prefill_p
   const __nv_bfloat16* v_seq = p.v + static_cast<std::size_t>(k_start) * p.heads * v_dim;
 
   auto load_tile = [&](int j) {
-    std::uint8_t* st = s_kv + (j % stages) * stage_bytes;
-    load_rows<qk_dim>(st, k_seq, p.heads, head, j * block_n, len_k, tid);
-    load_rows<v_dim>(st + k_bytes, v_seq, p.heads, head, j * block_n, len_k, tid);
+    if (j < n) {
+      std::uint8_t* st = s_kv + (j % stages) * stage_bytes;
+      load_rows<qk_dim, block_n>(st, k_seq, p.heads, head, j * block_n, len_k, tid);
+      load_rows<v_dim, block_n>(st + k_bytes, v_seq, p.heads, head, j * block_n, len_k, tid);
+    }
+    cp_async_commit(); // one group per tile, empty past the end, so the wait counts stay fixed
   };
-  load_rows<qk_dim>(s_q, q_seq, p.heads, head, q0, len_q, tid);
-  if (n > 0) load_tile(0);
-  cp_async_commit();
-  if (n > 1) load_tile(1);
-  cp_async_commit();
+  load_rows<qk_dim, block_m>(s_q, q_seq, p.heads, head, q0, len_q, tid);
+  for (int j = 0; j < stages - 1; ++j) load_tile(j); // group 0 also holds Q
 
   const int r0 = 16 * warp + lane / 4;          // row within this warpgroup's 64
   const int row_lo = q0 + wg * 64;              // first query row of this warpgroup
@@ -118,39 +121,35 @@ __global__ void __launch_bounds__(threads, 1) mla_prefill_kernel(const prefill_p
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
+  float s[32];
+  float alpha[2] = {1.f, 1.f};
+  std::uint32_t pa_even[4][4], pa_odd[4][4]; // P fragments of tiles j (in flight) and j + 1
 
-  for (int j = 0; j < n; ++j) {
-    cp_async_wait<1>(); // tile j (and Q) landed for this thread's copies; tile j + 1 may still fly
-    fence_proxy_async();
-    __syncthreads();
-    const std::uint8_t* st = s_kv + (j % stages) * stage_bytes;
-
-    float s[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) s[i] = 0.f;
-    wgmma_fence();
+  const std::uint32_t q_lo = static_cast<std::uint32_t>(desc_k_major(s_q + wg * 64 * 128));
+  auto issue_qk = [&](int j) {
+    const std::uint32_t k_lo = static_cast<std::uint32_t>(desc_k_major(s_kv + (j % stages) * stage_bytes));
 #pragma unroll
     for (int c = 0; c < qk_chunks; ++c)
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_m64n128k16_ss_kk(s, desc_k_major(s_q + c * chunk_bytes + wg * 64 * 128 + kk * 32),
-                               desc_k_major(st + c * chunk_bytes + kk * 32), (c | kk) != 0);
+        wgmma_m64n64k16_ss_kk(s, desc_k_major_at(q_lo, c * q_chunk_bytes + kk * 32),
+                              desc_k_major_at(k_lo, c * kv_chunk_bytes + kk * 32), (c | kk) != 0);
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(s);
-
+  };
+  // Causal online softmax of S (tile j) into P fragments; updates row_max / row_sum and sets alpha.
+  auto softmax = [&](int j, std::uint32_t(&pa)[4][4]) {
     const int key0 = j * block_n;
     const bool need_mask = key0 + block_n - 1 > offset + row_lo || key0 + block_n > len_k;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < 32; ++i) {
       const int h = (i >> 1) & 1;
       const int key = key0 + 8 * (i / 4) + 2 * quad + (i & 1);
       const bool visible = !need_mask || (key <= (h ? pos1 : pos0) && key < len_k);
       s[i] = visible ? s[i] * p.scale_log2 : -INFINITY;
       tile_max[h] = fmaxf(tile_max[h], s[i]);
     }
-    float alpha[2], m_use[2];
+    float m_use[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
@@ -161,9 +160,8 @@ __global__ void __launch_bounds__(threads, 1) mla_prefill_kernel(const prefill_p
       row_max[h] = m_new;
       row_sum[h] *= alpha[h];
     }
-    std::uint32_t pa[8][4];
 #pragma unroll
-    for (int i = 0; i < 64; i += 2) {
+    for (int i = 0; i < 32; i += 2) {
       const int h = (i >> 1) & 1;
       const float p0 = exp2f(s[i] - m_use[h]);
       const float p1 = exp2f(s[i + 1] - m_use[h]);
@@ -171,20 +169,58 @@ __global__ void __launch_bounds__(threads, 1) mla_prefill_kernel(const prefill_p
       const int nb = i / 4;
       pa[nb / 2][h + 2 * (nb % 2)] = pack_bf16x2(p0, p1);
     }
+  };
+  // Tile j: make tile j + 1 visible, start loading tile j + 3, issue S of tile j + 1 and P V of tile j,
+  // and run the softmax of tile j + 1 while P V is on the tensor cores.
+  auto step = [&](int j, std::uint32_t(&pa)[4][4], std::uint32_t(&pa_next)[4][4], auto has_next_tag) {
+    constexpr bool has_next = decltype(has_next_tag)::value;
+    cp_async_wait<stages - 3>(); // this thread's copies of tile j + 1 landed
+    fence_proxy_async();
+    __syncthreads();             // everyone's copies visible; everyone is done with tile j - 1's stage
+    load_tile(j + stages - 1);
+    const std::uint8_t* st = s_kv + (j % stages) * stage_bytes;
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
+    fence_registers(o);
+    fence_registers(s);
+    fence_registers(pa);
     wgmma_fence();
+    if constexpr (has_next) issue_qk(j + 1);
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk)
-      wgmma_m64n128k16_rs_mn(o, pa[kk], desc_mn_major(st + k_bytes + kk * 16 * 128, chunk_bytes), 1);
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_m64n128k16_rs_mn(o, pa[kk], desc_mn_major(st + k_bytes + kk * 16 * 128, kv_chunk_bytes), 1);
     wgmma_commit();
+    if constexpr (has_next) {
+      wgmma_wait<1>();
+      fence_registers(s);
+      softmax(j + 1, pa_next);
+    }
     wgmma_wait<0>();
     fence_registers(o);
+  };
 
-    __syncthreads(); // both warpgroups are done with this stage
-    if (j + stages < n) load_tile(j + stages);
-    cp_async_commit();
+  if (n > 0) {
+    cp_async_wait<stages - 2>(); // Q and tile 0
+    fence_proxy_async();
+    __syncthreads();
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_wait<0>();
+    fence_registers(s);
+    softmax(0, pa_even);
+    int j = 0;
+    for (; j + 2 < n; j += 2) {
+      step(j, pa_even, pa_odd, std::true_type{});
+      step(j + 1, pa_odd, pa_even, std::true_type{});
+    }
+    if (j + 1 < n) {
+      step(j, pa_even, pa_odd, std::true_type{});
+      step(j + 1, pa_odd, pa_even, std::false_type{});
+    } else {
+      step(j, pa_even, pa_odd, std::false_type{});
+    }
   }
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
