@@ -549,6 +549,17 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
       }
     }
     std::span<const sequence_step> mb[2] = {batch.subspan(0, split), batch.subspan(split)};
+    // One prefill sequence alone: split its tokens instead (the first half's KV of each layer is written before
+    // the second half's attention reads it, because micro-batch 0 always runs first between two yield points).
+    const bool split_tokens = nmb == 2 && batch.size() == 1 && batch[0].tokens.size() >= 2;
+    if (split_tokens) {
+      const sequence_step& s = batch[0];
+      const size_t half = s.tokens.size() / 2;
+      halves_[0] = {s.tokens.subspan(0, half), s.start_pos, s.pages, s.all_logits};
+      halves_[1] = {s.tokens.subspan(half), s.start_pos + int64_t(half), s.pages, s.all_logits};
+      mb[0] = {&halves_[0], 1};
+      mb[1] = {&halves_[1], 1};
+    }
     int64_t mb_tokens[2] = {0, 0};
     for (int i = 0; i < 2; ++i)
       for (const auto& s : mb[i]) mb_tokens[i] += int64_t(s.tokens.size());
@@ -598,11 +609,21 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
         b.resume();
       }
       out.vocab = model_->config().vocab_size;
-      out.logits = std::move(mb_out_[0].logits);
-      out.logits.insert(out.logits.end(), mb_out_[1].logits.begin(), mb_out_[1].logits.end());
-      out.row_offset = mb_out_[0].row_offset;
-      const int64_t base = out.row_offset.back();
-      for (size_t i = 1; i < mb_out_[1].row_offset.size(); ++i) out.row_offset.push_back(base + mb_out_[1].row_offset[i]);
+      if (split_tokens && !batch[0].all_logits) {
+        out.logits = std::move(mb_out_[1].logits); // the sequence's last token is in the second half
+        out.row_offset = {0, 1};
+      } else {
+        out.logits = std::move(mb_out_[0].logits);
+        out.logits.insert(out.logits.end(), mb_out_[1].logits.begin(), mb_out_[1].logits.end());
+        if (split_tokens) {
+          out.row_offset = {0, int64_t(batch[0].tokens.size())};
+        } else {
+          out.row_offset = mb_out_[0].row_offset;
+          const int64_t base = out.row_offset.back();
+          for (size_t i = 1; i < mb_out_[1].row_offset.size(); ++i)
+            out.row_offset.push_back(base + mb_out_[1].row_offset[i]);
+        }
+      }
     }
     recorder_.next_step();
     stats_.steps++;

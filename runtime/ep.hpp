@@ -96,8 +96,9 @@ struct ep_options {
   /// (max_m = max_dispatch_tokens * N rows per local expert). A step where some rank has more (a prefill) runs
   /// in normal mode; every rank agrees through the step header.
   int max_dispatch_tokens = 128;
-  /// Two-batch overlap: split each rank's batch into two micro-batches; while one waits for its dispatch or
-  /// combine, the other computes.
+  /// Two-batch overlap: split each rank's batch into two micro-batches (whole sequences, cut where the token
+  /// counts are closest; a lone prefill sequence is cut in the middle of its tokens); while one waits for its
+  /// dispatch or combine, the other computes.
   bool two_batch_overlap = false;
   /// Live rebalance every this many steps (0: only on request_rebalance()).
   int64_t rebalance_every = 0;
@@ -206,6 +207,7 @@ private:
   std::unique_ptr<rebalance_plan> pending_rebalance_;
   ep_stats stats_;
   step_result mb_out_[2];
+  sequence_step halves_[2]; // a lone prefill sequence split into two micro-batches
 };
 
 } // namespace petrel::ep

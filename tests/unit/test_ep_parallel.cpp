@@ -162,6 +162,30 @@ TEST_CASE("EP with two-batch overlap gives the same outputs (TBO on fixtures, 6 
   }
 }
 
+TEST_CASE("TBO cuts a lone prefill sequence in two: same logits and ids, chunked or not") {
+  const auto dirs = golden_dirs();
+  if (dirs.empty()) return;
+  const fs::path dir = dirs.back();
+  const auto prompts = prompts_for(dir); // 3 prompts on 3 ranks: one sequence per rank
+  for (int64_t chunk : {int64_t(0), int64_t(5)}) {
+    CAPTURE(chunk);
+    generate_options o;
+    o.max_new_tokens = 6;
+    o.prompt_logits = true;
+    o.prefill_chunk = chunk;
+    const reference ref = plain_reference(dir, prompts, o);
+    ep_group_options go;
+    go.size = 3;
+    go.redundant = 1;
+    go.rank.two_batch_overlap = true;
+    auto group = ep_group::load(dir, go);
+    check_same(ref, generate_ep(*group, prompts, o));
+    o.prompt_logits = false; // only the last row of the second half is returned
+    const reference ref2 = plain_reference(dir, prompts, o);
+    check_same(ref2, generate_ep(*group, prompts, o));
+  }
+}
+
 TEST_CASE("EP on the embedded fortune-moe model reproduces the reference greedy continuations") {
   const fs::path dir = fs::path(PETREL_SOURCE_DIR) / "tests/data/fortune-moe";
   if (!fs::exists(dir / "model.safetensors")) return;
