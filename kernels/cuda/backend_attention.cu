@@ -10,6 +10,7 @@
 // registers (2 columns x 16 heads per thread). Partial (max, sum, output) go to a workspace and a combine kernel
 // merges the splits. The grid depends only on (batch, heads, max_ctx): safe to capture in a CUDA graph.
 #include <cmath>
+#include <cstdint>
 
 #include "kernels/cuda/cuda_backend_internal.cuh"
 
@@ -25,20 +26,76 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// R dot products q_r . k over n floats (q_r = q + r * qstride), all from shared memory. With V4 every operand is
+// 16-byte aligned and n % 4 == 0: one 128-bit load of k serves R rows (k rows padded by 4 floats, so a quarter
+// warp's 128-bit loads hit distinct banks); otherwise scalar (k rows padded by 1).
+template <int R, bool V4>
+__device__ __forceinline__ void dot_rows(const float* q, int qstride, const float* k, int n, float (&out)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) out[r] = 0.0f;
+  if constexpr (V4) {
+    for (int d = 0; d < n; d += 4) {
+      const float4 kv = *reinterpret_cast<const float4*>(k + d);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float4 qv = *reinterpret_cast<const float4*>(q + r * qstride + d);
+        out[r] = fmaf(qv.x, kv.x, out[r]);
+        out[r] = fmaf(qv.y, kv.y, out[r]);
+        out[r] = fmaf(qv.z, kv.z, out[r]);
+        out[r] = fmaf(qv.w, kv.w, out[r]);
+      }
+    }
+  } else {
+    for (int d = 0; d < n; ++d) {
+      const float kv = k[d];
+#pragma unroll
+      for (int r = 0; r < R; ++r) out[r] = fmaf(q[r * qstride + d], kv, out[r]);
+    }
+  }
+}
+
+// acc[i][cc] = acc[i][cc] * alpha[i] + sum_j Pt[j][i] * V[j][c_cc] for 16 rows i; Pt is [tile][16] (rows contiguous,
+// read as four 128-bit broadcasts), V rows `vstride` apart, thread columns c = tid + cc * threads.
+template <int TILE, int THREADS>
+__device__ __forceinline__ void accumulate_pv(float (&acc)[16][2], const float* alpha, const float* Pt, const float* V,
+                                              int vstride, int cols, int tid) {
+#pragma unroll
+  for (int cc = 0; cc < 2; ++cc) {
+    const int c = tid + cc * THREADS;
+    if (c >= cols) break;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc[i][cc] *= alpha[i];
+    for (int j = 0; j < TILE; ++j) {
+      const float v = V[j * vstride + c];
+      const float4* p4 = reinterpret_cast<const float4*>(Pt + j * 16);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4 p = p4[q];
+        acc[4 * q + 0][cc] = fmaf(p.x, v, acc[4 * q + 0][cc]);
+        acc[4 * q + 1][cc] = fmaf(p.y, v, acc[4 * q + 1][cc]);
+        acc[4 * q + 2][cc] = fmaf(p.z, v, acc[4 * q + 2][cc]);
+        acc[4 * q + 3][cc] = fmaf(p.w, v, acc[4 * q + 3][cc]);
+      }
+    }
+  }
+}
+
 // -- prefill ---------------------------------------------------------------------------------------------------
 
 constexpr int kPQ = 16, kPK = 32, kPThreads = 128; // queries per block, keys per tile, threads
 
+template <bool V4>
 __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
     const float* __restrict__ q, int64_t ldq, const float* __restrict__ kv, int64_t ldkv, const float* __restrict__ kpe,
     int64_t ldpe, float* __restrict__ out, int64_t ldo, int n, int nope, int rope, int vd, int64_t start, float scale) {
-  extern __shared__ float sm[];
-  const int qk = nope + rope, kvw = nope + vd, kstride = qk + 1;
+  extern __shared__ float4 sm4[];
+  float* sm = reinterpret_cast<float*>(sm4);
+  const int qk = nope + rope, kvw = nope + vd, kstride = qk + (V4 ? 4 : 1);
   float* Qs = sm;                   // [kPQ][qk]
-  float* Ks = Qs + kPQ * qk;        // [kPK][qk+1]
+  float* Ks = Qs + kPQ * qk;        // [kPK][kstride]
   float* Vs = Ks + kPK * kstride;   // [kPK][vd]
-  float* Ps = Vs + kPK * vd;        // [kPQ][kPK]
-  float* alpha_s = Ps + kPQ * kPK;  // [kPQ]
+  float* Pt = Vs + kPK * vd;        // [kPK][kPQ] (transposed probabilities)
+  float* alpha_s = Pt + kPQ * kPK;  // [kPQ]
   const int h = blockIdx.y, q0 = blockIdx.x * kPQ, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rows = min(kPQ, n - q0);
   for (int f = tid; f < kPQ * qk; f += kPThreads) {
@@ -71,14 +128,12 @@ __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
     }
     __syncthreads();
     // Scores: warp w owns rows w, w+4, w+8, w+12; lane = key in the tile.
+    float sc[4];
+    dot_rows<4, V4>(Qs + warp * qk, 4 * qk, Ks + lane * kstride, qk, sc);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int i = warp + 4 * r;
-      const float* qi = Qs + i * qk;
-      const float* kj = Ks + lane * kstride;
-      float s = 0.0f;
-      for (int d = 0; d < qk; ++d) s = fmaf(qi[d], kj[d], s);
-      s *= scale;
+      const float s = sc[r] * scale;
       const int64_t key = k0 + lane;
       const bool valid = i < rows && key <= start + q0 + i;
       const float mt = warp_max(valid ? s : -INFINITY);
@@ -90,22 +145,11 @@ __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
         m_run[r] = m_new;
         l_run[r] = l_run[r] * alpha + warp_sum(p);
       }
-      Ps[i * kPK + lane] = p;
+      Pt[lane * kPQ + i] = p;
       if (lane == 0) alpha_s[i] = alpha;
     }
     __syncthreads();
-#pragma unroll
-    for (int cc = 0; cc < 2; ++cc) {
-      const int c = tid + cc * kPThreads;
-      if (c >= vd) break;
-#pragma unroll
-      for (int i = 0; i < kPQ; ++i) acc[i][cc] *= alpha_s[i];
-      for (int j = 0; j < kPK; ++j) {
-        const float v = Vs[j * vd + c];
-#pragma unroll
-        for (int i = 0; i < kPQ; ++i) acc[i][cc] = fmaf(Ps[i * kPK + j], v, acc[i][cc]);
-      }
-    }
+    accumulate_pv<kPK, kPThreads>(acc, alpha_s, Pt, Vs, vd, vd, tid);
   }
   // Row sums live in the owning warp; publish them.
   __syncthreads();
@@ -127,17 +171,19 @@ __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
 
 constexpr int kDH = 16, kDT = 32, kDThreads = 256; // heads per block, tokens per tile, threads (8 warps)
 
+template <bool V4>
 __global__ void __launch_bounds__(kDThreads) mla_decode_partial_kernel(
     const float* __restrict__ base, int64_t floats_per_page, int page_size, int entry, int layer,
     const int32_t* __restrict__ pages, const int32_t* __restrict__ page_offsets, const int32_t* __restrict__ ctx_lens,
     const float* __restrict__ q, int64_t ldq, int heads, int kv_lora, float scale, int64_t chunk, int splits,
     float* __restrict__ ws_out, float* __restrict__ ws_ml) {
-  extern __shared__ float sm[];
-  const int estride = entry + 1;
+  extern __shared__ float4 sm4[];
+  float* sm = reinterpret_cast<float*>(sm4);
+  const int estride = entry + (V4 ? 4 : 1);
   float* Qs = sm;                    // [kDH][entry]
-  float* Ks = Qs + kDH * entry;      // [kDT][entry+1]
-  float* Ps = Ks + kDT * estride;    // [kDH][kDT]
-  float* alpha_s = Ps + kDH * kDT;   // [kDH]
+  float* Ks = Qs + kDH * entry;      // [kDT][estride]
+  float* Pt = Ks + kDT * estride;    // [kDT][kDH] (transposed probabilities)
+  float* alpha_s = Pt + kDH * kDT;   // [kDH]
   const int h0 = blockIdx.x * kDH, split = blockIdx.y, b = blockIdx.z;
   const int hg = min(kDH, heads - h0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -152,25 +198,39 @@ __global__ void __launch_bounds__(kDThreads) mla_decode_partial_kernel(
   for (int i = 0; i < kDH; ++i) acc[i][0] = acc[i][1] = 0.0f;
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kDT) {
     __syncthreads();
-    for (int f = tid; f < kDT * entry; f += kDThreads) {
-      const int j = f / entry, d = f % entry;
-      const int64_t t = t0 + j;
-      float v = 0.0f;
-      if (t < t_end) {
-        const int64_t page = pt[t / page_size];
-        v = base[page * floats_per_page + (int64_t(layer) * page_size + t % page_size) * entry + d];
+    if constexpr (V4) {
+      const int e4 = entry / 4;
+      for (int f = tid; f < kDT * e4; f += kDThreads) {
+        const int j = f / e4, d = (f % e4) * 4;
+        const int64_t t = t0 + j;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (t < t_end) {
+          const int64_t page = pt[t / page_size];
+          v = *reinterpret_cast<const float4*>(
+              base + page * floats_per_page + (int64_t(layer) * page_size + t % page_size) * entry + d);
+        }
+        *reinterpret_cast<float4*>(Ks + j * estride + d) = v;
       }
-      Ks[j * estride + d] = v;
+    } else {
+      for (int f = tid; f < kDT * entry; f += kDThreads) {
+        const int j = f / entry, d = f % entry;
+        const int64_t t = t0 + j;
+        float v = 0.0f;
+        if (t < t_end) {
+          const int64_t page = pt[t / page_size];
+          v = base[page * floats_per_page + (int64_t(layer) * page_size + t % page_size) * entry + d];
+        }
+        Ks[j * estride + d] = v;
+      }
     }
     __syncthreads();
+    // Scores: warp w owns heads w and w+8; lane = token in the tile.
+    float sc[2];
+    dot_rows<2, V4>(Qs + warp * entry, 8 * entry, Ks + lane * estride, entry, sc);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int h = warp + 8 * r;
-      const float* qh = Qs + h * entry;
-      const float* kj = Ks + lane * estride;
-      float s = 0.0f;
-      for (int d = 0; d < entry; ++d) s = fmaf(qh[d], kj[d], s);
-      s *= scale;
+      const float s = sc[r] * scale;
       const bool valid = h < hg && t0 + lane < t_end;
       const float mt = warp_max(valid ? s : -INFINITY);
       float p = 0.0f, alpha = 1.0f;
@@ -181,22 +241,11 @@ __global__ void __launch_bounds__(kDThreads) mla_decode_partial_kernel(
         m_run[r] = m_new;
         l_run[r] = l_run[r] * alpha + warp_sum(p);
       }
-      Ps[h * kDT + lane] = p;
+      Pt[lane * kDH + h] = p;
       if (lane == 0) alpha_s[h] = alpha;
     }
     __syncthreads();
-#pragma unroll
-    for (int cc = 0; cc < 2; ++cc) {
-      const int c = tid + cc * kDThreads;
-      if (c >= kv_lora) break;
-#pragma unroll
-      for (int i = 0; i < kDH; ++i) acc[i][cc] *= alpha_s[i];
-      for (int j = 0; j < kDT; ++j) {
-        const float v = Ks[j * estride + c];
-#pragma unroll
-        for (int i = 0; i < kDH; ++i) acc[i][cc] = fmaf(Ps[i * kDT + j], v, acc[i][cc]);
-      }
-    }
+    accumulate_pv<kDT, kDThreads>(acc, alpha_s, Pt, Ks, estride, kv_lora, tid);
   }
   // Partials: ws_out [b][split][head][kv_lora], ws_ml [b][split][head][2] (max, sum); an empty split has sum 0.
   const int64_t slot = (int64_t(b) * splits + split) * heads + h0;
@@ -244,10 +293,12 @@ __global__ void mla_decode_combine_kernel(const float* __restrict__ ws_out, cons
   }
 }
 
-size_t prefill_smem(int qk, int vd) {
-  return sizeof(float) * size_t(kPQ * qk + kPK * (qk + 1) + kPK * vd + kPQ * kPK + kPQ);
+size_t prefill_smem(int qk, int vd, bool v4) {
+  return sizeof(float) * size_t(kPQ * qk + kPK * (qk + (v4 ? 4 : 1)) + kPK * vd + kPQ * kPK + kPQ);
 }
-size_t decode_smem(int entry) { return sizeof(float) * size_t(kDH * entry + kDT * (entry + 1) + kDH * kDT + kDH); }
+size_t decode_smem(int entry, bool v4) {
+  return sizeof(float) * size_t(kDH * entry + kDT * (entry + (v4 ? 4 : 1)) + kDH * kDT + kDH);
+}
 
 void raise_smem_limit(const void* fn, size_t bytes, const char* op) {
   if (bytes <= 48 * 1024) return;
@@ -258,11 +309,13 @@ void raise_smem_limit(const void* fn, size_t bytes, const char* op) {
 
 void launch_mla_prefill(const mat_view& q, const mat_view& kv, const mat_view& k_pe, const mat_view& out, int64_t heads,
                         int64_t nope, int64_t rope, int64_t v_dim, int64_t start, float scale, cudaStream_t s) {
-  const size_t smem = prefill_smem(int(nope + rope), int(v_dim));
-  raise_smem_limit(reinterpret_cast<const void*>(&mla_prefill_kernel), smem, "mla_prefill_attention(smem)");
+  const bool v4 = (nope + rope) % 4 == 0;
+  const size_t smem = prefill_smem(int(nope + rope), int(v_dim), v4);
+  auto kernel = v4 ? &mla_prefill_kernel<true> : &mla_prefill_kernel<false>;
+  raise_smem_limit(reinterpret_cast<const void*>(kernel), smem, "mla_prefill_attention(smem)");
   dim3 grid(unsigned((q.rows + kPQ - 1) / kPQ), unsigned(heads));
-  mla_prefill_kernel<<<grid, kPThreads, smem, s>>>(q.data, q.ld, kv.data, kv.ld, k_pe.data, k_pe.ld, out.data, out.ld,
-                                                   int(q.rows), int(nope), int(rope), int(v_dim), start, scale);
+  kernel<<<grid, kPThreads, smem, s>>>(q.data, q.ld, kv.data, kv.ld, k_pe.data, k_pe.ld, out.data, out.ld, int(q.rows),
+                                       int(nope), int(rope), int(v_dim), start, scale);
   check_launch("mla_prefill_attention");
 }
 
@@ -283,14 +336,18 @@ decode_plan plan_mla_decode(int64_t batch, int64_t heads, int64_t kv_lora, int64
 void launch_mla_decode(const kv_pool_geometry& pool, int32_t layer, const decode_attention_batch& b,
                        const mat_view& q_abs, const mat_view& out_lat, int64_t heads, int64_t kv_lora, float scale,
                        const decode_plan& plan, float* workspace, cudaStream_t s) {
-  const size_t smem = decode_smem(pool.entry_floats);
-  raise_smem_limit(reinterpret_cast<const void*>(&mla_decode_partial_kernel), smem, "mla_decode_attention(smem)");
+  // 128-bit loads need 16-byte aligned entries: entry % 4 == 0 and an aligned pool and query.
+  const bool v4 = pool.entry_floats % 4 == 0 && reinterpret_cast<uintptr_t>(pool.base) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(q_abs.data) % 16 == 0 && q_abs.ld % 4 == 0;
+  const size_t smem = decode_smem(pool.entry_floats, v4);
+  auto kernel = v4 ? &mla_decode_partial_kernel<true> : &mla_decode_partial_kernel<false>;
+  raise_smem_limit(reinterpret_cast<const void*>(kernel), smem, "mla_decode_attention(smem)");
   float* ws_out = workspace;
   float* ws_ml = workspace + size_t(b.batch) * size_t(plan.splits) * size_t(heads) * size_t(kv_lora);
   dim3 grid(unsigned((heads + kDH - 1) / kDH), unsigned(plan.splits), unsigned(b.batch));
-  mla_decode_partial_kernel<<<grid, kDThreads, smem, s>>>(
-      pool.base, pool.floats_per_page(), pool.page_size, pool.entry_floats, layer, b.pages, b.page_offsets, b.ctx_lens,
-      q_abs.data, q_abs.ld, int(heads), int(kv_lora), scale, plan.chunk, plan.splits, ws_out, ws_ml);
+  kernel<<<grid, kDThreads, smem, s>>>(pool.base, pool.floats_per_page(), pool.page_size, pool.entry_floats, layer,
+                                       b.pages, b.page_offsets, b.ctx_lens, q_abs.data, q_abs.ld, int(heads),
+                                       int(kv_lora), scale, plan.chunk, plan.splits, ws_out, ws_ml);
   check_launch("mla_decode_attention(partial)");
   mla_decode_combine_kernel<<<dim3(unsigned(heads), unsigned(b.batch)), 128, 0, s>>>(
       ws_out, ws_ml, int(heads), int(kv_lora), plan.splits, out_lat.data, out_lat.ld);
