@@ -207,6 +207,66 @@ TEST_CASE("placements: identity, EPLB-initial, and the checks on --init-expert-l
   }
 }
 
+TEST_CASE("two-batch overlap: one micro-batch's all-to-all is in flight while the other computes") {
+  if (!fs::exists(kTiny / "golden.json")) return;
+  // The real in-process exchange, with a log of the order in which the rank starts and waits on each tag.
+  struct logged_transport final : ep_transport {
+    ep_transport& inner;
+    std::vector<std::pair<char, uint64_t>> log;
+    explicit logged_transport(ep_transport& t) : inner(t) {}
+    int rank() const override { return inner.rank(); }
+    int size() const override { return inner.size(); }
+    void start_all_to_all(uint64_t tag, std::span<const std::span<const std::byte>> send) override {
+      log.emplace_back('s', tag);
+      inner.start_all_to_all(tag, send);
+    }
+    void wait_all_to_all(uint64_t tag, std::vector<byte_buffer>& recv) override {
+      log.emplace_back('w', tag);
+      inner.wait_all_to_all(tag, recv);
+    }
+    void abort(const std::string& r) override { inner.abort(r); }
+  };
+  inprocess_exchange x(1);
+  auto inner = x.make_rank(0);
+  logged_transport t(*inner);
+  auto be = make_backend("cpu");
+  const model_config cfg = model_config::load(kTiny);
+  ep_options opt;
+  opt.two_batch_overlap = true;
+  ep_rank rank(deepseek_model::load(kTiny, *be), initial_placement(cfg, 1, 0), t, opt);
+  kv_pool kv(*be, cfg, 8, 16);
+  kv_page_table a, b;
+  REQUIRE(kv.reserve(a, 8));
+  REQUIRE(kv.reserve(b, 8));
+  std::vector<int32_t> pa = {1, 2, 3, 4}, pb = {5, 6, 7, 8};
+  std::vector<sequence_step> batch = {{pa, 0, a.pages, false}, {pb, 0, b.pages, false}};
+  step_result out;
+  rank.step(batch, kv, out);
+  CHECK(out.row_offset == std::vector<int64_t>{0, 1, 2});
+  auto at = [&](char kind, int mb, int layer, exchange_phase ph) {
+    const uint64_t tag = make_tag(0, mb, layer, ph);
+    for (size_t i = 0; i < t.log.size(); ++i)
+      if (t.log[i] == std::make_pair(kind, tag)) return int(i);
+    FAIL("no ", kind, " for micro-batch ", mb, " layer ", layer);
+    return -1;
+  };
+  for (int layer = 0; layer < int(cfg.num_hidden_layers); ++layer) {
+    if (!cfg.is_moe_layer(layer)) continue;
+    CAPTURE(layer);
+    using P = exchange_phase;
+    // micro-batch 1 dispatches (after computing its attention) before micro-batch 0 waits for its dispatch,
+    CHECK(at('s', 0, layer, P::dispatch) < at('s', 1, layer, P::dispatch));
+    CHECK(at('s', 1, layer, P::dispatch) < at('w', 0, layer, P::dispatch));
+    // micro-batch 0's combine travels while micro-batch 1 runs its experts,
+    CHECK(at('s', 0, layer, P::combine) < at('w', 1, layer, P::dispatch));
+    CHECK(at('s', 1, layer, P::combine) < at('w', 0, layer, P::combine));
+    // and micro-batch 1's combine while micro-batch 0 goes on to its next layer's attention and dispatch.
+    CHECK(at('w', 0, layer, P::combine) < at('w', 1, layer, P::combine));
+    if (layer + 1 < int(cfg.num_hidden_layers) && cfg.is_moe_layer(layer + 1))
+      CHECK(at('s', 0, layer + 1, P::dispatch) < at('w', 1, layer, P::combine));
+  }
+}
+
 TEST_CASE("the in-process exchange: start/wait halves, per-tag matching, delay, abort") {
   inprocess_exchange x(2, std::chrono::microseconds(20000));
   auto a = x.make_rank(0), b = x.make_rank(1);
