@@ -574,7 +574,7 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
     transport_.start_all_to_all(htag, hs);
     std::vector<byte_buffer> hr;
     transport_.wait_all_to_all(htag, hr);
-    int64_t max_mb = 0;
+    int64_t max_mb = 0, tokens_in_group = 0;
     bool any_rebalance = false;
     for (int r = 0; r < N; ++r) {
       int64_t h[5];
@@ -585,6 +585,7 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
                                  " (two-batch overlap must be on for all ranks or none)");
       max_mb = std::max({max_mb, h[1], h[2]});
       any_rebalance |= h[4] != 0;
+      tokens_in_group += h[1] + h[2];
     }
 
     // -- 2. a placement whose weights were sent during the last step switches now --------------------
@@ -625,6 +626,7 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
         }
       }
     }
+    group_had_tokens_ = tokens_in_group > 0;
     recorder_.next_step();
     stats_.steps++;
     if (step_mode_ == ep_mode::low_latency) stats_.low_latency_steps++;

@@ -173,6 +173,10 @@ public:
   /// One collective step (see above). `out` gets this rank's logits, as deepseek_model::forward gives them.
   void step(std::span<const sequence_step> batch, kv_pool& kv, step_result& out);
 
+  /// Whether any rank of the group had tokens in the last step (from the step header). A rank that has finished
+  /// its own sequences keeps stepping while this is true: every rank then stops after the same step.
+  bool group_had_tokens() const { return group_had_tokens_; }
+
   /// Asks for a rebalance at the next step boundary (any rank may ask; the header spreads it).
   void request_rebalance() { rebalance_requested_ = true; }
 
@@ -204,6 +208,7 @@ private:
   uint64_t step_ = 0;
   ep_mode step_mode_ = ep_mode::normal;
   bool rebalance_requested_ = false;
+  bool group_had_tokens_ = true;
   std::unique_ptr<rebalance_plan> pending_rebalance_;
   ep_stats stats_;
   step_result mb_out_[2];

@@ -122,18 +122,108 @@ void ep_group::step(std::span<const std::vector<sequence_step>> batches, std::sp
 
 // -- generation over the group -----------------------------------------------------------------------
 
-namespace {
-struct ep_sequence {
+struct rank_generation::sequence {
   std::span<const int32_t> prompt;
   kv_page_table table;
-  int64_t pos = 0;      // tokens in the cache
-  int64_t stepped = 0;  // tokens fed in the current step
+  int64_t pos = 0;     // tokens in the cache
+  int64_t stepped = 0; // tokens fed in the current step
   bool prefilling = true, done = false;
   int32_t last = 0;
   token_sampler sampler;
   generate_result result;
 };
-} // namespace
+
+rank_generation::rank_generation(kv_pool& kv, std::vector<std::span<const int32_t>> prompts,
+                                 const generate_options& opt, int64_t vocab)
+    : kv_(kv), opt_(opt) {
+  const int64_t max_new = std::max<int64_t>(opt.max_new_tokens, 0);
+  seqs_.reserve(prompts.size());
+  for (auto p : prompts) {
+    if (p.empty()) throw std::invalid_argument("generate: empty prompt");
+    sequence s{p, {}, 0, 0, true, false, 0, token_sampler(opt.sampling), {}};
+    if (!kv.reserve(s.table, int64_t(p.size()) + max_new))
+      throw std::runtime_error("generate: the KV pool has too few free pages");
+    if (opt.prompt_logits) s.result.prompt_logits.reserve(p.size() * size_t(vocab));
+    seqs_.push_back(std::move(s));
+  }
+}
+
+rank_generation::~rank_generation() {
+  for (auto& s : seqs_) kv_.release(s.table);
+}
+
+bool rank_generation::done() const {
+  for (const auto& s : seqs_)
+    if (!s.done) return false;
+  return true;
+}
+
+const std::vector<sequence_step>& rank_generation::next_batch() {
+  batch_.clear();
+  in_batch_.clear();
+  const int64_t chunk = opt_.prefill_chunk;
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    sequence& s = seqs_[i];
+    if (s.done) continue;
+    const int64_t L = int64_t(s.prompt.size());
+    if (s.prefilling) {
+      const int64_t n = chunk > 0 ? std::min(chunk, L - s.pos) : L - s.pos;
+      s.stepped = n;
+      batch_.push_back({s.prompt.subspan(size_t(s.pos), size_t(n)), s.pos, s.table.pages, opt_.prompt_logits});
+    } else {
+      s.stepped = 1;
+      batch_.push_back({std::span<const int32_t>(&s.last, 1), s.pos, s.table.pages, false});
+    }
+    in_batch_.push_back(i);
+  }
+  return batch_;
+}
+
+void rank_generation::consume(const step_result& out) {
+  const int64_t max_new = std::max<int64_t>(opt_.max_new_tokens, 0);
+  for (size_t i = 0; i < in_batch_.size(); ++i) {
+    sequence& s = seqs_[in_batch_[i]];
+    s.pos += s.stepped;
+    if (s.prefilling) {
+      if (opt_.prompt_logits)
+        s.result.prompt_logits.insert(s.result.prompt_logits.end(), out.logits.begin() + out.row_offset[i] * out.vocab,
+                                      out.logits.begin() + out.row_offset[i + 1] * out.vocab);
+      if (s.pos < int64_t(s.prompt.size())) continue;
+      s.prefilling = false;
+      s.table.num_tokens = s.pos;
+      if (max_new <= 0) {
+        s.done = true;
+        continue;
+      }
+    }
+    s.last = s.sampler.sample(out.last(i));
+    s.result.output_ids.push_back(s.last);
+    if (int64_t(s.result.output_ids.size()) >= max_new || s.last == opt_.stop_token) s.done = true;
+  }
+  batch_.clear();
+  in_batch_.clear();
+}
+
+std::vector<generate_result> rank_generation::finish() {
+  std::vector<generate_result> out;
+  for (auto& s : seqs_) {
+    kv_.release(s.table);
+    out.push_back(std::move(s.result));
+  }
+  return out;
+}
+
+std::vector<generate_result> generate_on_rank(ep_rank& rank, kv_pool& kv, std::vector<std::span<const int32_t>> prompts,
+                                              const generate_options& opt) {
+  rank_generation gen(kv, std::move(prompts), opt, rank.model().config().vocab_size);
+  step_result out;
+  // Step while this rank has work, or while any rank had tokens in the last step (one empty step ends it).
+  while (!gen.done() || rank.group_had_tokens()) {
+    rank.step(gen.next_batch(), kv, out);
+    gen.consume(out);
+  }
+  return gen.finish();
+}
 
 std::vector<generate_result> generate_ep(ep_group& group, std::span<const std::vector<int32_t>> prompts,
                                          const generate_options& opt, int32_t page_size,
@@ -143,8 +233,6 @@ std::vector<generate_result> generate_ep(ep_group& group, std::span<const std::v
   for (const auto& p : prompts)
     if (p.empty()) throw std::invalid_argument("generate: empty prompt");
   const int64_t max_new = std::max<int64_t>(opt.max_new_tokens, 0);
-
-  std::vector<std::vector<ep_sequence>> seqs(static_cast<size_t>(N));
   std::vector<std::vector<size_t>> prompt_of(static_cast<size_t>(N));
   std::vector<int32_t> pages(size_t(N), 1);
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -154,77 +242,31 @@ std::vector<generate_result> generate_ep(ep_group& group, std::span<const std::v
   }
   std::vector<std::unique_ptr<kv_pool>> pools;
   std::vector<kv_pool*> pool_ptrs;
+  std::vector<std::unique_ptr<rank_generation>> gens;
   for (int r = 0; r < N; ++r) {
     pools.push_back(std::make_unique<kv_pool>(group.rank_backend(r), cfg, pages[size_t(r)], page_size));
     pool_ptrs.push_back(pools.back().get());
-    seqs[size_t(r)].reserve(prompt_of[size_t(r)].size());
-    for (size_t i : prompt_of[size_t(r)]) {
-      ep_sequence s{prompts[i], {}, 0, 0, true, false, 0, token_sampler(opt.sampling), {}};
-      if (!pools.back()->reserve(s.table, int64_t(prompts[i].size()) + max_new))
-        throw std::runtime_error("generate: the KV pool has too few free pages");
-      if (opt.prompt_logits) s.result.prompt_logits.reserve(prompts[i].size() * size_t(cfg.vocab_size));
-      seqs[size_t(r)].push_back(std::move(s));
-    }
+    std::vector<std::span<const int32_t>> mine;
+    for (size_t i : prompt_of[size_t(r)]) mine.emplace_back(prompts[i]);
+    gens.push_back(std::make_unique<rank_generation>(*pools.back(), mine, opt, cfg.vocab_size));
   }
-
   std::vector<std::vector<sequence_step>> batches(static_cast<size_t>(N));
-  std::vector<std::vector<ep_sequence*>> in_batch(static_cast<size_t>(N));
   std::vector<step_result> outs(static_cast<size_t>(N));
-  const int64_t chunk = opt.prefill_chunk;
   for (int64_t step = 0;; ++step) {
     bool any = false;
     for (int r = 0; r < N; ++r) {
-      batches[size_t(r)].clear();
-      in_batch[size_t(r)].clear();
-      for (ep_sequence& s : seqs[size_t(r)]) {
-        if (s.done) continue;
-        const int64_t L = int64_t(s.prompt.size());
-        if (s.prefilling) {
-          const int64_t n = chunk > 0 ? std::min(chunk, L - s.pos) : L - s.pos;
-          s.stepped = n;
-          batches[size_t(r)].push_back({s.prompt.subspan(size_t(s.pos), size_t(n)), s.pos, s.table.pages,
-                                        opt.prompt_logits});
-        } else {
-          s.stepped = 1;
-          batches[size_t(r)].push_back({std::span<const int32_t>(&s.last, 1), s.pos, s.table.pages, false});
-        }
-        in_batch[size_t(r)].push_back(&s);
-        any = true;
-      }
+      batches[size_t(r)] = gens[size_t(r)]->next_batch();
+      any |= !batches[size_t(r)].empty();
     }
     if (!any) break;
     if (before_step) before_step(step, group);
     group.step(batches, pool_ptrs, outs);
-    for (int r = 0; r < N; ++r) {
-      const step_result& out = outs[size_t(r)];
-      for (size_t i = 0; i < in_batch[size_t(r)].size(); ++i) {
-        ep_sequence& s = *in_batch[size_t(r)][i];
-        s.pos += s.stepped;
-        if (s.prefilling) {
-          if (opt.prompt_logits)
-            s.result.prompt_logits.insert(s.result.prompt_logits.end(),
-                                          out.logits.begin() + out.row_offset[i] * out.vocab,
-                                          out.logits.begin() + out.row_offset[i + 1] * out.vocab);
-          if (s.pos < int64_t(s.prompt.size())) continue;
-          s.prefilling = false;
-          s.table.num_tokens = s.pos;
-          if (max_new <= 0) {
-            s.done = true;
-            continue;
-          }
-        }
-        s.last = s.sampler.sample(out.last(i));
-        s.result.output_ids.push_back(s.last);
-        if (int64_t(s.result.output_ids.size()) >= max_new || s.last == opt.stop_token) s.done = true;
-      }
-    }
+    for (int r = 0; r < N; ++r) gens[size_t(r)]->consume(outs[size_t(r)]);
   }
   std::vector<generate_result> results(prompts.size());
   for (int r = 0; r < N; ++r) {
-    for (size_t j = 0; j < seqs[size_t(r)].size(); ++j) {
-      pools[size_t(r)]->release(seqs[size_t(r)][j].table);
-      results[prompt_of[size_t(r)][j]] = std::move(seqs[size_t(r)][j].result);
-    }
+    auto mine = gens[size_t(r)]->finish();
+    for (size_t j = 0; j < mine.size(); ++j) results[prompt_of[size_t(r)][j]] = std::move(mine[j]);
   }
   return results;
 }

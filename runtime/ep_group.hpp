@@ -58,6 +58,36 @@ private:
   std::unique_ptr<workers> workers_;
 };
 
+/// One rank's share of a generation: its prompts, their pages in the rank's pool, sampling, results. generate_ep
+/// runs one per rank; a rank in its own process (petrel generate --ep-transport ucx) runs one alone.
+class rank_generation {
+public:
+  /// Reserves every prompt's pages in `kv` (throws std::runtime_error when it is too small).
+  rank_generation(kv_pool& kv, std::vector<std::span<const int32_t>> prompts, const generate_options& opt,
+                  int64_t vocab);
+  ~rank_generation();
+  /// The sequences of the next step (empty when this rank is done). Valid until consume().
+  const std::vector<sequence_step>& next_batch();
+  /// Takes the step's result for next_batch().
+  void consume(const step_result& out);
+  bool done() const;
+  /// Results in prompt order (pages released).
+  std::vector<generate_result> finish();
+
+private:
+  struct sequence;
+  kv_pool& kv_;
+  generate_options opt_;
+  std::vector<sequence> seqs_;
+  std::vector<sequence_step> batch_;
+  std::vector<size_t> in_batch_;
+};
+
+/// Generates `prompts` on one rank of a group whose other ranks run the same call on their prompts (each in its
+/// own thread or process): steps until this rank is done and no rank had tokens in the last step.
+std::vector<generate_result> generate_on_rank(ep_rank& rank, kv_pool& kv, std::vector<std::span<const int32_t>> prompts,
+                                              const generate_options& opt);
+
 /// Called before every step of generate_ep with the step number (for example to request a rebalance).
 using step_hook = std::function<void(int64_t step, ep_group& group)>;
 

@@ -4,11 +4,17 @@
 //   expert parallelism (N in-process ranks, prompts spread over them, DP attention; runtime/ep_group.hpp):
 //                   --ep N [--redundant R] [--ep-mode normal|low_latency] [--tbo] [--dispatch-delay-us U]
 //                   [--init-expert-location FILE] [--rebalance-every S] [--max-dispatch-tokens M]
+//                   [--ep-transport inprocess|ucx]   (ucx: one OS process per rank, UCX over tcp on loopback)
 // stdout: {"output_ids":[...]} (new tokens only), one line per prompt; --input-ids may be given several times.
 // --dump-logits (one prompt only) writes the prompt's logits, float32 LE, row-major [prompt_len, vocab].
 // With any EP flag the output is the same as with --ep 1; a summary of the group goes to stderr.
 #include <chrono>
+#include <csignal>
 #include <cstdio>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -23,6 +29,10 @@
 #include "runtime/model.hpp"
 #include "runtime/safetensors.hpp"
 #include "tools/command.hpp"
+#include "transport/ep_ucx.hpp"
+#include "transport/kv_transfer.hpp"
+
+extern char** environ;
 
 namespace {
 
@@ -34,6 +44,9 @@ struct generate_cli {
   std::string ep_mode = "normal", init_expert_location;
   bool tbo = false;
   int64_t dispatch_delay_us = 0, rebalance_every = 0;
+  std::string ep_transport = "inprocess";
+  int ep_rank_index = -1;     // internal: this process is rank i of a --ep-transport ucx group
+  std::string ep_rendezvous;  // internal: the directory where the ranks meet
   int64_t max_new_tokens = 16, prefill_chunk = 0, stop_token = -1;
   int page_size = 64, threads = 0;
   float temperature = 0.0f, top_p = 1.0f;
@@ -90,7 +103,199 @@ checkpoint_size scan_checkpoint(const std::string& dir) {
 
 bool uses_ep(const generate_cli& o) {
   return o.ep != 1 || o.redundant != 0 || o.ep_mode != "normal" || o.tbo || o.dispatch_delay_us != 0 ||
-         !o.init_expert_location.empty() || o.rebalance_every != 0;
+         !o.init_expert_location.empty() || o.rebalance_every != 0 || o.ep_transport != "inprocess";
+}
+
+int write_logits(const std::string& path, const std::vector<float>& logits);
+
+std::string check_ep_flags(const generate_cli& o) {
+  if (o.ep < 1) return "--ep must be >= 1, got " + std::to_string(o.ep);
+  if (o.redundant < 0) return "--redundant must be >= 0";
+  if (o.ep_mode != "normal" && o.ep_mode != "low_latency")
+    return "--ep-mode must be 'normal' or 'low_latency', got '" + o.ep_mode + "'";
+  if (o.dispatch_delay_us < 0) return "--dispatch-delay-us must be >= 0";
+  if (o.rebalance_every < 0) return "--rebalance-every must be >= 0";
+  if (o.max_dispatch_tokens < 1) return "--max-dispatch-tokens must be >= 1";
+  if (o.ep_transport != "inprocess" && o.ep_transport != "ucx")
+    return "--ep-transport must be 'inprocess' or 'ucx', got '" + o.ep_transport + "'";
+  if (o.ep_transport == "ucx" && o.dispatch_delay_us != 0)
+    return "--dispatch-delay-us simulates the wire of the in-process transport; it does not apply to --ep-transport ucx";
+  if (o.ep_transport == "ucx" && o.ep > 255) return "--ep-transport ucx takes at most 255 ranks";
+  return "";
+}
+
+// -- --ep-transport ucx: one OS process per rank ------------------------------------------------------------
+
+std::string fmt_float(double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.9g", v);
+  return b;
+}
+
+/// The command line of rank r's process: this command's options plus the internal rank flags.
+std::vector<std::string> rank_args(const generate_cli& o, int r, const std::string& dir) {
+  std::vector<std::string> a = {"petrel", "generate", "--model", o.model};
+  for (const auto& ids : o.input_ids) a.insert(a.end(), {"--input-ids", ids});
+  a.insert(a.end(), {"--max-new-tokens", std::to_string(o.max_new_tokens), "--temperature", fmt_float(o.temperature),
+                     "--top-k", std::to_string(o.top_k), "--top-p", fmt_float(o.top_p), "--seed", std::to_string(o.seed),
+                     "--backend", o.backend, "--load", o.load, "--prefill-chunk", std::to_string(o.prefill_chunk),
+                     "--page-size", std::to_string(o.page_size), "--stop-token", std::to_string(o.stop_token),
+                     "--threads", std::to_string(o.threads), "--ep", std::to_string(o.ep), "--redundant",
+                     std::to_string(o.redundant), "--ep-mode", o.ep_mode, "--max-dispatch-tokens",
+                     std::to_string(o.max_dispatch_tokens), "--rebalance-every", std::to_string(o.rebalance_every),
+                     "--ep-transport", "ucx", "--ep-rank-index", std::to_string(r), "--ep-rendezvous", dir});
+  if (o.tbo) a.push_back("--tbo");
+  if (!o.init_expert_location.empty()) a.insert(a.end(), {"--init-expert-location", o.init_expert_location});
+  return a;
+}
+
+void write_file_atomically(const std::filesystem::path& p, const std::string& text) {
+  const std::filesystem::path tmp = p.string() + ".tmp";
+  std::ofstream(tmp) << text;
+  std::filesystem::rename(tmp, p);
+}
+
+/// Runs rank `me` of the group: meets the others in `dir`, generates its share of the prompts (prompt i lives on
+/// rank i % N) and writes them to dir/out.<me> (one JSON line per prompt: {"i": ..., "output_ids": [...]}).
+/// Returns the rank's results too (rank 0 needs its prompt logits for --dump-logits).
+std::vector<petrel::generate_result> run_ucx_rank(const generate_cli& o, const std::vector<std::vector<int32_t>>& prompts,
+                                                  int me, const std::filesystem::path& dir,
+                                                  const std::vector<pid_t>& children) {
+  using namespace petrel::ep;
+  namespace tr = petrel::transport;
+  const int N = o.ep;
+  auto t = tr::ep_ucx_transport::create(me, N, {"tcp", "lo", std::chrono::milliseconds(60'000)});
+  write_file_atomically(dir / ("addr." + std::to_string(me)), tr::to_hex(t->address()));
+  std::vector<std::vector<uint8_t>> addrs(static_cast<size_t>(N));
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (int r = 0; r < N; ++r) {
+    const auto f = dir / ("addr." + std::to_string(r));
+    while (!std::filesystem::exists(f)) {
+      for (pid_t c : children)
+        if (waitpid(c, nullptr, WNOHANG) == c) throw std::runtime_error("a rank process exited before the group met");
+      if (std::chrono::steady_clock::now() > until) throw std::runtime_error("rank " + std::to_string(r) + " never published its UCX address");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::string hex;
+    std::ifstream(f) >> hex;
+    auto bytes = tr::from_hex(hex);
+    if (!bytes) throw std::runtime_error("rank " + std::to_string(r) + "'s address: " + bytes.error());
+    addrs[size_t(r)] = *bytes;
+  }
+  t->connect(addrs);
+  auto be = petrel::make_backend(o.backend);
+  if (o.threads > 0) be->set_num_threads(o.threads);
+  auto model = petrel::deepseek_model::load(o.model, *be, o.load == "dummy", o.seed);
+  const petrel::model_config cfg = model->config();
+  for (const auto& p : prompts)
+    for (int32_t tok : p)
+      if (tok >= cfg.vocab_size)
+        throw std::invalid_argument("--input-ids: token " + std::to_string(tok) + " is outside the vocabulary (vocab_size " +
+                                    std::to_string(cfg.vocab_size) + ")");
+  ep_placement placement = o.init_expert_location.empty() ? initial_placement(cfg, N, o.redundant)
+                                                          : placement_from_file(o.init_expert_location, cfg, N);
+  if (std::string err = check_placement(placement.phy2log, cfg, N, o.rebalance_every > 0); !err.empty())
+    throw std::invalid_argument(err + (o.rebalance_every > 0 ? " (needed for live rebalancing)" : ""));
+  ep_options opt;
+  opt.mode = o.ep_mode == "normal" ? ep_mode::normal : ep_mode::low_latency;
+  opt.two_batch_overlap = o.tbo;
+  opt.rebalance_every = o.rebalance_every;
+  opt.max_dispatch_tokens = o.max_dispatch_tokens;
+  ep_rank rank(std::move(model), placement, *t, opt);
+  std::vector<std::span<const int32_t>> mine;
+  std::vector<size_t> index;
+  int32_t pages = 1;
+  for (size_t i = size_t(me); i < prompts.size(); i += size_t(N)) {
+    mine.emplace_back(prompts[i]);
+    index.push_back(i);
+    pages += petrel::pages_for_tokens(int64_t(prompts[i].size()) + std::max<int64_t>(o.max_new_tokens, 0), o.page_size);
+  }
+  petrel::kv_pool kv(*be, cfg, pages, o.page_size);
+  petrel::generate_options g;
+  g.max_new_tokens = o.max_new_tokens;
+  g.prefill_chunk = o.prefill_chunk;
+  g.prompt_logits = !o.dump_logits.empty() && me == 0;
+  g.stop_token = o.stop_token;
+  g.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
+  std::vector<petrel::generate_result> res = generate_on_rank(rank, kv, mine, g);
+  std::string lines;
+  for (size_t j = 0; j < res.size(); ++j)
+    lines += nlohmann::json({{"i", index[j]}, {"output_ids", res[j].output_ids}}).dump() + "\n";
+  write_file_atomically(dir / ("out." + std::to_string(me)), lines);
+  std::fprintf(stderr, "petrel generate: EP rank %d/%d (UCX, pid %d): %zu prompt(s), %lld step(s), %lld rebalance(s), %lld expert replicas received\n",
+               me, N, int(getpid()), mine.size(), (long long)rank.stats().steps, (long long)rank.stats().rebalances,
+               (long long)rank.stats().experts_moved_in);
+  return res;
+}
+
+int run_ep_ucx(const generate_cli& o, const std::vector<std::vector<int32_t>>& prompts) {
+  const bool child = o.ep_rank_index >= 0;
+  if (child) {
+    try {
+      run_ucx_rank(o, prompts, o.ep_rank_index, o.ep_rendezvous, {});
+      return petrel::cli::exit_ok;
+    } catch (const std::invalid_argument& e) {
+      return bad_input(e.what());
+    } catch (const petrel::model_load_error& e) {
+      return bad_input(e.what());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "petrel generate: EP rank %d: %s\n", o.ep_rank_index, e.what());
+      return petrel::cli::exit_failure;
+    }
+  }
+  // The parent is rank 0; ranks 1..N-1 are this program again, with the internal rank flags.
+  char tmpl[] = "/tmp/petrel_ep_XXXXXX";
+  if (!mkdtemp(tmpl)) return bad_input("cannot create a rendezvous directory under /tmp");
+  const std::filesystem::path dir = tmpl;
+  std::vector<pid_t> children;
+  std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  for (int r = 1; r < o.ep; ++r) {
+    std::vector<std::string> args = rank_args(o, r, dir.string());
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_t pid = 0;
+    if (posix_spawn(&pid, self.c_str(), nullptr, nullptr, argv.data(), environ) != 0) {
+      for (pid_t c : children) kill(c, SIGTERM);
+      return bad_input("cannot start the rank processes");
+    }
+    children.push_back(pid);
+  }
+  int rc = petrel::cli::exit_ok;
+  std::vector<petrel::generate_result> mine;
+  try {
+    mine = run_ucx_rank(o, prompts, 0, dir, children);
+  } catch (const std::invalid_argument& e) {
+    rc = bad_input(e.what());
+  } catch (const petrel::model_load_error& e) {
+    rc = bad_input(e.what());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "petrel generate: EP rank 0: %s\n", e.what());
+    rc = petrel::cli::exit_failure;
+  }
+  for (pid_t c : children) {
+    if (rc != petrel::cli::exit_ok) kill(c, SIGTERM); // a failed rank 0 never lets the others finish
+    int status = 0;
+    waitpid(c, &status, 0);
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : petrel::cli::exit_failure;
+    if (rc == petrel::cli::exit_ok && code != 0) rc = code;
+  }
+  if (rc == petrel::cli::exit_ok) {
+    std::vector<std::string> lines(prompts.size());
+    for (int r = 0; r < o.ep; ++r) {
+      std::ifstream in(dir / ("out." + std::to_string(r)));
+      std::string line;
+      while (std::getline(in, line)) {
+        auto j = nlohmann::json::parse(line);
+        lines[j.at("i").get<size_t>()] = nlohmann::json({{"output_ids", j.at("output_ids")}}).dump();
+      }
+    }
+    if (!o.dump_logits.empty()) rc = write_logits(o.dump_logits, mine.at(0).prompt_logits);
+    if (rc == petrel::cli::exit_ok)
+      for (const auto& l : lines) std::printf("%s\n", l.c_str());
+  }
+  std::filesystem::remove_all(dir);
+  return rc;
 }
 
 int write_logits(const std::string& path, const std::vector<float>& logits) {
@@ -106,13 +311,8 @@ int write_logits(const std::string& path, const std::vector<float>& logits) {
 
 int run_ep(const generate_cli& o, const std::vector<std::vector<int32_t>>& prompts) {
   using namespace petrel::ep;
-  if (o.ep < 1) return bad_input("--ep must be >= 1, got " + std::to_string(o.ep));
-  if (o.redundant < 0) return bad_input("--redundant must be >= 0");
-  if (o.ep_mode != "normal" && o.ep_mode != "low_latency")
-    return bad_input("--ep-mode must be 'normal' or 'low_latency', got '" + o.ep_mode + "'");
-  if (o.dispatch_delay_us < 0) return bad_input("--dispatch-delay-us must be >= 0");
-  if (o.rebalance_every < 0) return bad_input("--rebalance-every must be >= 0");
-  if (o.max_dispatch_tokens < 1) return bad_input("--max-dispatch-tokens must be >= 1");
+  if (std::string err = check_ep_flags(o); !err.empty()) return bad_input(err);
+  if (o.ep_transport == "ucx") return run_ep_ucx(o, prompts);
   ep_group_options go;
   go.size = o.ep;
   go.redundant = o.redundant;
@@ -269,6 +469,10 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--init-expert-location", o->init_expert_location,
                      "initial expert placement: the JSON `petrel eplb` prints ({\"phy2log\": [[...]]})");
       sub.add_option("--rebalance-every", o->rebalance_every, "live EPLB rebalance every S steps (0 = never)");
+      sub.add_option("--ep-transport", o->ep_transport,
+                     "inprocess (N threads, default) or ucx (N processes, UCX over tcp on loopback)");
+      sub.add_option("--ep-rank-index", o->ep_rank_index, "internal (--ep-transport ucx)")->group("");
+      sub.add_option("--ep-rendezvous", o->ep_rendezvous, "internal (--ep-transport ucx)")->group("");
       return [o] { return run(*o); };
     });
 

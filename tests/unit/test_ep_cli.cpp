@@ -47,7 +47,9 @@ TEST_CASE("petrel generate --ep N prints what --ep 1 prints") {
   CHECK(std::count(one.out.begin(), one.out.end(), '\n') == 3); // one line per prompt
   for (const std::string& flags : {std::string(" --ep 2"), std::string(" --ep 3 --redundant 1 --ep-mode low_latency"),
                                    std::string(" --ep 4 --redundant 4 --tbo --rebalance-every 3"),
-                                   std::string(" --ep 2 --tbo --dispatch-delay-us 200")}) {
+                                   std::string(" --ep 2 --tbo --dispatch-delay-us 200"),
+                                   // one OS process per rank, UCX over tcp, experts moving between processes
+                                   std::string(" --ep 3 --redundant 4 --ep-transport ucx --tbo --rebalance-every 3")}) {
     CAPTURE(flags);
     run_result ep = run(base + flags);
     CHECK(ep.code == 0);
@@ -92,6 +94,9 @@ TEST_CASE("petrel generate: bad EP flags and placement files exit 2 with a messa
            {" --ep 2 --init-expert-location " + bad.string(), "= 9 is not an expert id"},
            {" --ep 2 --init-expert-location /nonexistent/p.json", "/nonexistent/p.json: cannot open"},
            {" --ep 2 --input-ids 1,2 --dump-logits /tmp/x.bin", "--dump-logits takes one prompt"},
+           {" --ep 2 --ep-transport tcp", "--ep-transport must be 'inprocess' or 'ucx'"},
+           {" --ep 2 --ep-transport ucx --dispatch-delay-us 5", "does not apply to --ep-transport ucx"},
+           {" --ep 2 --ep-transport ucx --redundant 1", "do not divide evenly over 2 ranks"},
        }) {
     CAPTURE(c.flags);
     run_result r = run(base + c.flags, true);
