@@ -44,7 +44,7 @@ struct generate_cli {
   std::string ep_mode = "normal", init_expert_location;
   bool tbo = false;
   int64_t dispatch_delay_us = 0, rebalance_every = 0;
-  std::string ep_transport = "inprocess";
+  std::string ep_transport = "inprocess", dump_expert_load;
   int ep_rank_index = -1;     // internal: this process is rank i of a --ep-transport ucx group
   std::string ep_rendezvous;  // internal: the directory where the ranks meet
   int64_t max_new_tokens = 16, prefill_chunk = 0, stop_token = -1;
@@ -103,7 +103,8 @@ checkpoint_size scan_checkpoint(const std::string& dir) {
 
 bool uses_ep(const generate_cli& o) {
   return o.ep != 1 || o.redundant != 0 || o.ep_mode != "normal" || o.tbo || o.dispatch_delay_us != 0 ||
-         !o.init_expert_location.empty() || o.rebalance_every != 0 || o.ep_transport != "inprocess";
+         !o.init_expert_location.empty() || o.rebalance_every != 0 || o.ep_transport != "inprocess" ||
+         !o.dump_expert_load.empty();
 }
 
 int write_logits(const std::string& path, const std::vector<float>& logits);
@@ -121,6 +122,8 @@ std::string check_ep_flags(const generate_cli& o) {
   if (o.ep_transport == "ucx" && o.dispatch_delay_us != 0)
     return "--dispatch-delay-us simulates the wire of the in-process transport; it does not apply to --ep-transport ucx";
   if (o.ep_transport == "ucx" && o.ep > 255) return "--ep-transport ucx takes at most 255 ranks";
+  if (o.ep_transport == "ucx" && !o.dump_expert_load.empty())
+    return "--dump-expert-load needs the in-process transport (each UCX rank process has only its own load)";
   return "";
 }
 
@@ -366,6 +369,15 @@ int run_ep(const generate_cli& o, const std::vector<std::vector<int32_t>>& promp
                (long long)r0.stats().rebalances, (long long)moved, load_s, gen_s);
   if (!r0.stats().last_rebalance_note.empty())
     std::fprintf(stderr, "petrel generate: %s\n", r0.stats().last_rebalance_note.c_str());
+  if (!o.dump_expert_load.empty()) {
+    // Every rank's routed-token counts (logical experts, MoE layers), merged: what `petrel eplb --input` reads.
+    const auto& l0 = group->rank(0).load();
+    petrel::eplb::expert_load_recorder merged(l0.num_layers(), l0.num_experts(), 1);
+    for (int r = 0; r < group->size(); ++r) merged.merge_window_of(group->rank(r).load());
+    std::ofstream f(o.dump_expert_load);
+    f << merged.to_json().dump() << "\n";
+    if (!f) return bad_input("--dump-expert-load: cannot write '" + o.dump_expert_load + "'");
+  }
   if (!o.dump_logits.empty())
     if (int rc = write_logits(o.dump_logits, results[0].prompt_logits); rc != 0) return rc;
   for (const auto& r : results) std::printf("%s\n", nlohmann::json({{"output_ids", r.output_ids}}).dump().c_str());
@@ -471,6 +483,9 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--rebalance-every", o->rebalance_every, "live EPLB rebalance every S steps (0 = never)");
       sub.add_option("--ep-transport", o->ep_transport,
                      "inprocess (N threads, default) or ucx (N processes, UCX over tcp on loopback)");
+      sub.add_option("--dump-expert-load", o->dump_expert_load,
+                     "EP: write the routed-token counts of every (MoE layer, expert) over the last 128 steps, all "
+                     "ranks merged (the recorder JSON `petrel eplb --input` reads)");
       sub.add_option("--ep-rank-index", o->ep_rank_index, "internal (--ep-transport ucx)")->group("");
       sub.add_option("--ep-rendezvous", o->ep_rendezvous, "internal (--ep-transport ucx)")->group("");
       return [o] { return run(*o); };

@@ -77,6 +77,27 @@ TEST_CASE("petrel generate --init-expert-location takes the placement petrel epl
   fs::remove(place);
 }
 
+TEST_CASE("the EPLB loop on the command line: generate --dump-expert-load, eplb --input, generate --init-expert-location") {
+  if (!fs::exists(kTiny / "golden.json")) return;
+  const std::string tag = std::to_string(::getpid());
+  const fs::path load = fs::temp_directory_path() / ("petrel_ep_load_" + tag + ".json");
+  const fs::path place = fs::temp_directory_path() / ("petrel_ep_place2_" + tag + ".json");
+  const std::string base = "generate --model " + kTiny.string() + kPrompts;
+  run_result one = run(base);
+  run_result first = run(base + " --ep 2 --dump-expert-load " + load.string());
+  CHECK(first.code == 0);
+  CHECK(first.out == one.out);
+  REQUIRE(fs::exists(load));
+  run_result e = run("eplb --input " + load.string() + " --replicas 12 --groups 4 --nodes 1 --gpus 4");
+  REQUIRE(e.code == 0);
+  std::ofstream(place) << e.out;
+  run_result again = run(base + " --ep 4 --init-expert-location " + place.string());
+  CHECK(again.code == 0);
+  CHECK(again.out == one.out);
+  fs::remove(load);
+  fs::remove(place);
+}
+
 TEST_CASE("petrel generate: bad EP flags and placement files exit 2 with a message") {
   if (!fs::exists(kTiny / "golden.json")) return;
   const fs::path bad = fs::temp_directory_path() / ("petrel_ep_bad_" + std::to_string(::getpid()) + ".json");
