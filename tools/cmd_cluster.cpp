@@ -47,6 +47,10 @@ const bool launch_registered = register_command(
                     << " node processes, head pid " << rf.head_pid << " on port " << rf.head_port;
           if (rf.gateway_port)
             std::cout << ", gateway http://" << rf.gateway_host << ":" << rf.gateway_port;
+          if (rf.tls)
+            std::cout << "\n  cluster links: TLS; only holders of the secret " << rf.secret_file << " may join";
+          else
+            std::cout << "\n  cluster links: plain TCP (security.tls: false); any local process may connect";
           std::cout << "\n  petrel status " << *path << "   # live actor tree\n  petrel stop " << *path
                     << "     # stop it\n"
                     << std::flush;
