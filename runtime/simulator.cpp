@@ -502,12 +502,15 @@ layer_kernel_times scaled_layer(const phase_kernel_times& k, const layer_kernel_
   t.quant_us = elementwise(l.quant_us, n, n0, k.min_kernel_us);
   t.routing_us = elementwise(l.routing_us, n, n0, k.min_kernel_us);
   t.other_us = elementwise(l.other_us, n, n0, k.min_kernel_us);
-  // LM head: prefill has one row per prompt, decode one per token.
+  // LM head: prefill has one row per prompt, decode one per token. A handful of rows reads the whole weight
+  // either way, so the knee applies to both (bench-rank measured the same LM-head time for 4 and 16 prompts).
   const double rows = prefill ? n / context : n, rows0 = prefill ? n0 / k.context : n0;
-  t.head_gemm_us = gemm_scale(l.head_gemm_us, rows, rows0, prefill ? 0.0 : k.gemm_knee_tokens);
+  t.head_gemm_us = gemm_scale(l.head_gemm_us, rows, rows0, k.gemm_knee_tokens);
   t.mlp_gemm_us = gemm_scale(l.mlp_gemm_us, n, n0, k.gemm_knee_tokens);
   t.shared_expert_gemm_us = gemm_scale(l.shared_expert_gemm_us, n, n0, k.gemm_knee_tokens);
-  t.expert_gemm_us = gemm_scale(l.expert_gemm_us, n, n0, k.expert_gemm_knee_tokens) / b;
+  // The busiest rank's experts see the rows of n / b balanced tokens; below the knee (weight-read or tile bound)
+  // more rows cost nothing (bench-rank: decode expert GEMMs took the same time at 2x the balanced rows).
+  t.expert_gemm_us = gemm_scale(l.expert_gemm_us, n / b, n0, k.expert_gemm_knee_tokens);
   return t;
 }
 

@@ -627,7 +627,7 @@ void rank_bench::build() {
   const double hbm = 3.0e12;  // measured H100 device copy (ANCHORS.md)
   const anchor_rate copy_rate{"HBM copy 3.0 TB/s", 0, hbm};
   auto dense_rate = [&](double k) -> anchor_rate {
-    if (dec) return {"DeepGEMM dense M=128 645 TFLOPS", 645e12, 0};
+    if (dec) return {"DeepGEMM dense 645 TFLOPS (M=128) / 1,688 GB/s (M=64)", 645e12, 1688e9};
     return k >= 16384 ? anchor_rate{"DeepGEMM dense 1,520 TFLOPS", 1520e12, 0} : anchor_rate{"DeepGEMM dense 1,410 TFLOPS", 1410e12, 0};
   };
   auto dense_gemm = [&](int l, sfield f, const std::string& name, const fp8_act* a, const fp8_weight* w, void* d) {
@@ -749,14 +749,14 @@ void rank_bench::build() {
       add(l, kclass::gemm_grouped, sfield::expert_gemm, "experts gate_up (grouped masked)", [this, lw](cudaStream_t st) {
         ck(m_grouped_fp8_gemm_nt_masked(ex_a_.q, ex_a_.s, rs_.local, max_m_, masked_m_, lw->ex_gu.w, lw->ex_gu.s,
                                         2 * moe_inter, H, ex_gu_, st));
-      }, 2.0 * R * 2 * moe_inter * H, L_d * 2 * moe_inter * H, {"DeepGEMM masked 2,064 GB/s", 0, 2064e9});
+      }, 2.0 * R * 2 * moe_inter * H, L_d * 2 * moe_inter * H, {"DeepGEMM masked 932 TFLOPS / 2,064 GB/s", 932e12, 2064e9});
       add(l, kclass::quant, sfield::quant, "experts SwiGLU (->fp8)", [this](cudaStream_t st) {
         ck(swiglu_bf16(ex_gu_, ex_rows_, moe_inter, nullptr, ex_mid_.q, ex_mid_.s, nullptr, masked_m_, max_m_, st));
       }, 0, R * moe_inter * 5, copy_rate);
       add(l, kclass::gemm_grouped, sfield::expert_gemm, "experts down (grouped masked)", [this, lw](cudaStream_t st) {
         ck(m_grouped_fp8_gemm_nt_masked(ex_mid_.q, ex_mid_.s, rs_.local, max_m_, masked_m_, lw->ex_d.w, lw->ex_d.s, H,
                                         moe_inter, ex_y_, st));
-      }, 2.0 * R * H * moe_inter, L_d * H * moe_inter, {"DeepGEMM masked 2,064 GB/s", 0, 2064e9});
+      }, 2.0 * R * H * moe_inter, L_d * H * moe_inter, {"DeepGEMM masked 815 TFLOPS / 2,064 GB/s", 815e12, 2064e9});
     }
     add(l, kclass::moe_layout, sfield::quant, "combine (weighted, +shared)", [this, T](cudaStream_t st) {
       ck(moe_combine_bf16(ex_y_, pair_row_, topk_w_, T, top_k, H, sh_out_, x_, st));
@@ -769,7 +769,7 @@ void rank_bench::build() {
   add(-1, kclass::gemm_dense, sfield::head_gemm, "LM head (bf16)", [this](cudaStream_t) {
     const std::uint16_t* src = static_cast<std::uint16_t*>(h_bf16_) + (rs_.decode ? 0 : (rs_.prompt_len - 1) * H);
     blas_->linear(src, head_ld_, lm_head_, H, head_logits_, vocab, CUDA_R_16BF, static_cast<int>(head_rows_), vocab, H);
-  }, 2.0 * head_rows_ * vocab * H, static_cast<double>(vocab) * H * 2, {"HBM copy 3.0 TB/s (weight read)", 0, hbm});
+  }, 2.0 * head_rows_ * vocab * H, static_cast<double>(vocab) * H * 2, {"bf16 798 TFLOPS / HBM 3.0 TB/s", 798e12, hbm});
   add(-1, kclass::other, sfield::other, "greedy sampling (argmax)", [this](cudaStream_t st) {
     ck(argmax_bf16(head_logits_, head_rows_, vocab, vocab, ids_, st));
   }, 0, head_rows_ * vocab * 2.0, copy_rate);
@@ -1002,7 +1002,10 @@ int rank_bench::run() {
     n.cls = o.cls;
     if (o.anchor.what) {
       n.anchor = o.anchor.what;
-      n.anchor_us += o.anchor.flops_per_s > 0 ? o.flops / o.anchor.flops_per_s * 1e6 : o.bytes / o.anchor.bytes_per_s * 1e6;
+      // the anchor's time: the larger of its compute and its memory time (where it gives both)
+      const double tc = o.anchor.flops_per_s > 0 ? o.flops / o.anchor.flops_per_s * 1e6 : 0.0;
+      const double tm = o.anchor.bytes_per_s > 0 ? o.bytes / o.anchor.bytes_per_s * 1e6 : 0.0;
+      n.anchor_us += std::max(tc, tm);
     }
   }
 
@@ -1012,7 +1015,9 @@ int rank_bench::run() {
   const double tps_compute = tokens / (step_us * 1e-6);
   const double tps_serial = tokens / ((step_us + a2a_step_us) * 1e-6);
   const double tps_overlap = tokens / (std::max(step_us, a2a_step_us) * 1e-6);
-  const double anchor_sg = rs_.decode ? sglang_decode : sglang_prefill_4k;
+  // SGLang's prefill figure for this prompt length where it published one (1K / 2K / 4K), else the 4K one
+  const double anchor_sg = rs_.decode ? sglang_decode
+                           : rs_.prompt_len == 1024 ? 57674 : rs_.prompt_len == 2048 ? 54543 : sglang_prefill_4k;
   const double anchor_ds = rs_.decode ? deepseek_decode : deepseek_prefill;
 
   // -- print ------------------------------------------------------------------------------------------------
@@ -1092,15 +1097,20 @@ int rank_bench::run() {
         if (kinds[k].field[f] > 0) l[sfield_keys[f]] = kinds[k].field[f];
       layers.push_back(l);
     }
-    // knees: below these token counts the GEMMs cost the same (weight-read bound); the DeepGEMM tile is 128 rows
+    // Knees (model parameters, not measurements): below them a GEMM costs the same. Dense GEMMs: where compute at
+    // DeepGEMM's rate meets the weight read (the derived default's values). Decode's grouped GEMM: the masked
+    // kernel computes whole 128-row tiles, so it is flat until an expert has 128 rows: 128 x 256 / top-8 = 4,096
+    // tokens per rank. Prefill's grouped GEMM: the derived default's knee.
+    const auto derived = petrel::sim::derived_kernel_times();
+    const auto& dph = rs_.decode ? derived.decode : derived.prefill;
     json ph = {{"source", src},
                {"tokens_per_rank", tokens},
                {"context", rs_.decode ? rs_.kv_len : rs_.prompt_len},
-               {"gemm_knee_tokens", rs_.decode ? 256 : 418},
-               {"expert_gemm_knee_tokens", rs_.decode ? 256 : 244},
+               {"gemm_knee_tokens", dph.gemm_knee_tokens},
+               {"expert_gemm_knee_tokens", rs_.decode ? 128.0 * experts_total / top_k : dph.expert_gemm_knee_tokens},
                {"min_kernel_us", 3},
                {"layers", layers}};
-    auto base = petrel::sim::to_json(petrel::sim::derived_kernel_times());
+    auto base = petrel::sim::to_json(derived);
     json out = base;
     out["source"] = src + " (" + phase + " phase measured; the other phase is the derived default)";
     out["note"] = "written by petrel bench-rank; phases." + phase + " holds the measured per-layer kernel times";

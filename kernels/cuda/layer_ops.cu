@@ -150,6 +150,34 @@ __global__ void rope_kernel(const __nv_bfloat16* in, std::int64_t in_ld, std::in
   }
 }
 
+// Same rotation, 4 pairs (16 bytes) per thread: for rope_dim % 8 == 0 with 16-byte aligned rows and heads.
+__global__ void rope_vec_kernel(const __nv_bfloat16* in, std::int64_t in_ld, std::int64_t in_hs, __nv_bfloat16* out,
+                                std::int64_t out_ld, std::int64_t out_hs, std::int64_t rows, int heads, int half,
+                                const int* __restrict__ positions, const float* __restrict__ cs, int max_pos) {
+  const int quads = half / 4;
+  const std::int64_t total = rows * heads * quads;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const int q = static_cast<int>(i % quads);
+    const std::int64_t rh = i / quads;
+    const int h = static_cast<int>(rh % heads);
+    const std::int64_t r = rh / heads;
+    int pos = positions[r];
+    pos = pos < 0 ? 0 : (pos >= max_pos ? max_pos - 1 : pos);
+    const float4 c = *reinterpret_cast<const float4*>(cs + static_cast<std::int64_t>(pos) * 2 * half + 4 * q);
+    const float4 sn = *reinterpret_cast<const float4*>(cs + static_cast<std::int64_t>(pos) * 2 * half + half + 4 * q);
+    float x[8], y[8];
+    load8(in + r * in_ld + h * in_hs + 8 * q, x);
+    const float cc[4] = {c.x, c.y, c.z, c.w}, ss[4] = {sn.x, sn.y, sn.z, sn.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      y[2 * j] = x[2 * j] * cc[j] - x[2 * j + 1] * ss[j];
+      y[2 * j + 1] = x[2 * j + 1] * cc[j] + x[2 * j] * ss[j];
+    }
+    store8(out + r * out_ld + h * out_hs + 8 * q, y);
+  }
+}
+
 // -- SwiGLU (+ fp8) ---------------------------------------------------------------------------------
 // Grid (ceil(n / 2048), rows), 256 threads, 8 outputs per thread; 16 lanes form one 128-wide fp8 block.
 
@@ -188,11 +216,11 @@ __device__ __forceinline__ scored better(scored a, scored b) {
   return a;
 }
 
+// Warp-wide best (value, index); the third field is not reduced (callers fetch it from the winner's lane).
 __device__ __forceinline__ scored warp_best(scored x) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    scored o{__shfl_xor_sync(0xffffffffu, x.v, off), __shfl_xor_sync(0xffffffffu, x.i, off),
-             __shfl_xor_sync(0xffffffffu, x.s, off)};
+    scored o{__shfl_xor_sync(0xffffffffu, x.v, off), __shfl_xor_sync(0xffffffffu, x.i, off), 0.0f};
     x = better(x, o);
   }
   return x;
@@ -250,13 +278,15 @@ __global__ void route_kernel(const float* __restrict__ logits, const float* __re
     for (int i = 0; i < route_max_per_lane; ++i)
       if (!taken[i]) mine = better(mine, scored{c[i], lane * per_lane + i, s[i]});
     const scored best = warp_best(mine);
+    // the owner lane holds the winner's unbiased score in its own candidate
+    const float best_s = __shfl_sync(0xffffffffu, mine.s, best.i / per_lane);
 #pragma unroll
     for (int i = 0; i < route_max_per_lane; ++i)
       if (lane * per_lane + i == best.i) taken[i] = true;
-    sum += best.s;
+    sum += best_s;
     if (lane == j) {
       topk_ids[t * top_k + j] = best.i;
-      topk_weights[t * top_k + j] = best.s;
+      topk_weights[t * top_k + j] = best_s;
     }
   }
   __syncwarp();
@@ -363,6 +393,56 @@ __global__ void permute_masked_kernel(const std::uint8_t* __restrict__ x, const 
     for (int i = lane; i < k / 16; i += 32) dst[i] = src[i];
     for (int kb = lane; kb < k / fp8_block; kb += 32) as[kb * a_ld + row] = xs[kb * x_ld + t];
   }
+}
+
+// Decode-sized inputs: count, scatter and publish the counts in one CTA (one launch instead of three).
+// Phase 1 gives every pair its row with shared-memory atomics, all pairs in parallel (coalesced reads of the
+// receive map); phase 2 lets each warp scan 32 pairs at a time and copy the received rows together, so the
+// dependent latency per warp is a few loads, not one per pair.
+constexpr int masked_fused_max_pairs = 16384;
+constexpr int masked_fused_max_experts = 1024;
+__global__ void __launch_bounds__(1024)
+permute_masked_fused_kernel(const std::uint8_t* __restrict__ x, const float* __restrict__ xs, std::int64_t tokens, int k,
+                            const int* __restrict__ topk_local, int top_k, int local_experts, std::int64_t max_m,
+                            std::uint8_t* a, float* as, int* masked_m, int* pair_row, int* ws) {
+  __shared__ int cursor[masked_fused_max_experts];
+  __shared__ int overflow;
+  for (int e = threadIdx.x; e < local_experts; e += blockDim.x) cursor[e] = 0;
+  if (threadIdx.x == 0) overflow = 0;
+  __syncthreads();
+  const int pairs = static_cast<int>(tokens * top_k);
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int e = topk_local[p];
+    int row = -1;
+    if (e >= 0 && e < local_experts) {
+      const int slot = atomicAdd(&cursor[e], 1);
+      if (slot < max_m) row = static_cast<int>(e * max_m + slot);
+      else overflow = 1;
+    }
+    pair_row[p] = row;
+  }
+  __syncthreads();  // also orders the pair_row writes before phase 2 reads them (same CTA)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const std::int64_t x_ld = fp8_scale_ld(tokens), a_ld = fp8_scale_ld(local_experts * max_m);
+  for (int p0 = warp * 32; p0 < pairs; p0 += warps * 32) {
+    const int my_row = p0 + lane < pairs ? pair_row[p0 + lane] : -1;
+    unsigned todo = __ballot_sync(0xffffffffu, my_row >= 0);
+    while (todo) {
+      const int j = __ffs(todo) - 1;
+      todo &= todo - 1;
+      const int row = __shfl_sync(0xffffffffu, my_row, j);
+      const std::int64_t t = (p0 + j) / top_k;
+      const uint4* src = reinterpret_cast<const uint4*>(x + t * k);
+      uint4* dst = reinterpret_cast<uint4*>(a + static_cast<std::int64_t>(row) * k);
+      for (int i = lane; i < k / 16; i += 32) dst[i] = src[i];
+      for (int kb = lane; kb < k / fp8_block; kb += 32) as[kb * a_ld + row] = xs[kb * x_ld + t];
+    }
+  }
+  for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
+    masked_m[e] = cursor[e] < max_m ? cursor[e] : static_cast<int>(max_m);
+    ws[1 + 2 * local_experts + e] = cursor[e];
+  }
+  if (threadIdx.x == 0) ws[0] = overflow;
 }
 
 __global__ void masked_finish_kernel(int local_experts, std::int64_t max_m, int* masked_m, const int* ws) {
@@ -564,6 +644,15 @@ kernel_status rope_interleaved_bf16(const void* in, std::int64_t in_ld, std::int
     return kernel_status::failure(std::string(who) + ": strides and pointers must keep bf16 pairs 4-byte aligned");
   if (rows == 0) return kernel_status::success();
   if (!in || !out || !positions || !cos_sin) return kernel_status::failure(std::string(who) + ": null pointer");
+  const bool vec = rope_dim % 16 == 0 && in_ld % 8 == 0 && in_head_stride % 8 == 0 && out_ld % 8 == 0 &&
+                   out_head_stride % 8 == 0 && aligned16(in) && aligned16(out) && aligned16(cos_sin);
+  if (vec) {
+    const std::int64_t work = rows * heads * (rope_dim / 8);
+    rope_vec_kernel<<<grid_for(work, 256), 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(in), in_ld, in_head_stride,
+                                                             static_cast<__nv_bfloat16*>(out), out_ld, out_head_stride,
+                                                             rows, heads, rope_dim / 2, positions, cos_sin, max_pos);
+    return launched(who);
+  }
   const std::int64_t work = rows * heads * (rope_dim / 2);
   rope_kernel<<<grid_for(work, 256), 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(in), in_ld, in_head_stride,
                                                        static_cast<__nv_bfloat16*>(out), out_ld, out_head_stride, rows,
@@ -660,6 +749,13 @@ kernel_status moe_permute_masked(const void* x_fp8, const float* x_scales, std::
     return s;
   if (max_m <= 0 || max_m * local_experts > INT_MAX) return kernel_status::failure(std::string(who) + ": max_m out of range");
   if (!masked_m || !workspace) return kernel_status::failure(std::string(who) + ": masked_m or workspace is null");
+  if (tokens * top_k <= masked_fused_max_pairs && local_experts <= masked_fused_max_experts) {
+    permute_masked_fused_kernel<<<1, 1024, 0, stream>>>(static_cast<const std::uint8_t*>(x_fp8), x_scales, tokens, k,
+                                                        topk_local, top_k, local_experts, max_m,
+                                                        static_cast<std::uint8_t*>(a_fp8), a_scales, masked_m, pair_row,
+                                                        workspace);
+    return launched(who);
+  }
   if (cudaMemsetAsync(workspace, 0, moe_permute_workspace_ints(local_experts) * sizeof(int), stream) != cudaSuccess)
     return kernel_status::failure(std::string(who) + ": cannot clear the workspace");
   if (tokens > 0) {

@@ -190,6 +190,13 @@ TEST_CASE("rope_interleaved_bf16: pairs rotate by the YaRN table, in place and o
                                    dtab.ptr, max_pos, nullptr));
   auto out = dout.down();
   auto xin = dx.down();
+  // the scalar path (a row stride that is no multiple of 8) computes the same bytes as the 16-byte path
+  dbuf<std::uint16_t> dx2(x), dout2(rows * (heads * rope + 2));
+  require_ok(rope_interleaved_bf16(dx2.ptr + 128, heads * hs, hs, dout2.ptr, heads * rope + 2, rope, rows, heads, rope,
+                                   dpos.ptr, dtab.ptr, max_pos, nullptr));
+  auto out2 = dout2.down();
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < heads * rope; ++i) REQUIRE(out2[r * (heads * rope + 2) + i] == out[r * heads * rope + i]);
   double worst = 0;
   for (int r = 0; r < rows; ++r)
     for (int h = 0; h < heads; ++h) {
@@ -447,6 +454,37 @@ TEST_CASE("moe_permute_masked: per-expert counts, rows inside each expert's bloc
     REQUIRE(std::equal(a.begin() + std::int64_t(pr[p]) * k, a.begin() + std::int64_t(pr[p] + 1) * k, x.begin() + (p / top_k) * k));
   }
   for (int e = 0; e < L; ++e) CHECK(placed[e] == m[e]);
+
+  // more pairs than the one-CTA path takes: the three-launch path, same contract
+  const int tokens2 = 2100;
+  std::vector<int> topk2(tokens2 * top_k, -1);
+  for (int p = 0; p < tokens2 * top_k; ++p)
+    if (p % 97 == 0) topk2[p] = (p / 97) % L;
+  std::vector<std::uint8_t> x2(std::size_t(tokens2) * k);
+  for (auto& v : x2) v = static_cast<std::uint8_t>(rng() % 0x7E);
+  std::vector<float> xs2(fp8_act_scale_count(tokens2, k), 0.25f);
+  dbuf<std::uint8_t> dx2(x2);
+  dbuf<float> dxs2(xs2);
+  dbuf<int> dtopk2(topk2), dpr2(tokens2 * top_k);
+  require_ok(moe_permute_masked(dx2.ptr, dxs2.ptr, tokens2, k, dtopk2.ptr, top_k, L, max_m, da.ptr, das.ptr, dm.ptr, dpr2.ptr,
+                                dws.ptr, nullptr));
+  m = dm.down();
+  auto pr2 = dpr2.down();
+  a = da.down();
+  std::vector<int> count2(L, 0);
+  for (int e : topk2) if (e >= 0) ++count2[e];
+  for (int e = 0; e < L; ++e) CHECK(m[e] == std::min(count2[e], max_m));
+  int placed2 = 0;
+  for (int p = 0; p < tokens2 * top_k; ++p) {
+    if (pr2[p] < 0) continue;
+    ++placed2;
+    REQUIRE(pr2[p] / max_m == topk2[p]);
+    REQUIRE(std::equal(a.begin() + std::int64_t(pr2[p]) * k, a.begin() + std::int64_t(pr2[p] + 1) * k,
+                       x2.begin() + std::int64_t(p / top_k) * k));
+  }
+  int expect2 = 0;
+  for (int e = 0; e < L; ++e) expect2 += std::min(count2[e], max_m);
+  CHECK(placed2 == expect2);
 }
 
 TEST_CASE("argmax_bf16: greedy ids over a full vocabulary, ties to the lower id") {

@@ -9,6 +9,7 @@
 #       quick:   unit tests + both presets at 4 layers (checks that everything runs; a few seconds of GPU time)
 #       full:    unit tests + both presets at 61 layers (the figures for docs/benchmarks.md)
 #       prefill / decode: one preset at 61 layers
+#       table:   prefill at 1K and 2K prompts, prefill at 8,192 tokens, decode at 128 sequences and at 2x imbalance
 #       BENCH_FLAGS="..." adds flags to every bench-rank call. Logs and JSON land under $OUT.
 set -uo pipefail
 here=device/bench-rank
@@ -46,11 +47,13 @@ export LD_LIBRARY_PATH=$here/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PA
 petrel=$here/bin/petrel
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total,memory.used --format=csv 2>&1 | tee "$out/env.log"
 
-if [[ $mode == quick || $mode == full ]]; then
+if [[ $mode == quick || $mode == full || ${TESTS:-0} == 1 ]]; then
   echo "== layer-op unit tests"
-  timeout 120 "$here/bin/test_cuda_layer_ops" -s > "$out/test_layer_ops.log" 2>&1
-  rc=$?
-  grep -E 'MESSAGE|ERROR|FAILED|test cases|assertions|worst|mismatch' "$out/test_layer_ops.log" | grep -v '^\s*$' | head -40
+  # -s prints every passing assertion (millions); keep only the messages and the summary
+  timeout 120 "$here/bin/test_cuda_layer_ops" -s 2>&1 | grep -E 'MESSAGE|ERROR|FAILED|test cases|assertions|worst|mismatch|Status' \
+    > "$out/test_layer_ops.log"
+  rc=${PIPESTATUS[0]}
+  grep -v '^\s*$' "$out/test_layer_ops.log" | head -40
   echo "layer-op tests rc=$rc"
   if [[ $rc != 0 ]] && command -v compute-sanitizer >/dev/null; then
     timeout 120 compute-sanitizer --tool memcheck "$here/bin/test_cuda_layer_ops" 2>&1 | grep -vE '^\s*$' | head -30
@@ -61,9 +64,11 @@ bench() {  # name, flags...
   local name=$1
   shift
   echo "== bench-rank $name: $*"
-  timeout "${BENCH_TIMEOUT:-240}" "$petrel" bench-rank "$@" ${BENCH_FLAGS:-} --json "$out/$name.json" > "$out/$name.log" 2>&1
+  # one log for all runs (at most 8 files come back from $OUT)
+  timeout "${BENCH_TIMEOUT:-240}" "$petrel" bench-rank "$@" ${BENCH_FLAGS:-} --json "$out/$name.json" > /tmp/bench-rank-$name.log 2>&1
   echo "$name rc=$?"
-  cat "$out/$name.log"
+  { echo "== $name: $*"; cat /tmp/bench-rank-$name.log; } >> "$out/bench.log"
+  cat /tmp/bench-rank-$name.log
 }
 
 case $mode in
@@ -75,7 +80,13 @@ case $mode in
     bench decode --preset decode-ep72 ;;
   prefill) bench prefill --preset prefill-ep32 ;;
   decode) bench decode --preset decode-ep72 ;;
-  *) echo "unknown mode '$mode' (quick, full, prefill, decode)"; exit 2 ;;
+  table)   # the published table's other points, and other loads to validate the simulator's scaling against
+    bench prefill_1k --preset prefill-ep32 --prompts 16
+    bench prefill_2k --preset prefill-ep32 --prompts 8
+    bench prefill_8k_tokens --preset prefill-ep32 --tokens 8192 --prompts 2
+    bench decode_128 --preset decode-ep72 --batch 128
+    bench decode_imb2 --preset decode-ep72 --imbalance 2 ;;
+  *) echo "unknown mode '$mode' (quick, full, prefill, decode, table)"; exit 2 ;;
 esac
 
 echo "== petrel simulate --validate"
