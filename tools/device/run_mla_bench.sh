@@ -19,7 +19,7 @@ if [[ $cmd == package ]]; then
   cp "$build/petrel" "$build/test_cuda_mla" "$here/bin/" || exit 1
   for lib in $(ldd "$build/petrel" "$build/test_cuda_mla" | awk '/=>/ {print $3}' | sort -u); do
     case $(basename "$lib") in
-      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*|libcudart*) ;;
+      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*) ;;
       *) cp -L "$lib" "$here/lib/" ;;
     esac
   done
