@@ -139,6 +139,12 @@ int run(const simulate_options& o) {
       return bad_input("--kernel-times '" + path + "': " + e.what());
     }
   }
+  // Say per phase where the times come from when a file measured one of them (a bench-rank file measures one phase
+  // and carries the derived default for the other).
+  if (phase_is_measured(in.kernels, false) || phase_is_measured(in.kernels, true)) {
+    auto src = [&](const phase_kernel_times& p) { return p.source.empty() ? in.kernels.source : p.source; };
+    in.kernels.source = "prefill: " + src(in.kernels.prefill) + "; decode: " + src(in.kernels.decode);
+  }
   if (!o.validate_files.empty()) return validate(o, in.kernels);
   if (!o.comm_file.empty()) {
     nlohmann::json j;

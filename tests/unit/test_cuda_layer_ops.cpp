@@ -560,6 +560,26 @@ TEST_CASE("layer ops refuse bad shapes with a message") {
   CHECK(moe_contiguous_capacity(4608, 9) == 5760);
 }
 
-#else
-TEST_CASE("layer ops: built without CUDA") { CHECK(true); }
 #endif
+
+#include <cstdio>
+#include <string>
+#include <sys/wait.h>
+
+// The benchmark that strings these kernels into a DeepSeek-V3 rank checks its flags before touching a GPU.
+TEST_CASE("bench-rank refuses bad settings with exit code 2 (no GPU needed)") {
+  auto rc = [](const std::string& args) {
+    const std::string cmd = std::string(PETREL_BINARY) + " bench-rank " + args + " >/dev/null 2>&1";
+    const int status = std::system(cmd.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  CHECK(rc("--preset prefill-ep99") == 2);
+  CHECK(rc("--preset decode-ep72 --tokens 100") == 2);     // a prefill flag on decode
+  CHECK(rc("--preset prefill-ep32 --tokens 1000 --prompts 3") == 2);
+  CHECK(rc("--preset prefill-ep32 --imbalance 0.5") == 2);
+  CHECK(rc("--preset prefill-ep32 --imbalance nofile") == 2);
+  CHECK(rc("--preset decode-ep72 --a2a-model bandwidth=3") == 2);
+  CHECK(rc("--preset decode-ep72 --graphs maybe") == 2);
+  CHECK(rc("--preset decode-ep72 --layers 62") == 2);
+  CHECK(rc("") != 0);  // --preset is required
+}

@@ -1,6 +1,7 @@
 // The deployment simulator: event core, monotonicity, TBO behaviour, cost arithmetic, file formats, CLI.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <stdexcept>
@@ -288,4 +289,26 @@ TEST_CASE("simulator: measured phases from two bench-rank files merge; a2a per l
   const auto ll = decode_a2a_per_layer(d, c, 128, 1.0);
   const auto p64 = low_latency_at(c, 72, 128);
   CHECK(ll.dispatch_us == doctest::Approx(p64.dispatch_us));
+}
+
+TEST_CASE("simulator: CLI --validate prints simulated vs measured and exits 2 on a file without a bench_rank block") {
+  const std::string run = "/tmp/petrel_test_validate_" + std::to_string(getpid()) + ".json";
+  auto j = fake_bench_rank(false, 16384, 4096, 0, 1.0);
+  j["bench_rank"]["step_us"] = sum_step(kernel_times_from_json(j), false);
+  std::ofstream(run) << j.dump();
+  std::string out;
+  REQUIRE(run_cli("--validate " + run + " --json", &out) == 0);
+  const auto v = nlohmann::json::parse(out);
+  CHECK(v["label"].get<std::string>().find("SIMULATED vs MEASURED") != std::string::npos);
+  REQUIRE(v["validation"].size() == 1);
+  CHECK(v["validation"][0]["phase"] == "prefill");
+  CHECK(v["validation"][0]["rows"][0]["metric"] == "step");
+  CHECK(std::fabs(v["validation"][0]["rows"][0]["error"].get<double>()) < 1e-9);
+  // the same file also works as measured kernel times for the cluster model (its prefill phase overlays the default)
+  REQUIRE(run_cli("--kernel-times " + run + " --json --window-tokens 4096", &out) == 0);
+  CHECK(nlohmann::json::parse(out)["label"].get<std::string>().find("measured: test") != std::string::npos);
+  std::ofstream(run) << to_json(derived_kernel_times()).dump();  // no bench_rank block
+  CHECK(run_cli("--validate " + run) == 2);
+  CHECK(run_cli("--validate /nonexistent/run.json") == 2);
+  std::remove(run.c_str());
 }
