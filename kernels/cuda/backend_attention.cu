@@ -54,20 +54,20 @@ __device__ __forceinline__ void dot_rows(const float* q, int qstride, const floa
   }
 }
 
-// acc[i][cc] = acc[i][cc] * alpha[i] + sum_j Pt[j][i] * V[j][c_cc] for 16 rows i; Pt is [tile][16] (rows contiguous,
-// read as four 128-bit broadcasts), V rows `vstride` apart, thread columns c = tid + cc * threads.
-template <int TILE, int THREADS>
-__device__ __forceinline__ void accumulate_pv(float (&acc)[16][2], const float* alpha, const float* Pt, const float* V,
-                                              int vstride, int cols, int tid) {
+// acc[i][cc] = acc[i][cc] * alpha[i] + sum_j Pt[j][i] * V[j][c_cc] for 16 rows i; Pt rows `pstride` apart (16
+// contiguous probabilities read as four 128-bit broadcasts), V rows `vstride` apart, columns c = c0 + cc * cstep.
+template <int TILE>
+__device__ __forceinline__ void accumulate_pv(float (&acc)[16][2], const float* alpha, const float* Pt, int pstride,
+                                              const float* V, int vstride, int cols, int c0, int cstep) {
 #pragma unroll
   for (int cc = 0; cc < 2; ++cc) {
-    const int c = tid + cc * THREADS;
+    const int c = c0 + cc * cstep;
     if (c >= cols) break;
 #pragma unroll
     for (int i = 0; i < 16; ++i) acc[i][cc] *= alpha[i];
     for (int j = 0; j < TILE; ++j) {
       const float v = V[j * vstride + c];
-      const float4* p4 = reinterpret_cast<const float4*>(Pt + j * 16);
+      const float4* p4 = reinterpret_cast<const float4*>(Pt + j * pstride);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const float4 p = p4[q];
@@ -82,8 +82,10 @@ __device__ __forceinline__ void accumulate_pv(float (&acc)[16][2], const float* 
 
 // -- prefill ---------------------------------------------------------------------------------------------------
 
-constexpr int kPQ = 16, kPK = 32, kPThreads = 128; // queries per block, keys per tile, threads
+constexpr int kPQ = 32, kPK = 32, kPThreads = 256; // queries per block, keys per tile, threads (8 warps)
 
+// Scores: warp w owns query rows w, w+8, w+16, w+24 (lane = key). P.V: thread t owns rows 16*(t/128) .. +16 and
+// columns t%128 (+128 when v_dim > 128). With V4, tiles are staged with 128-bit loads, one warp per key row.
 template <bool V4>
 __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
     const float* __restrict__ q, int64_t ldq, const float* __restrict__ kv, int64_t ldkv, const float* __restrict__ kpe,
@@ -98,6 +100,7 @@ __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
   float* alpha_s = Pt + kPQ * kPK;  // [kPQ]
   const int h = blockIdx.y, q0 = blockIdx.x * kPQ, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rows = min(kPQ, n - q0);
+  const int rh = tid / 128, c0 = tid % 128; // P.V role
   for (int f = tid; f < kPQ * qk; f += kPThreads) {
     const int i = f / qk, d = f % qk;
     Qs[f] = i < rows ? q[int64_t(q0 + i) * ldq + int64_t(h) * qk + d] : 0.0f;
@@ -108,31 +111,50 @@ __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
     m_run[r] = -INFINITY;
     l_run[r] = 0.0f;
   }
-  float acc[kPQ][2];
+  float acc[16][2];
 #pragma unroll
-  for (int i = 0; i < kPQ; ++i) acc[i][0] = acc[i][1] = 0.0f;
+  for (int i = 0; i < 16; ++i) acc[i][0] = acc[i][1] = 0.0f;
   const int64_t kend = start + q0 + rows; // keys needed by the last row of the block
   for (int64_t k0 = 0; k0 < kend; k0 += kPK) {
     __syncthreads(); // previous tile fully consumed
-    for (int f = tid; f < kPK * qk; f += kPThreads) {
-      const int j = f / qk, d = f % qk;
-      const int64_t key = k0 + j;
-      float v = 0.0f;
-      if (key < kend) v = d < nope ? kv[key * ldkv + int64_t(h) * kvw + d] : kpe[key * ldpe + (d - nope)];
-      Ks[j * kstride + d] = v;
-    }
-    for (int f = tid; f < kPK * vd; f += kPThreads) {
-      const int j = f / vd, c = f % vd;
-      const int64_t key = k0 + j;
-      Vs[f] = key < kend ? kv[key * ldkv + int64_t(h) * kvw + nope + c] : 0.0f;
+    if constexpr (V4) {
+      const int nope4 = nope / 4, qk4 = qk / 4, vd4 = vd / 4;
+      for (int j = warp; j < kPK; j += kPThreads / 32) {
+        const int64_t key = k0 + j;
+        const bool in = key < kend;
+        const float4* krow = reinterpret_cast<const float4*>(kv + key * ldkv + int64_t(h) * kvw);
+        const float4* prow = reinterpret_cast<const float4*>(kpe + key * ldpe);
+        for (int d4 = lane; d4 < qk4; d4 += 32) {
+          float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (in) v = d4 < nope4 ? krow[d4] : prow[d4 - nope4];
+          *reinterpret_cast<float4*>(Ks + j * kstride + 4 * d4) = v;
+        }
+        for (int c4 = lane; c4 < vd4; c4 += 32) {
+          float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (in) v = krow[nope4 + c4];
+          *reinterpret_cast<float4*>(Vs + j * vd + 4 * c4) = v;
+        }
+      }
+    } else {
+      for (int f = tid; f < kPK * qk; f += kPThreads) {
+        const int j = f / qk, d = f % qk;
+        const int64_t key = k0 + j;
+        float v = 0.0f;
+        if (key < kend) v = d < nope ? kv[key * ldkv + int64_t(h) * kvw + d] : kpe[key * ldpe + (d - nope)];
+        Ks[j * kstride + d] = v;
+      }
+      for (int f = tid; f < kPK * vd; f += kPThreads) {
+        const int j = f / vd, c = f % vd;
+        const int64_t key = k0 + j;
+        Vs[f] = key < kend ? kv[key * ldkv + int64_t(h) * kvw + nope + c] : 0.0f;
+      }
     }
     __syncthreads();
-    // Scores: warp w owns rows w, w+4, w+8, w+12; lane = key in the tile.
     float sc[4];
-    dot_rows<4, V4>(Qs + warp * qk, 4 * qk, Ks + lane * kstride, qk, sc);
+    dot_rows<4, V4>(Qs + warp * qk, 8 * qk, Ks + lane * kstride, qk, sc);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int i = warp + 4 * r;
+      const int i = warp + 8 * r;
       const float s = sc[r] * scale;
       const int64_t key = k0 + lane;
       const bool valid = i < rows && key <= start + q0 + i;
@@ -149,21 +171,23 @@ __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
       if (lane == 0) alpha_s[i] = alpha;
     }
     __syncthreads();
-    accumulate_pv<kPK, kPThreads>(acc, alpha_s, Pt, Vs, vd, vd, tid);
+    accumulate_pv<kPK>(acc, alpha_s + 16 * rh, Pt + 16 * rh, kPQ, Vs, vd, vd, c0, 128);
   }
   // Row sums live in the owning warp; publish them.
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < 4; ++r)
-    if (lane == 0) alpha_s[warp + 4 * r] = l_run[r];
+    if (lane == 0) alpha_s[warp + 8 * r] = l_run[r];
   __syncthreads();
 #pragma unroll
   for (int cc = 0; cc < 2; ++cc) {
-    const int c = tid + cc * kPThreads;
+    const int c = c0 + cc * 128;
     if (c >= vd) break;
 #pragma unroll
-    for (int i = 0; i < kPQ; ++i)
-      if (i < rows) out[int64_t(q0 + i) * ldo + int64_t(h) * vd + c] = acc[i][cc] / alpha_s[i];
+    for (int i = 0; i < 16; ++i) {
+      const int row = 16 * rh + i;
+      if (row < rows) out[int64_t(q0 + row) * ldo + int64_t(h) * vd + c] = acc[i][cc] / alpha_s[row];
+    }
   }
 }
 
@@ -245,7 +269,7 @@ __global__ void __launch_bounds__(kDThreads) mla_decode_partial_kernel(
       if (lane == 0) alpha_s[h] = alpha;
     }
     __syncthreads();
-    accumulate_pv<kDT, kDThreads>(acc, alpha_s, Pt, Ks, estride, kv_lora, tid);
+    accumulate_pv<kDT>(acc, alpha_s, Pt, kDH, Ks, estride, kv_lora, tid, kDThreads);
   }
   // Partials: ws_out [b][split][head][kv_lora], ws_ml [b][split][head][2] (max, sum); an empty split has sum 0.
   const int64_t slot = (int64_t(b) * splits + split) * heads + h0;
@@ -309,7 +333,9 @@ void raise_smem_limit(const void* fn, size_t bytes, const char* op) {
 
 void launch_mla_prefill(const mat_view& q, const mat_view& kv, const mat_view& k_pe, const mat_view& out, int64_t heads,
                         int64_t nope, int64_t rope, int64_t v_dim, int64_t start, float scale, cudaStream_t s) {
-  const bool v4 = (nope + rope) % 4 == 0;
+  auto aligned = [](const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 4 == 0; };
+  const bool v4 = nope % 4 == 0 && rope % 4 == 0 && v_dim % 4 == 0 && aligned(q.data, q.ld) &&
+                  aligned(kv.data, kv.ld) && aligned(k_pe.data, k_pe.ld);
   const size_t smem = prefill_smem(int(nope + rope), int(v_dim), v4);
   auto kernel = v4 ? &mla_prefill_kernel<true> : &mla_prefill_kernel<false>;
   raise_smem_limit(reinterpret_cast<const void*>(kernel), smem, "mla_prefill_attention(smem)");

@@ -126,6 +126,12 @@ struct cuda_backend::impl {
   };
   std::map<int, graph_entry> graphs;
   int next_graph = 1;
+  struct step_graph {
+    int runs = 0;     // eager runs so far
+    int graph = 0;    // id once captured
+    bool eager_only = false;
+  };
+  std::map<uint64_t, step_graph> step_graphs;
 
   struct ws_slot {
     void* p = nullptr;
@@ -412,6 +418,46 @@ void cuda_backend::destroy_graph(int id) {
     for (auto& [p, cls] : it->second.held) impl_->return_block_locked(p, cls);
   }
   impl_->graphs.erase(it);
+}
+
+bool cuda_backend::run_step_graph(uint64_t key, const std::function<void()>& step) {
+  impl::step_graph& sg = impl_->step_graphs[key];
+  if (sg.graph) {
+    replay_graph(sg.graph);
+    return true;
+  }
+  if (sg.runs == 0 || sg.eager_only) {
+    step();
+    sg.runs++;
+    return false;
+  }
+  begin_capture();
+  try {
+    step();
+  } catch (...) {
+    // Abandon the capture: end it, drop the partial graph, give held blocks back; this key stays eager.
+    capturing_ = false;
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(impl_->compute, &g);
+    if (g) cudaGraphDestroy(g);
+    (void)cudaGetLastError();
+    {
+      std::lock_guard lock(impl_->mu);
+      for (auto& [p, cls] : impl_->freed_in_capture) impl_->return_block_locked(p, cls);
+      impl_->freed_in_capture.clear();
+    }
+    sg.eager_only = true;
+    throw;
+  }
+  sg.graph = end_capture();
+  replay_graph(sg.graph); // the capture recorded the work without running it
+  return true;
+}
+
+void cuda_backend::clear_step_graphs() {
+  for (auto& [key, sg] : impl_->step_graphs)
+    if (sg.graph) destroy_graph(sg.graph);
+  impl_->step_graphs.clear();
 }
 
 // -- dense math ----------------------------------------------------------------------------------------------

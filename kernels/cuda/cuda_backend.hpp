@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -107,6 +108,14 @@ public:
   void replay_graph(int id);
   void destroy_graph(int id);
   bool capturing() const { return capturing_; }
+  /// Step graphs per bucket (the decode step's batch-size bucket, say): the first call with `key` runs `step`
+  /// eagerly (it sizes every workspace and allocation), the second captures it and replays the capture, later calls
+  /// replay. `step` must issue device work only, on pointers that stay valid (its inputs are filled with
+  /// copy_to_device before the call). Returns true when the step ran from a graph. If the capture fails, the
+  /// capture is abandoned, the key falls back to eager runs, and the error propagates.
+  bool run_step_graph(uint64_t key, const std::function<void()>& step);
+  /// Destroys every step graph (after the buffers they use were reallocated, say).
+  void clear_step_graphs();
 
   // -- device-side MoE permutation (graph-safe: no host round trip) ------------------------------
   /// From topk_ids [tokens, top_k] (device int32) computes, all on the device:

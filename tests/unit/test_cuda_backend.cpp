@@ -22,6 +22,7 @@
 #include <random>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <tuple>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -291,18 +292,19 @@ TEST_CASE("cuda backend: MLA prefill attention, 128 heads, nope 128 + rope 64, v
   rig& r = the_rig();
   const int64_t heads = 128, nope = 128, rope = 64, vd = 128, qk = nope + rope, kvw = nope + vd;
   const float scale = 1.0f / std::sqrt(float(qk)) * 1.7f;
-  for (auto [n, start] : {std::pair<int64_t, int64_t>{100, 0}, {37, 91}, {1, 300}}) {
-    const int64_t ctx = start + n;
-    twin q = make_twin_f(size_t(n * heads * qk)), kv = make_twin_f(size_t(ctx * heads * kvw)),
+  // pad 1: an odd leading dimension for q (the scalar, unaligned kernel variant).
+  for (auto [n, start, pad] : {std::tuple<int64_t, int64_t, int64_t>{100, 0, 0}, {37, 91, 0}, {1, 300, 0}, {50, 20, 1}}) {
+    const int64_t ctx = start + n, ldq = heads * qk + pad;
+    twin q = make_twin_f(size_t(n * ldq)), kv = make_twin_f(size_t(ctx * heads * kvw)),
          pe = make_twin_f(size_t(ctx * 576)), out = make_twin_f(size_t(n * heads * vd));
     twin scratch = make_twin_f(size_t(n * ctx));
-    r.cpu->mla_prefill_attention(cview(q, n, heads * qk, heads * qk), cview(kv, ctx, heads * kvw, heads * kvw),
+    r.cpu->mla_prefill_attention(cview(q, n, heads * qk, ldq), cview(kv, ctx, heads * kvw, heads * kvw),
                                  cview(pe, ctx, rope, 576).col_slice(0, rope), cview(out, n, heads * vd, heads * vd),
                                  heads, nope, rope, vd, start, scale, scratch.cf());
-    r.gpu->mla_prefill_attention(gview(q, n, heads * qk, heads * qk), gview(kv, ctx, heads * kvw, heads * kvw),
+    r.gpu->mla_prefill_attention(gview(q, n, heads * qk, ldq), gview(kv, ctx, heads * kvw, heads * kvw),
                                  gview(pe, ctx, rope, 576).col_slice(0, rope), gview(out, n, heads * vd, heads * vd),
                                  heads, nope, rope, vd, start, scale, scratch.gf());
-    std::string what = "mla_prefill_n" + std::to_string(n) + "_start" + std::to_string(start);
+    std::string what = "mla_prefill_n" + std::to_string(n) + "_start" + std::to_string(start) + (pad ? "_unaligned" : "");
     check_twin(what.c_str(), out, 1e-5);
   }
 }
@@ -312,7 +314,10 @@ TEST_CASE("cuda backend: MLA decode attention, 128 heads, kv_lora 512 + rope 64,
   rig& r = the_rig();
   const int64_t heads = 128, lora = 512, entry = 576;
   const float scale = 0.1f;
-  for (std::vector<int32_t> ctx : {std::vector<int32_t>{1, 63, 64, 65, 700, 1500}, std::vector<int32_t>(48, 0)}) {
+  int variant = 0;
+  for (std::vector<int32_t> ctx : {std::vector<int32_t>{1, 63, 64, 65, 700, 1500}, std::vector<int32_t>(48, 0),
+                                   std::vector<int32_t>{5, 130, 333}}) {
+    const int64_t pad = variant++ == 2 ? 1 : 0; // odd q_abs leading dimension: the scalar kernel variant
     if (ctx[0] == 0)
       for (auto& c : ctx) c = int32_t(1 + rng()() % 2048);
     const int32_t B = int32_t(ctx.size());
@@ -331,14 +336,16 @@ TEST_CASE("cuda backend: MLA decode attention, 128 heads, kv_lora 512 + rope 64,
       offs.push_back(int32_t(pages.size()));
     }
     twin pg = make_twin(pages), po = make_twin(offs), cl = make_twin(ctx);
-    twin q = make_twin_f(size_t(B * heads * entry)), out = make_twin_f(size_t(B * heads * lora));
+    const int64_t ldq = heads * entry + pad;
+    twin q = make_twin_f(size_t(B * ldq)), out = make_twin_f(size_t(B * heads * lora));
     twin scratch = make_twin_f(size_t(heads * max_ctx));
     decode_attention_batch cb{pg.ci(), po.ci(), cl.ci(), B, max_ctx}, gb{pg.gi(), po.gi(), cl.gi(), B, max_ctx};
-    r.cpu->mla_decode_attention(pool.cg, 1, cb, cview(q, B, heads * entry, heads * entry),
+    r.cpu->mla_decode_attention(pool.cg, 1, cb, cview(q, B, heads * entry, ldq),
                                 cview(out, B, heads * lora, heads * lora), heads, lora, scale, scratch.cf());
-    r.gpu->mla_decode_attention(pool.gg, 1, gb, gview(q, B, heads * entry, heads * entry),
+    r.gpu->mla_decode_attention(pool.gg, 1, gb, gview(q, B, heads * entry, ldq),
                                 gview(out, B, heads * lora, heads * lora), heads, lora, scale, scratch.gf());
-    std::string what = "mla_decode_batch" + std::to_string(B) + "_maxctx" + std::to_string(max_ctx);
+    std::string what = "mla_decode_batch" + std::to_string(B) + "_maxctx" + std::to_string(max_ctx) +
+                       (pad ? "_unaligned" : "");
     check_twin(what.c_str(), out, 1e-5);
   }
 }
@@ -635,6 +642,21 @@ TEST_CASE("cuda backend: a captured graph replays the same ops on new inputs") {
     CHECK(eager == replay);
   }
   be.destroy_graph(g);
+
+  // The bucketed helper: eager, then captured (and replayed), then replayed; same numbers as eager each time.
+  for (int call = 0; call < 4; ++call) {
+    std::vector<float> in = randn(size_t(T * H));
+    be.copy_to_device(x.data(), in.data(), in.size() * sizeof(float));
+    step();
+    std::vector<float> eager(size_t(T * I)), replay(size_t(T * I));
+    be.copy_to_host(eager.data(), act.data(), eager.size() * sizeof(float));
+    be.fill_zero(act.data(), act.bytes());
+    const bool from_graph = be.run_step_graph(42, step);
+    CHECK(from_graph == (call > 0));
+    be.copy_to_host(replay.data(), act.data(), replay.size() * sizeof(float));
+    CHECK(eager == replay);
+  }
+  be.clear_step_graphs();
 }
 
 // -- whole models -------------------------------------------------------------------------------------------------
