@@ -1,8 +1,9 @@
 // cuda backend, MLA attention in fp32 (the Backend interface's precision; the bf16 sm_90a kernels are mla_*.cu).
 //
-// Prefill (naive form): flash-style, one block per (16 queries, head), key tiles of 32 staged in shared memory,
-// online softmax in registers (each warp owns 4 query rows and holds a row's 32 scores in its lanes), causal
-// masking by position (query i sits at start + i). Compute bound on the SIMT units: ~2*(qk+v) flops per (q, k, head).
+// Prefill (naive form): flash-style, one block per (32 queries, head), key tiles of 32 staged in shared memory,
+// online softmax in registers (each of the 8 warps owns 4 query rows and holds a row's 32 scores in its lanes),
+// causal masking by position (query i sits at start + i). Compute bound on the SIMT units: ~2*(qk+v) flops per
+// (q, k, head).
 //
 // Decode (absorbed form): one block per (16 heads, KV split, sequence). The block walks its split of the
 // sequence's paged latent cache in tiles of 32 tokens staged in shared memory (row stride entry+1: no bank
