@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <mutex>
 #include <string>
 
@@ -411,6 +412,22 @@ int pick_splits(int batch, int heads, int max_seqlen, int sms) {
   return best;
 }
 
+/// Raises `kernel`'s dynamic shared-memory limit once per device (the attribute is per device, and a process
+/// may drive several GPUs from several threads).
+template <typename Kernel>
+inline cudaError_t raise_smem_limit_once(Kernel kernel, int bytes) {
+  static std::mutex mutex;
+  static std::uint64_t done = 0; // bit d: set on device d
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (dev < 64 && (done >> dev & 1)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && dev < 64) done |= std::uint64_t(1) << dev;
+  return err;
+}
+
 } // namespace
 
 std::size_t mla_decode_workspace_bytes(int batch, int heads, int max_seqlen) {
@@ -460,11 +477,7 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return kernel_status::failure(who + ": cannot encode the kv_cache TMA descriptor");
 
-  static std::once_flag attr_once;
-  static cudaError_t attr_err = cudaSuccess;
-  std::call_once(attr_once, [] {
-    attr_err = cudaFuncSetAttribute(mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-  });
+  const cudaError_t attr_err = raise_smem_limit_once(mla_decode_kernel, smem_bytes);
   if (attr_err != cudaSuccess) return kernel_status::failure(who + ": cannot raise the shared-memory limit: " + cudaGetErrorString(attr_err));
 
   decode_params p{};
