@@ -77,6 +77,10 @@ struct fault_request {
 /// kill answers the killed epoch, kill_node the killed pid (in `out`).
 int inject_fault(const run_file& run, const fault_request& f, std::string& out);
 
+/// Asks expert-parallel group `group` for a live EPLB rebalance at its next step. Returns 0 with the ranks'
+/// EP statistics (a JSON array) in `out`, else 1 (2 for a group that is not expert-parallel) with the reason.
+int request_rebalance(const run_file& run, const std::string& group, std::string& out);
+
 /// Asks the cluster to stop and waits until its head process is gone. Returns the exit code.
 int stop_cluster(const run_file& run, std::chrono::milliseconds timeout, std::string& out);
 

@@ -39,6 +39,7 @@ struct decode_state {
   group_section group;
   std::vector<rank_slot> slots;
   std::map<uint64_t, decode_entry> requests;
+  ep_lockstep ep;
   router_actor router;
   caf::timespan reservation_timeout = std::chrono::seconds(60);
   // Pages reserved for a request whose KV never arrived may still be written by a transfer in
@@ -165,12 +166,17 @@ void update_gauges(decode_pointer self) {
 
 void schedule(decode_pointer self) {
   auto& st = self->state;
+  if (!ep_can_step(self, [self] { schedule(self); }))
+    return;
+  // One step per idle rank. An expert-parallel group steps all its ranks together (empty steps included) or none.
+  std::vector<std::pair<forward_step, std::vector<uint64_t>>> plan(st.slots.size());
+  bool any = false;
   for (size_t r = 0; r < st.slots.size(); ++r) {
     auto& slot = st.slots[r];
     if (!slot.up() || slot.in_flight)
       continue;
-    forward_step step{slot.epoch(), {}};
-    std::vector<uint64_t> rids;
+    auto& [step, rids] = plan[r];
+    step.epoch = slot.epoch();
     for (auto& [rid, e] : st.requests) {
       if (e.rank != r || !e.running || e.aborted || e.rank_epoch != slot.epoch())
         continue;
@@ -184,10 +190,18 @@ void schedule(decode_pointer self) {
       item.sampling = e.admission.sampling;
       step.items.push_back(std::move(item));
       rids.push_back(rid);
-      e.in_step = true;
     }
-    if (rids.empty())
+    any = any || !rids.empty();
+  }
+  if (!any)
+    return;
+  for (size_t r = 0; r < st.slots.size(); ++r) {
+    auto& slot = st.slots[r];
+    auto& [step, rids] = plan[r];
+    if (!slot.up() || slot.in_flight || (rids.empty() && !st.ep.enabled))
       continue;
+    for (auto rid : rids)
+      st.requests[rid].in_step = true;
     slot.in_flight = true;
     auto epoch = slot.epoch();
     self->request(slot.handle, 60s, forward_atom::value, std::move(step))
@@ -219,6 +233,8 @@ void schedule(decode_pointer self) {
               auto& st = self->state;
               if (st.slots[r].epoch() == epoch)
                 st.slots[r].in_flight = false;
+              if (st.ep.enabled)
+                st.ep.broken = true; // the group re-forms before its next step
               for (auto rid : rids)
                 fail(self, rid, st.slots[r].label(), "decode step failed: " + describe(err));
               schedule(self);
@@ -231,6 +247,7 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
   st.sc = std::move(sc);
   st.group = std::move(group);
   st.slots = make_rank_slots(*st.sc.cfg, st.group);
+  st.ep.enabled = st.group.ep_size > 1;
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
     if (auto r = rank_went_down(self, dm.source)) {
@@ -401,6 +418,7 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
         abort_request(self, rid);
         update_gauges(self);
       },
+      [self](rebalance_atom) { return ep_request_rebalance(self); },
       [self](load_atom) {
         auto& st = self->state;
         group_load l{st.group.name, 0, 0, 0, 0, 0, static_cast<int32_t>(st.slots.size())};

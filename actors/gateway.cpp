@@ -407,10 +407,7 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
   if (err)
     throw std::runtime_error("gateway: " + *err);
   st.sc.gateway_port->store(st.server->port());
-  self->attach_functor([self](const caf::error&) {
-    if (self->state.server)
-      self->state.server->stop();
-  });
+  // The listener closes when the state goes (CAF destroys it in on_exit): ~http_server stops it.
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
     if (st.router && dm.source == st.router.address()) {

@@ -311,6 +311,29 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
                 [rp](caf::error& err) mutable { rp.deliver(err); });
         return rp;
       },
+      [self](rebalance_atom, const std::string& group) -> caf::result<std::string> {
+        auto* g = self->state.cfg.find_group(group);
+        if (!g)
+          return make_error(petrel_errc::bad_request, "no group named '" + group + "'");
+        auto name = g->role == group_role::prefill ? prefill_scheduler_name(group) : decode_scheduler_name(group);
+        auto rp = self->make_response_promise<std::string>();
+        self->request(self->state.service_supervisor, std::chrono::seconds(2), whereis_atom::value, name)
+            .then(
+                [self, rp, prefill = g->role == group_role::prefill](caf::actor& scheduler, uint64_t) mutable {
+                  auto forward = [rp](std::string& stats) mutable { rp.deliver(std::move(stats)); };
+                  auto failed = [rp](caf::error& err) mutable { rp.deliver(err); };
+                  if (prefill)
+                    self->request(caf::actor_cast<prefill_scheduler_actor>(scheduler), std::chrono::seconds(40),
+                                  rebalance_atom::value)
+                        .then(forward, failed);
+                  else
+                    self->request(caf::actor_cast<decode_scheduler_actor>(scheduler), std::chrono::seconds(40),
+                                  rebalance_atom::value)
+                        .then(forward, failed);
+                },
+                [rp](caf::error& err) mutable { rp.deliver(err); });
+        return rp;
+      },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto rp = self->make_response_promise<caf::ok_atom>();
         auto& st = self->state;
@@ -496,6 +519,21 @@ int inject_fault(const run_file& run, const fault_request& f, std::string& out) 
       self->request(head, std::chrono::seconds(5), fault_atom::value, f.node, child, spec)
           .receive([&](caf::ok_atom) { rc = 0, out = "ok"; }, on_error);
     }
+    return rc;
+  });
+}
+
+int request_rebalance(const run_file& run, const std::string& group, std::string& out) {
+  return with_head(run, out, [&](caf::actor_system& sys, head_actor head) {
+    caf::scoped_actor self{sys};
+    int rc = 1;
+    self->request(head, std::chrono::seconds(45), rebalance_atom::value, group)
+        .receive([&](std::string& stats) { rc = 0, out = std::move(stats); },
+                 [&](caf::error& err) {
+                   out = describe(err);
+                   if (err.category() == caf::atom("petrel") && err.code() == static_cast<uint8_t>(petrel_errc::bad_request))
+                     rc = 2;
+                 });
     return rc;
   });
 }

@@ -55,7 +55,10 @@ using head_actor = caf::typed_actor<
     caf::replies_to<kill_atom, std::string, std::string>::with<uint64_t>,
     /// Injects a fault into child `child` of node `node` (a rank: slow; a kv_agent: delay, drop,
     /// partition); answers ok once the child accepted it.
-    caf::replies_to<fault_atom, std::string, std::string, fault_spec>::with<caf::ok_atom>>;
+    caf::replies_to<fault_atom, std::string, std::string, fault_spec>::with<caf::ok_atom>,
+    /// A live expert rebalance of group `group` (its scheduler forwards it to the group's ranks); answers
+    /// the ranks' EP statistics as JSON.
+    caf::replies_to<rebalance_atom, std::string>::with<std::string>>;
 
 /// The NODE PROXY actor interface: the head-side stand-in of one node process, supervised by the
 /// cluster_supervisor. It lives exactly as long as its process and its connection.
@@ -89,7 +92,13 @@ using rank_actor = liveness_protocol::extend<
     /// A step stamped with another incarnation's epoch is refused (stale_epoch).
     caf::replies_to<forward_atom, forward_step>::with<step_output>,
     /// Fault injection: "slow" stretches every step by `factor` for `duration_ms`.
-    caf::replies_to<fault_atom, fault_spec>::with<caf::ok_atom>>;
+    caf::replies_to<fault_atom, fault_spec>::with<caf::ok_atom>,
+    /// Expert parallelism: (re)forms this rank's EP group at `generation` (the scheduler sends it to every
+    /// rank of the group; ranks of one generation share one expert exchange). Answers once the rank can step.
+    caf::replies_to<rebuild_atom, uint64_t>::with<caf::ok_atom>,
+    /// Expert parallelism: asks for a live EPLB rebalance at the next step boundary; answers the rank's EP
+    /// statistics as JSON.
+    caf::replies_to<rebalance_atom>::with<std::string>>;
 
 /// The KV AGENT actor interface: one per node process. Owns the node's UCX KV-transfer engine
 /// (its progress thread) and moves pages: put, flush, then an active-message notice.
@@ -116,6 +125,9 @@ using prefill_scheduler_actor = caf::typed_actor<
     caf::reacts_to<abort_atom, uint64_t>,
     /// Answers the group's load.
     caf::replies_to<load_atom>::with<group_load>,
+    /// Expert parallelism: a live rebalance of the group's experts at its next step; answers every rank's EP
+    /// statistics as a JSON array (an error when the group is not expert-parallel).
+    caf::replies_to<rebalance_atom>::with<std::string>,
     /// Periodic housekeeping: resolve ranks that are down, expire stale reservations.
     caf::reacts_to<tick_atom>>;
 
@@ -133,6 +145,9 @@ using decode_scheduler_actor = caf::typed_actor<
     caf::reacts_to<abort_atom, uint64_t>,
     /// Answers the group's load.
     caf::replies_to<load_atom>::with<group_load>,
+    /// Expert parallelism: a live rebalance of the group's experts at its next step; answers every rank's EP
+    /// statistics as a JSON array (an error when the group is not expert-parallel).
+    caf::replies_to<rebalance_atom>::with<std::string>,
     /// Periodic housekeeping: resolve ranks that are down, expire stale reservations.
     caf::reacts_to<tick_atom>>;
 

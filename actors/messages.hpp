@@ -465,5 +465,7 @@ using fault_atom = caf::atom_constant<caf::atom("fault")>;
 using beat_atom = caf::atom_constant<caf::atom("beat")>;
 using digest_atom = caf::atom_constant<caf::atom("digest")>;
 using verify_atom = caf::atom_constant<caf::atom("verify")>;
+using rebuild_atom = caf::atom_constant<caf::atom("rebuild")>;
+using rebalance_atom = caf::atom_constant<caf::atom("rebalance")>;
 
 } // namespace petrel

@@ -31,6 +31,23 @@ std::vector<child_spec> node_children(const cluster_config& cfg, const node_sect
     rc.page_size = group ? group->page_size : 16;
     rc.max_context = cfg.model.max_context;
     rc.kv_engine = kv_engine;
+    if (group && group->ep_size > 1) {
+      // The rank's place in its EP group: the ranks of the group's earlier nodes come first.
+      int before = 0;
+      for (auto& n : group->nodes) {
+        if (n == node.name)
+          break;
+        if (auto* other = cfg.find_node(n))
+          before += static_cast<int>(other->ranks.size());
+      }
+      rc.ep_size = group->ep_size;
+      rc.ep_index = before + static_cast<int>(i);
+      rc.ep_mode = group->ep_mode;
+      rc.two_batch_overlap = group->two_batch_overlap;
+      rc.rebalance_every = group->rebalance_every;
+      rc.redundant_experts = group->redundant_experts;
+      rc.init_expert_location = group->init_expert_location;
+    }
     out.push_back(child_spec{"rank" + std::to_string(i), restart_type::permanent,
                              [rc](caf::local_actor* parent, const child_context& ctx) {
                                return spawn_rank(parent, rc, ctx);

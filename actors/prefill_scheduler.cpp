@@ -35,6 +35,7 @@ struct prefill_state {
   std::vector<rank_slot> slots;
   std::map<uint64_t, prefill_entry> jobs;
   std::deque<uint64_t> order; // FIFO of rids
+  ep_lockstep ep;
   router_actor router;
   uint64_t next_job_id = 1;
 };
@@ -183,12 +184,17 @@ void schedule(prefill_pointer self) {
   // Requests leave the FIFO once finished or failed.
   while (!st.order.empty() && !st.jobs.count(st.order.front()))
     st.order.pop_front();
+  if (!ep_can_step(self, [self] { schedule(self); }))
+    return;
+  // One step per idle rank. An expert-parallel group steps all its ranks together (empty steps included) or none.
+  std::vector<std::pair<forward_step, std::vector<chunk_ref>>> plan(st.slots.size());
+  bool any = false;
   for (size_t r = 0; r < st.slots.size(); ++r) {
     auto& slot = st.slots[r];
     if (!slot.up() || slot.in_flight)
       continue;
-    forward_step step{slot.epoch(), {}};
-    std::vector<chunk_ref> chunks;
+    auto& [step, chunks] = plan[r];
+    step.epoch = slot.epoch();
     int64_t budget = st.group.max_batch_tokens;
     for (auto rid : st.order) {
       auto it = st.jobs.find(rid);
@@ -217,7 +223,12 @@ void schedule(prefill_pointer self) {
       chunks.push_back(chunk_ref{rid, e.job_id, chunk});
       budget -= chunk;
     }
-    if (step.items.empty())
+    any = any || !step.items.empty();
+  }
+  for (size_t r = 0; any && r < st.slots.size(); ++r) {
+    auto& slot = st.slots[r];
+    auto& [step, chunks] = plan[r];
+    if (!slot.up() || slot.in_flight || (step.items.empty() && !st.ep.enabled))
       continue;
     slot.in_flight = true;
     auto epoch = slot.epoch();
@@ -227,6 +238,8 @@ void schedule(prefill_pointer self) {
                 auto& st = self->state;
                 if (st.slots[r].epoch() == epoch)
                   st.slots[r].in_flight = false;
+                if (st.ep.enabled)
+                  st.ep.broken = true; // the group re-forms before its next step
                 for (auto& c : chunks)
                   if (auto it = st.jobs.find(c.rid); it != st.jobs.end() && it->second.job_id == c.job_id)
                     fail(self, c.rid, st.slots[r].label(), "prefill step failed: " + describe(err));
@@ -241,6 +254,7 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
   st.sc = std::move(sc);
   st.group = std::move(group);
   st.slots = make_rank_slots(*st.sc.cfg, st.group);
+  st.ep.enabled = st.group.ep_size > 1;
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
     if (auto r = rank_went_down(self, dm.source)) {
@@ -301,6 +315,7 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
         return caf::ok_atom::value;
       },
       [self](abort_atom, uint64_t rid) { abort_job(self, rid); },
+      [self](rebalance_atom) { return ep_request_rebalance(self); },
       [self](load_atom) {
         auto& st = self->state;
         group_load l{st.group.name, static_cast<int32_t>(st.jobs.size()), 0, 0, 0, 0,

@@ -7,7 +7,12 @@
 
 #include <caf/all.hpp>
 
+#include <map>
+
+#include <nlohmann/json.hpp>
+
 #include "runtime/backend.hpp"
+#include "runtime/ep.hpp"
 #include "runtime/kv_cache.hpp"
 #include "runtime/model.hpp"
 #include "runtime/sampling.hpp"
@@ -30,6 +35,18 @@ struct rank_state {
   std::chrono::steady_clock::time_point slow_until{}; // ... until then
   step_result scratch;
   std::vector<sequence_step> steps;
+  // Expert parallelism: the group's exchange of the current generation, this rank's endpoint, and the EP rank
+  // (which owns the model once formed). See form_ep_group.
+  std::shared_ptr<ep::inprocess_exchange> ep_exchange;
+  std::unique_ptr<ep::ep_transport> ep_transport;
+  std::unique_ptr<ep::ep_rank> ep;
+  uint64_t ep_generation = 0;
+
+  deepseek_model& active_model() { return ep ? ep->model() : *model; }
+
+  // CAF destroys an actor's state in on_exit, before its attach_functor callbacks run: whatever must
+  // happen when an incarnation ends happens here.
+  ~rank_state();
 };
 
 using rank_pointer = rank_actor::stateful_pointer<rank_state>;
@@ -77,6 +94,94 @@ void retire_pool(rank_state& st) {
   std::lock_guard<std::mutex> guard{retired_mutex};
   retired_pools.push_back(retired_pool{std::move(st.be), std::move(st.kv), st.config.kv_engine, st.info.pool_id,
                                        std::chrono::steady_clock::now()});
+}
+
+// -- EP groups of one process -------------------------------------------------------------------------
+// The ranks of an EP group that live in one node process share one in-process exchange per generation. The
+// scheduler forms a generation (rebuild_atom to every rank); the first rank to join a newer generation aborts
+// the older exchange, so a rank still waiting in it (its peer died mid-step) fails its step instead of hanging.
+
+struct ep_generation_entry {
+  uint64_t generation = 0;
+  std::shared_ptr<ep::inprocess_exchange> exchange;
+  std::unique_ptr<ep::ep_transport> aborter; // an endpoint kept only to abort the exchange
+};
+
+std::mutex ep_registry_mutex;
+std::map<std::string, ep_generation_entry> ep_registry;
+
+std::shared_ptr<ep::inprocess_exchange> join_ep_generation(const std::string& group, uint64_t generation, int size) {
+  std::lock_guard<std::mutex> guard{ep_registry_mutex};
+  auto& e = ep_registry[group];
+  if (generation < e.generation)
+    throw std::invalid_argument("EP generation " + std::to_string(generation) + " of group '" + group +
+                                "' is older than the current one (" + std::to_string(e.generation) + ")");
+  if (generation > e.generation || !e.exchange) {
+    if (e.aborter)
+      e.aborter->abort("EP group '" + group + "' re-formed at generation " + std::to_string(generation));
+    e.generation = generation;
+    e.exchange = std::make_shared<ep::inprocess_exchange>(size);
+    e.aborter = e.exchange->make_rank(0);
+  }
+  return e.exchange;
+}
+
+/// (Re)forms this rank's EP group at `generation`: the previous EP rank (whose model kept only its own experts)
+/// is dropped and the model loaded again, then split by the initial placement.
+void form_ep_group(rank_state& st, uint64_t generation) {
+  auto& cfg = st.config;
+  if (st.ep) {
+    st.ep->transport().abort("rank " + std::to_string(cfg.ep_index) + " re-forms its EP group");
+    st.ep.reset();
+    st.ep_transport.reset();
+    st.model = deepseek_model::load(cfg.model_path, *st.be, cfg.dummy, /*seed=*/1);
+  }
+  auto exchange = join_ep_generation(cfg.group, generation, cfg.ep_size);
+  auto placement = cfg.init_expert_location.empty()
+                       ? ep::initial_placement(st.model->config(), cfg.ep_size, cfg.redundant_experts)
+                       : ep::placement_from_file(cfg.init_expert_location, st.model->config(), cfg.ep_size);
+  ep::ep_options opt;
+  opt.mode = cfg.ep_mode == "low_latency" ? ep::ep_mode::low_latency : ep::ep_mode::normal;
+  opt.two_batch_overlap = cfg.two_batch_overlap;
+  opt.rebalance_every = cfg.rebalance_every;
+  st.ep_exchange = exchange;
+  st.ep_transport = exchange->make_rank(cfg.ep_index);
+  st.ep = std::make_unique<ep::ep_rank>(std::move(st.model), std::move(placement), *st.ep_transport, opt);
+  st.ep_generation = generation;
+}
+
+std::string ep_stats_json(const rank_state& st) {
+  auto& s = st.ep->stats();
+  nlohmann::json j{{"rank", st.config.ep_index},
+                   {"generation", st.ep_generation},
+                   {"steps", s.steps},
+                   {"low_latency_steps", s.low_latency_steps},
+                   {"rebalances", s.rebalances},
+                   {"experts_moved_in", s.experts_moved_in},
+                   {"experts_copied_local", s.experts_copied_local},
+                   {"weight_bytes_in", s.weight_bytes_in},
+                   {"expert_rows", s.expert_rows},
+                   {"slots", st.ep->placement().num_slots}};
+  if (!s.last_rebalance_note.empty())
+    j["note"] = s.last_rebalance_note;
+  if (st.ep->load().steps_recorded() > 0) {
+    try {
+      auto report = eplb::balancedness(st.ep->placement().to_eplb(), st.ep->load().window_load(), st.ep->size());
+      j["balancedness"] = report.step_weighted; // of the routing this rank's own tokens asked for
+    } catch (const std::exception&) {
+    }
+  }
+  return j.dump();
+}
+
+rank_state::~rank_state() {
+  // A rank that ends releases its EP peers at once (their waits fail) rather than leaving them blocked.
+  if (ep)
+    ep->transport().abort(config.node + "/rank" + std::to_string(config.index) + " ended");
+  ep.reset();
+  ep_transport.reset();
+  ep_exchange.reset();
+  retire_pool(*this);
 }
 
 /// Stateless per-position sampling: the token at output position `position` depends only on the
@@ -132,7 +237,6 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
     std::cerr << "petrel " << what << "\n";
     throw std::runtime_error(what);
   }
-  self->attach_functor([self](const caf::error&) { retire_pool(self->state); });
   return {
       [self](ping_atom) { return caf::make_result(pong_atom::value, self->state.fence.epoch); },
       [self](info_atom) { return self->state.info; },
@@ -145,7 +249,20 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
         for (auto& item : step.items)
           st.steps.push_back(sequence_step{item.tokens, item.start_pos, item.pages, false});
         try {
-          st.model->forward(st.steps, *st.kv, st.scratch);
+          if (st.config.ep_size > 1) {
+            if (!st.ep)
+              return make_error(petrel_errc::rank_failed, "the EP group is not formed (waiting for rebuild)");
+            st.ep->step(st.steps, *st.kv, st.scratch); // collective: every rank of the group steps together
+          } else {
+            st.model->forward(st.steps, *st.kv, st.scratch);
+          }
+        } catch (const ep::transport_error& e) {
+          // A peer failed or the group re-formed: this step's requests fail (and migrate); the scheduler
+          // re-forms the group before the next step.
+          st.ep.reset();
+          st.ep_transport.reset();
+          st.model = deepseek_model::load(st.config.model_path, *st.be, st.config.dummy, /*seed=*/1);
+          return make_error(petrel_errc::rank_failed, std::string("EP group failed: ") + e.what());
         } catch (const std::invalid_argument& e) {
           // A malformed step (bad token id, short page table) is the sender's bug: refuse it.
           return make_error(petrel_errc::bad_request, e.what());
@@ -169,6 +286,27 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
         st.slow_factor = f.factor;
         st.slow_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(f.duration_ms);
         return caf::ok_atom::value;
+      },
+      [self](rebuild_atom, uint64_t generation) -> caf::result<caf::ok_atom> {
+        auto& st = self->state;
+        if (st.config.ep_size <= 1)
+          return make_error(petrel_errc::bad_request, "rank is not part of an expert-parallel group");
+        if (st.ep && st.ep_generation == generation)
+          return caf::ok_atom::value;
+        try {
+          form_ep_group(st, generation);
+        } catch (const std::invalid_argument& e) {
+          return make_error(petrel_errc::bad_request, e.what());
+        }
+        return caf::ok_atom::value;
+      },
+      [self](rebalance_atom) -> caf::result<std::string> {
+        auto& st = self->state;
+        if (!st.ep)
+          return make_error(petrel_errc::bad_request,
+                            st.config.ep_size > 1 ? "the EP group is not formed yet" : "rank is not expert-parallel");
+        st.ep->request_rebalance();
+        return ep_stats_json(st);
       },
   };
 }

@@ -27,6 +27,14 @@ struct rank_config {
   int page_size = 16;
   int threads = 1;        // host math threads
   int max_context = 0;
+  // Expert parallelism (ep_size > 1): this rank is rank `ep_index` of its group's EP group.
+  int ep_size = 1;
+  int ep_index = 0;
+  std::string ep_mode = "normal";
+  bool two_batch_overlap = false;
+  int rebalance_every = 0;
+  int redundant_experts = 0;
+  std::string init_expert_location;
   /// The node's KV engine: the rank registers its pool there so peers can write into it.
   std::shared_ptr<transport::kv_transfer_engine> kv_engine;
 };

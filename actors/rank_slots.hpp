@@ -3,6 +3,8 @@
 // bookkeeping lives with the scheduler and dies with the incarnation it describes.
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,6 +31,95 @@ struct rank_slot {
   uint64_t epoch() const { return info.epoch; }
   std::string label() const { return node + "/" + child; }
 };
+
+/// Lockstep state of an expert-parallel group (ep_size > 1). Every MoE layer is an all-to-all among the
+/// group's ranks, so they step together: each gets a step (an empty one when it has no work) or none does.
+/// The group is (re)formed at a new generation whenever a rank's incarnation changed or a step failed.
+struct ep_lockstep {
+  bool enabled = false;
+  bool forming = false;
+  bool broken = false;
+  uint64_t generation = 0;
+  std::vector<uint64_t> epochs; // the ranks' epochs when `generation` formed
+};
+
+/// True when the scheduler may send steps now. Groups that are not expert-parallel: always. EP groups: when
+/// every rank is up, idle and part of the current generation. Otherwise, once every rank is up and idle, it
+/// sends rebuild(new generation) to all of them and returns false; `resume` runs when they have answered.
+template <class Self, class Resume>
+bool ep_can_step(Self* self, Resume resume) {
+  auto& st = self->state;
+  auto& ep = st.ep;
+  if (!ep.enabled)
+    return true;
+  for (auto& s : st.slots)
+    if (!s.up() || s.in_flight)
+      return false;
+  bool current = !ep.broken && ep.generation != 0 && ep.epochs.size() == st.slots.size();
+  for (size_t i = 0; current && i < st.slots.size(); ++i)
+    current = ep.epochs[i] == st.slots[i].epoch();
+  if (current)
+    return true;
+  if (ep.forming)
+    return false;
+  ep.forming = true;
+  // Generations only grow, also across scheduler restarts: nanoseconds of the wall clock.
+  auto now = static_cast<uint64_t>(std::chrono::system_clock::now().time_since_epoch().count());
+  uint64_t generation = std::max(now, ep.generation + 1);
+  std::vector<uint64_t> epochs;
+  for (auto& s : st.slots)
+    epochs.push_back(s.epoch());
+  auto remaining = std::make_shared<size_t>(st.slots.size());
+  auto ok = std::make_shared<bool>(true);
+  auto answered = [self, remaining, ok, generation, epochs, resume](bool fine) {
+    *ok = *ok && fine;
+    if (--*remaining > 0)
+      return;
+    auto& ep = self->state.ep;
+    ep.forming = false;
+    ep.broken = !*ok;
+    if (*ok) {
+      ep.generation = generation;
+      ep.epochs = epochs;
+    }
+    resume();
+  };
+  for (auto& s : st.slots)
+    self->request(s.handle, std::chrono::seconds(120), rebuild_atom::value, generation)
+        .then([answered](caf::ok_atom) { answered(true); }, [answered](caf::error&) { answered(false); });
+  return false;
+}
+
+/// Asks every rank of an expert-parallel group for a live rebalance at its next step; answers their EP
+/// statistics as one JSON array (ranks that do not answer are left out).
+template <class Self>
+caf::result<std::string> ep_request_rebalance(Self* self) {
+  auto& st = self->state;
+  if (!st.ep.enabled)
+    return make_error(petrel_errc::bad_request,
+                      "group '" + st.group.name + "' is not expert-parallel (it has one rank; ep_size 1)");
+  auto rp = self->template make_response_promise<std::string>();
+  auto parts = std::make_shared<std::vector<std::string>>();
+  auto remaining = std::make_shared<size_t>(st.slots.size());
+  auto done = [rp, parts, remaining]() mutable {
+    if (--*remaining > 0)
+      return;
+    std::string out = "[";
+    for (size_t i = 0; i < parts->size(); ++i)
+      out += (i ? "," : "") + (*parts)[i];
+    rp.deliver(out + "]");
+  };
+  for (auto& s : st.slots) {
+    if (!s.up()) {
+      done();
+      continue;
+    }
+    self->request(s.handle, std::chrono::seconds(30), rebalance_atom::value)
+        .then([parts, done](std::string& stats) mutable { parts->push_back(std::move(stats)), done(); },
+              [done](caf::error&) mutable { done(); });
+  }
+  return rp;
+}
 
 /// One slot per rank of `group`, in node order.
 inline std::vector<rank_slot> make_rank_slots(const cluster_config& cfg, const group_section& group) {

@@ -1,4 +1,5 @@
 #include "runtime/cluster_config.hpp"
+#include "runtime/ep.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -266,9 +267,10 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   }
   // The model's own config must load too: a broken config.json would otherwise only fail in every
   // rank and in the gateway, over and over, until the supervisors give up.
+  model_config mcfg;
   try {
-    model_config::load(cfg.model.is_dummy() ? fs::path(cfg.model.dummy_config)
-                                            : fs::path(cfg.model.path) / "config.json");
+    mcfg = model_config::load(cfg.model.is_dummy() ? fs::path(cfg.model.dummy_config)
+                                                   : fs::path(cfg.model.path) / "config.json");
   } catch (const std::exception& e) {
     r.fail(m[cfg.model.is_dummy() ? "dummy_config" : "path"], std::string("the model's config.json does not load: ") + e.what());
   }
@@ -457,8 +459,9 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   if (!groups.IsDefined())
     r.fail_line(1, "missing section 'groups' (add `groups: {prefill: [...], decode: [...]}`)");
   r.only_keys(groups, "groups", {"prefill", "decode"}, section_line("groups"));
-  const std::vector<std::string> common_keys{"name", "nodes", "ep_size", "redundant_experts", "init_expert_location",
-                                             "kv_pages", "page_size"};
+  const std::vector<std::string> common_keys{"name",     "nodes",     "ep_size", "redundant_experts",
+                                             "init_expert_location", "ep_mode", "two_batch_overlap",
+                                             "rebalance_every", "kv_pages", "page_size"};
   for (auto role : {group_role::prefill, group_role::decode}) {
     const std::string role_name = to_string(role);
     auto list = groups[role_name];
@@ -529,6 +532,10 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
           r.fail(g["init_expert_location"], where + ".init_expert_location '" + grp.init_expert_location +
                                                 "' does not exist");
       }
+      r.opt_choice(g, "ep_mode", grp.ep_mode, where, {"normal", "low_latency"});
+      if (auto tbo = g["two_batch_overlap"]; tbo.IsDefined() && !tbo.IsNull())
+        grp.two_batch_overlap = r.scalar<bool>(tbo, where + ".two_batch_overlap");
+      r.opt_int(g, "rebalance_every", grp.rebalance_every, where, 0, 1 << 30);
       r.opt_int(g, "chunk_tokens", grp.chunk_tokens, where, 1, 1 << 20);
       r.opt_int(g, "max_batch_tokens", grp.max_batch_tokens, where, 1, 1 << 22);
       r.opt_int(g, "max_running", grp.max_running, where, 1, 1 << 16);
@@ -540,6 +547,21 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
                     where + ": max_batch_tokens (" + std::to_string(grp.max_batch_tokens) +
                         ") must be at least chunk_tokens (" + std::to_string(grp.chunk_tokens) +
                         "), or no chunk fits in a step");
+      if (grp.ep_size > 1) {
+        // The expert placement must fit the model and the group now, not in every rank at start.
+        try {
+          auto placement = grp.init_expert_location.empty()
+                               ? ep::initial_placement(mcfg, grp.ep_size, grp.redundant_experts)
+                               : ep::placement_from_file(grp.init_expert_location, mcfg, grp.ep_size);
+          if (grp.rebalance_every > 0 && placement.num_slots % grp.ep_size != 0)
+            r.fail(g["rebalance_every"], where + ".rebalance_every needs the " + std::to_string(placement.num_slots) +
+                                             " expert slots to divide evenly over the " + std::to_string(grp.ep_size) +
+                                             " ranks; set redundant_experts so that experts + redundant_experts does");
+        } catch (const std::invalid_argument& e) {
+          const char* key = grp.init_expert_location.empty() ? "redundant_experts" : "init_expert_location";
+          r.fail(g[key].IsDefined() ? g[key] : g, where + ": expert placement: " + e.what());
+        }
+      }
       cfg.groups.push_back(std::move(grp));
     }
   }

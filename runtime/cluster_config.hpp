@@ -65,6 +65,9 @@ struct group_section {
   int ep_size = 1;                // expert-parallel width; must equal the group's rank count
   int redundant_experts = 0;      // extra physical expert slots placed by EPLB
   std::string init_expert_location; // optional placement file (phy2log JSON)
+  std::string ep_mode = "normal";   // expert dispatch: normal (contiguous layout) | low_latency (masked layout)
+  bool two_batch_overlap = false;   // split each rank's batch in two micro-batches around the all-to-all
+  int rebalance_every = 0;          // live EPLB rebalance every this many steps (0: only `petrel rebalance`)
   // prefill
   int chunk_tokens = 256;         // chunked prefill: tokens of one prompt per step
   int max_batch_tokens = 1024;    // token budget of one prefill step across requests
