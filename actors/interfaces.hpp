@@ -93,9 +93,12 @@ using rank_actor = liveness_protocol::extend<
     caf::replies_to<forward_atom, forward_step>::with<step_output>,
     /// Fault injection: "slow" stretches every step by `factor` for `duration_ms`.
     caf::replies_to<fault_atom, fault_spec>::with<caf::ok_atom>,
-    /// Expert parallelism: (re)forms this rank's EP group at `generation` (the scheduler sends it to every
-    /// rank of the group; ranks of one generation share one expert exchange). Answers once the rank can step.
-    caf::replies_to<rebuild_atom, uint64_t>::with<caf::ok_atom>,
+    /// Expert parallelism, forming the group at `generation` (the scheduler sends both phases to every rank).
+    /// Phase 1: drop the old EP state, open this generation's exchange endpoint, answer its address.
+    caf::replies_to<rebuild_atom, uint64_t>::with<ep_endpoint>,
+    /// Phase 2: connect to every peer's address and split the model by the placement; answers once the rank
+    /// can step.
+    caf::replies_to<rebuild_atom, ep_peers>::with<caf::ok_atom>,
     /// Expert parallelism: asks for a live EPLB rebalance at the next step boundary; answers the rank's EP
     /// statistics as JSON.
     caf::replies_to<rebalance_atom>::with<std::string>>;

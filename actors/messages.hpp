@@ -332,6 +332,29 @@ typename Inspector::result_type inspect(Inspector& f, kv_check& x) {
   return f(caf::meta::type_name("petrel.kv_check"), x.pool, x.page_bytes, x.pages, x.crc);
 }
 
+/// rank -> scheduler, phase 1 of forming an EP group: the rank's expert-exchange address for `generation`
+/// (its UCX worker address; empty for the in-process exchange, which needs none).
+struct ep_endpoint {
+  uint64_t generation = 0;
+  std::vector<uint8_t> address;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, ep_endpoint& x) {
+  return f(caf::meta::type_name("petrel.ep_endpoint"), x.generation, x.address);
+}
+
+/// scheduler -> every rank, phase 2: all ranks' addresses, indexed by rank within the group.
+struct ep_peers {
+  uint64_t generation = 0;
+  std::vector<std::vector<uint8_t>> addresses;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, ep_peers& x) {
+  return f(caf::meta::type_name("petrel.ep_peers"), x.generation, x.addresses);
+}
+
 /// A request failed somewhere on its path; the router decides (migrate, or fail the client).
 struct request_failure {
   uint64_t rid = 0;
@@ -431,6 +454,8 @@ CAF_ADD_TYPE_ID(petrel, (petrel::group_load))
 CAF_ADD_TYPE_ID(petrel, (petrel::fault_spec))
 CAF_ADD_TYPE_ID(petrel, (petrel::kv_digest))
 CAF_ADD_TYPE_ID(petrel, (petrel::kv_check))
+CAF_ADD_TYPE_ID(petrel, (petrel::ep_endpoint))
+CAF_ADD_TYPE_ID(petrel, (petrel::ep_peers))
 
 CAF_END_TYPE_ID_BLOCK(petrel)
 

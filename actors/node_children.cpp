@@ -1,5 +1,6 @@
 #include "actors/node_children.hpp"
 
+#include <algorithm>
 #include <filesystem>
 
 #include <caf/all.hpp>
@@ -47,6 +48,12 @@ std::vector<child_spec> node_children(const cluster_config& cfg, const node_sect
       rc.rebalance_every = group->rebalance_every;
       rc.redundant_experts = group->redundant_experts;
       rc.init_expert_location = group->init_expert_location;
+      rc.expert_exchange = cfg.transport.expert_exchange;
+      // One host (every node on a loopback address): keep the exchange's UCX listener on loopback.
+      bool one_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(), [](const node_section& n) {
+        return n.address.host == "localhost" || n.address.host.rfind("127.", 0) == 0;
+      });
+      rc.net_devices = one_host ? "lo" : "";
     }
     out.push_back(child_spec{"rank" + std::to_string(i), restart_type::permanent,
                              [rc](caf::local_actor* parent, const child_context& ctx) {

@@ -16,6 +16,7 @@
 #include "runtime/kv_cache.hpp"
 #include "runtime/model.hpp"
 #include "runtime/sampling.hpp"
+#include "transport/ep_ucx.hpp"
 #include "transport/kv_transfer.hpp"
 
 namespace petrel {
@@ -40,7 +41,8 @@ struct rank_state {
   std::shared_ptr<ep::inprocess_exchange> ep_exchange;
   std::unique_ptr<ep::ep_transport> ep_transport;
   std::unique_ptr<ep::ep_rank> ep;
-  uint64_t ep_generation = 0;
+  transport::ep_ucx_transport* ep_ucx = nullptr; // ep_transport, when the group exchanges over UCX
+  uint64_t ep_generation = 0;                     // the generation whose endpoint is open
 
   deepseek_model& active_model() { return ep ? ep->model() : *model; }
 
@@ -126,17 +128,48 @@ std::shared_ptr<ep::inprocess_exchange> join_ep_generation(const std::string& gr
   return e.exchange;
 }
 
-/// (Re)forms this rank's EP group at `generation`: the previous EP rank (whose model kept only its own experts)
-/// is dropped and the model loaded again, then split by the initial placement.
-void form_ep_group(rank_state& st, uint64_t generation) {
+/// Phase 1 of forming this rank's EP group at `generation`: the previous EP rank (whose model kept only its own
+/// experts) is dropped and the model loaded again; this generation's exchange endpoint opens. Returns its address
+/// (empty for the in-process exchange).
+std::vector<uint8_t> open_ep_generation(rank_state& st, uint64_t generation) {
   auto& cfg = st.config;
-  if (st.ep) {
-    st.ep->transport().abort("rank " + std::to_string(cfg.ep_index) + " re-forms its EP group");
-    st.ep.reset();
-    st.ep_transport.reset();
+  if (st.ep_transport)
+    st.ep_transport->abort("rank " + std::to_string(cfg.ep_index) + " re-forms its EP group");
+  st.ep.reset();
+  st.ep_ucx = nullptr;
+  st.ep_transport.reset();
+  st.ep_exchange.reset();
+  if (!st.model)
     st.model = deepseek_model::load(cfg.model_path, *st.be, cfg.dummy, /*seed=*/1);
+  st.ep_generation = generation;
+  if (cfg.expert_exchange == "ucx") {
+    transport::ep_ucx_options opts;
+    opts.net_devices = cfg.net_devices;
+    auto t = transport::ep_ucx_transport::create(cfg.ep_index, cfg.ep_size, opts);
+    st.ep_ucx = t.get();
+    auto address = t->address();
+    st.ep_transport = std::move(t);
+    return address;
   }
-  auto exchange = join_ep_generation(cfg.group, generation, cfg.ep_size);
+  st.ep_exchange = join_ep_generation(cfg.group, generation, cfg.ep_size);
+  st.ep_transport = st.ep_exchange->make_rank(cfg.ep_index);
+  return {};
+}
+
+/// Phase 2: connects to the peers (UCX) and splits the model by the initial placement.
+void connect_ep_generation(rank_state& st, const ep_peers& peers) {
+  auto& cfg = st.config;
+  if (!st.ep_transport || peers.generation != st.ep_generation)
+    throw std::invalid_argument("EP generation " + std::to_string(peers.generation) +
+                                " was not opened on this rank (open: " + std::to_string(st.ep_generation) + ")");
+  if (st.ep)
+    return; // answered twice
+  if (st.ep_ucx) {
+    if (peers.addresses.size() != static_cast<size_t>(cfg.ep_size))
+      throw std::invalid_argument("EP group of " + std::to_string(cfg.ep_size) + " ranks got " +
+                                  std::to_string(peers.addresses.size()) + " addresses");
+    st.ep_ucx->connect(peers.addresses);
+  }
   auto placement = cfg.init_expert_location.empty()
                        ? ep::initial_placement(st.model->config(), cfg.ep_size, cfg.redundant_experts)
                        : ep::placement_from_file(cfg.init_expert_location, st.model->config(), cfg.ep_size);
@@ -144,10 +177,7 @@ void form_ep_group(rank_state& st, uint64_t generation) {
   opt.mode = cfg.ep_mode == "low_latency" ? ep::ep_mode::low_latency : ep::ep_mode::normal;
   opt.two_batch_overlap = cfg.two_batch_overlap;
   opt.rebalance_every = cfg.rebalance_every;
-  st.ep_exchange = exchange;
-  st.ep_transport = exchange->make_rank(cfg.ep_index);
   st.ep = std::make_unique<ep::ep_rank>(std::move(st.model), std::move(placement), *st.ep_transport, opt);
-  st.ep_generation = generation;
 }
 
 std::string ep_stats_json(const rank_state& st) {
@@ -176,9 +206,10 @@ std::string ep_stats_json(const rank_state& st) {
 
 rank_state::~rank_state() {
   // A rank that ends releases its EP peers at once (their waits fail) rather than leaving them blocked.
-  if (ep)
-    ep->transport().abort(config.node + "/rank" + std::to_string(config.index) + " ended");
+  if (ep_transport)
+    ep_transport->abort(config.node + "/rank" + std::to_string(config.index) + " ended");
   ep.reset();
+  ep_ucx = nullptr;
   ep_transport.reset();
   ep_exchange.reset();
   retire_pool(*this);
@@ -258,10 +289,10 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
           }
         } catch (const ep::transport_error& e) {
           // A peer failed or the group re-formed: this step's requests fail (and migrate); the scheduler
-          // re-forms the group before the next step.
+          // re-forms the group (and the rank reloads its model) before the next step.
           st.ep.reset();
+          st.ep_ucx = nullptr;
           st.ep_transport.reset();
-          st.model = deepseek_model::load(st.config.model_path, *st.be, st.config.dummy, /*seed=*/1);
           return make_error(petrel_errc::rank_failed, std::string("EP group failed: ") + e.what());
         } catch (const std::invalid_argument& e) {
           // A malformed step (bad token id, short page table) is the sender's bug: refuse it.
@@ -287,16 +318,21 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
         st.slow_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(f.duration_ms);
         return caf::ok_atom::value;
       },
-      [self](rebuild_atom, uint64_t generation) -> caf::result<caf::ok_atom> {
+      [self](rebuild_atom, uint64_t generation) -> caf::result<ep_endpoint> {
         auto& st = self->state;
         if (st.config.ep_size <= 1)
           return make_error(petrel_errc::bad_request, "rank is not part of an expert-parallel group");
-        if (st.ep && st.ep_generation == generation)
-          return caf::ok_atom::value;
         try {
-          form_ep_group(st, generation);
-        } catch (const std::invalid_argument& e) {
-          return make_error(petrel_errc::bad_request, e.what());
+          return ep_endpoint{generation, open_ep_generation(st, generation)};
+        } catch (const std::exception& e) {
+          return make_error(petrel_errc::rank_failed, std::string("cannot open the EP exchange: ") + e.what());
+        }
+      },
+      [self](rebuild_atom, ep_peers& peers) -> caf::result<caf::ok_atom> {
+        try {
+          connect_ep_generation(self->state, peers);
+        } catch (const std::exception& e) {
+          return make_error(petrel_errc::rank_failed, std::string("cannot form the EP group: ") + e.what());
         }
         return caf::ok_atom::value;
       },

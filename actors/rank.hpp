@@ -35,6 +35,8 @@ struct rank_config {
   int rebalance_every = 0;
   int redundant_experts = 0;
   std::string init_expert_location;
+  std::string expert_exchange = "inproc"; // inproc (ranks of one process) | ucx (ranks in several processes)
+  std::string net_devices;                // UCX_NET_DEVICES for the ucx exchange ("" = UCX's default)
   /// The node's KV engine: the rank registers its pool there so peers can write into it.
   std::shared_ptr<transport::kv_transfer_engine> kv_engine;
 };

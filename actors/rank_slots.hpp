@@ -69,24 +69,60 @@ bool ep_can_step(Self* self, Resume resume) {
   std::vector<uint64_t> epochs;
   for (auto& s : st.slots)
     epochs.push_back(s.epoch());
-  auto remaining = std::make_shared<size_t>(st.slots.size());
-  auto ok = std::make_shared<bool>(true);
-  auto answered = [self, remaining, ok, generation, epochs, resume](bool fine) {
-    *ok = *ok && fine;
-    if (--*remaining > 0)
-      return;
+  // Phase 1: every rank opens its endpoint of this generation and answers its address; phase 2: every rank
+  // gets all addresses, connects and splits its model. Any failure leaves the group broken (formed again on the
+  // next schedule).
+  struct forming {
+    size_t remaining = 0;
+    bool ok = true;
+    ep_peers peers;
+  };
+  auto f = std::make_shared<forming>();
+  f->remaining = st.slots.size();
+  f->peers.generation = generation;
+  f->peers.addresses.resize(st.slots.size());
+  auto finish = [self, generation, epochs, resume](bool ok) {
     auto& ep = self->state.ep;
     ep.forming = false;
-    ep.broken = !*ok;
-    if (*ok) {
+    ep.broken = !ok;
+    if (ok) {
       ep.generation = generation;
       ep.epochs = epochs;
     }
     resume();
   };
-  for (auto& s : st.slots)
-    self->request(s.handle, std::chrono::seconds(120), rebuild_atom::value, generation)
-        .then([answered](caf::ok_atom) { answered(true); }, [answered](caf::error&) { answered(false); });
+  auto connected = [f, finish](bool fine) {
+    f->ok = f->ok && fine;
+    if (--f->remaining == 0)
+      finish(f->ok);
+  };
+  auto opened = [self, f, finish, connected](bool fine) {
+    f->ok = f->ok && fine;
+    if (--f->remaining > 0)
+      return;
+    if (!f->ok) {
+      finish(false);
+      return;
+    }
+    auto& slots = self->state.slots;
+    f->remaining = slots.size();
+    for (auto& s : slots) {
+      if (!s.up()) {
+        connected(false);
+        continue;
+      }
+      self->request(s.handle, std::chrono::seconds(120), rebuild_atom::value, f->peers)
+          .then([connected](caf::ok_atom) { connected(true); }, [connected](caf::error&) { connected(false); });
+    }
+  };
+  for (size_t i = 0; i < st.slots.size(); ++i)
+    self->request(st.slots[i].handle, std::chrono::seconds(120), rebuild_atom::value, generation)
+        .then(
+            [f, i, opened](ep_endpoint& e) {
+              f->peers.addresses[i] = std::move(e.address);
+              opened(true);
+            },
+            [opened](caf::error&) { opened(false); });
   return false;
 }
 

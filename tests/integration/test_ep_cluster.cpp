@@ -4,6 +4,7 @@
 // also across a live EPLB rebalance and across the crash of any one rank of a group.
 #include <doctest/doctest.h>
 
+#include <csignal>
 #include <future>
 #include <string>
 #include <vector>
@@ -139,4 +140,56 @@ TEST_CASE("expert-parallel groups serve the single-process model's output, acros
   CHECK(r.exit_code == 2);
   CHECK(r.output.find("not expert-parallel") != std::string::npos);
   CHECK(run_petrel("rebalance " + c.cfg + " nosuchgroup").exit_code == 2);
+}
+
+TEST_CASE("an EP group across node processes exchanges over UCX and survives the SIGKILL of one of them") {
+  launched_cluster c("tepx", [](const std::string& run_dir) {
+    return "cluster: {name: tepx, run_dir: " + run_dir + "}\n" + "model: {path: " + fortune_model_dir() +
+           ", name: fortune-moe}\n" +
+           "gateway: {host: 127.0.0.1, port: 0}\n"
+           "nodes:\n"
+           "  - {name: p0, ranks: [cpu]}\n"
+           "  - {name: p1, ranks: [cpu]}\n"
+           "  - {name: d0, ranks: [cpu]}\n"
+           "  - {name: d1, ranks: [cpu]}\n"
+           "groups:\n"
+           "  prefill: [{name: prefill0, nodes: [p0, p1], ep_size: 2, chunk_tokens: 32, max_batch_tokens: 64}]\n"
+           "  decode: [{name: decode0, nodes: [d0, d1], ep_size: 2, redundant_experts: 2}]\n"
+           "transport: {expert_exchange: ucx}\n"
+           "supervision: {node_intensity: 5, node_period: 60s}\n";
+  });
+  std::vector<std::string> prompts{"Once upon a time", "Never trust", "Why", "A fortune: "};
+  std::vector<std::future<std::string>> served;
+  for (auto& p : prompts)
+    served.push_back(std::async(std::launch::async, [&c, p] { return complete(c.port, p, 32); }));
+  for (size_t i = 0; i < prompts.size(); ++i)
+    CHECK(served[i].get() == reference_text(prompts[i], 32));
+
+  const std::string sampled = R"("temperature":0.8,"seed":5,"ignore_eos":true)";
+  auto expected = complete(c.port, "Once upon a time", 200, sampled);
+  auto r = run_petrel("rebalance " + c.cfg + " decode0 --json");
+  REQUIRE_MESSAGE(r.exit_code == 0, r.output);
+  CHECK(complete(c.port, "Once upon a time", 200, sampled) == expected);
+
+  // SIGKILL the process of decode rank 1 mid-request: rank 0 (another process) fails its step through UCX's
+  // peer-error detection, the group re-forms with the restarted process, and the request migrates.
+  int pid = 0;
+  auto st = json::parse(run_petrel("status --json " + c.cfg).output);
+  for (auto& n : st["nodes"])
+    if (n["name"] == "d1")
+      pid = n["pid"];
+  REQUIRE(pid > 0);
+  auto fut = std::async(std::launch::async, [&] { return complete(c.port, "Once upon a time", 200, sampled); });
+  CHECK(eventually(10s, [&] { return group_running(c, "decode0"); }));
+  ::kill(pid, SIGKILL);
+  CHECK(fut.get() == expected);
+  CHECK(eventually(30s, [&] { return c.idle() && c.health()["status"] == "ok"; }));
+  // The group re-formed: a newer generation, and the restarted process's rank is in it.
+  auto before = json::parse(r.output);
+  auto after = run_petrel("rebalance " + c.cfg + " decode0 --json");
+  REQUIRE(after.exit_code == 0);
+  auto now = json::parse(after.output);
+  REQUIRE(now.size() == 2);
+  CHECK(now[0]["generation"].get<uint64_t>() > before[0]["generation"].get<uint64_t>());
+  CHECK(now[0]["generation"] == now[1]["generation"]);
 }
