@@ -142,6 +142,8 @@ std::vector<uint8_t> open_ep_generation(rank_state& st, uint64_t generation) {
   if (!st.model)
     st.model = deepseek_model::load(cfg.model_path, *st.be, cfg.dummy, /*seed=*/1);
   st.ep_generation = generation;
+  if (cfg.expert_exchange == "nccl")
+    throw std::runtime_error("transport.expert_exchange 'nccl' is not built yet; use ucx or inproc");
   if (cfg.expert_exchange == "ucx") {
     transport::ep_ucx_options opts;
     opts.net_devices = cfg.net_devices;
