@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <memory>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -35,6 +37,7 @@ struct bench_options {
   std::string only; // "decode" or "prefill" or ""
   int iters = 30;
   int warmup = 5;
+  std::string decode_kernels = "default"; // comma list of v1, v2, default (PETREL_MLA_DECODE per run)
 };
 
 #ifdef PETREL_HAVE_CUDA
@@ -126,13 +129,28 @@ double measure_hbm_gbs(const bench_options& opt, nlohmann::json& out) {
   return std::max(gbs_kernel, gbs_memcpy);
 }
 
+// Selects the decode kernel for the following launches: "v1" (the first kernel) or "v2" / "default" (the
+// seesaw kernel, mla_decode.cu reads PETREL_MLA_DECODE on every call).
+void select_decode_kernel(const std::string& name) {
+  if (name == "v1")
+    setenv("PETREL_MLA_DECODE", "v1", 1);
+  else
+    unsetenv("PETREL_MLA_DECODE");
+}
+
 bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out) {
+  std::vector<std::string> kernels;
+  {
+    std::stringstream list(opt.decode_kernels);
+    for (std::string k; std::getline(list, k, ',');)
+      if (!k.empty()) kernels.push_back(k);
+  }
   constexpr int heads = 128;
   const float scale = 0.1352f; // DeepSeek-V3's 192^-0.5 x YaRN mscale^2 (about 1.87)
   bool all_ok = true;
   std::printf("\nMLA decode, 128 heads, paged bf16 latent cache (576 / 512), pages shuffled; anchors: FlashMLA H800 "
               "%.0f GB/s, %.0f TFLOPS\n", flashmla_gbs, flashmla_tflops);
-  std::printf("%6s %6s %7s %10s %9s %8s %9s %8s %8s %8s\n", "batch", "kv", "splits", "time_us", "GB/s", "TFLOPS",
+  std::printf("%7s %6s %6s %7s %10s %9s %8s %9s %8s %8s %8s\n", "kernel", "batch", "kv", "splits", "time_us", "GB/s", "TFLOPS",
               "vsHBM", "vs3000", "vs660", "check");
   struct shape { int batch, kv; };
   const std::vector<shape> shapes = {{64, 2048}, {64, 4096}, {128, 2048}, {128, 4096}, {256, 2048}, {256, 4096},
@@ -155,39 +173,43 @@ bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out)
     const std::size_t ws_bytes = mla_decode_workspace_bytes(sh.batch, heads, sh.kv);
     device_memory ws(ws_bytes);
     const int splits = ws_bytes == 0 ? 1 : static_cast<int>(ws_bytes / (static_cast<std::size_t>(sh.batch) * heads * (mla_latent_dim + 1) * 4));
-    auto launch = [&] {
-      ensure(mla_decode_bf16(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv, scale,
-                             o.ptr, ws.ptr, ws_bytes, nullptr));
-    };
-    std::string check = "-";
-    nlohmann::json row;
-    if (opt.check) {
-      ensure(cudaMemset(o.ptr, 0xFF, o.bytes), "poison");
-      launch();
-      device_memory ref(static_cast<std::size_t>(sh.batch) * heads * mla_latent_dim * 4);
-      ensure(mla_decode_reference_f32(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv,
-                                      scale, ref.as<float>(), nullptr));
-      ensure(cudaDeviceSynchronize(), "decode check");
-      std::size_t bad = 0;
-      const double rel = rel_l2(o.ptr, ref.as<float>(), ref.bytes / 4, &bad);
-      const bool ok = bad == 0 && rel < 1e-2;
-      all_ok = all_ok && ok;
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%s %.1e", ok ? "ok" : "FAIL", rel);
-      check = buf;
-      row["rel_l2"] = rel;
+    for (const std::string& kernel : kernels) {
+      select_decode_kernel(kernel);
+      auto launch = [&] {
+        ensure(mla_decode_bf16(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv, scale,
+                               o.ptr, ws.ptr, ws_bytes, nullptr));
+      };
+      std::string check = "-";
+      nlohmann::json row;
+      if (opt.check) {
+        ensure(cudaMemset(o.ptr, 0xFF, o.bytes), "poison");
+        launch();
+        device_memory ref(static_cast<std::size_t>(sh.batch) * heads * mla_latent_dim * 4);
+        ensure(mla_decode_reference_f32(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv,
+                                        scale, ref.as<float>(), nullptr));
+        ensure(cudaDeviceSynchronize(), "decode check");
+        std::size_t bad = 0;
+        const double rel = rel_l2(o.ptr, ref.as<float>(), ref.bytes / 4, &bad);
+        const bool ok = bad == 0 && rel < 1e-2;
+        all_ok = all_ok && ok;
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%s %.1e", ok ? "ok" : "FAIL", rel);
+        check = buf;
+        row["rel_l2"] = rel;
+      }
+      const double ms = median_ms(launch, opt.warmup, opt.iters);
+      const double bytes = static_cast<double>(sh.batch) * sh.kv * mla_qk_dim * 2 + q.bytes + o.bytes;
+      const double flops = 2.0 * sh.batch * heads * sh.kv * (mla_qk_dim + mla_latent_dim);
+      const double gbs = bytes / (ms * 1e6), tflops = flops / (ms * 1e9);
+      std::printf("%7s %6d %6d %7d %10.1f %9.0f %8.1f %8.2f %8.2f %8.2f %8s\n", kernel.c_str(), sh.batch, sh.kv, splits, ms * 1e3,
+                  gbs, tflops, gbs / hbm_gbs, gbs / flashmla_gbs, tflops / flashmla_tflops, check.c_str());
+      row.update({{"kernel", kernel}, {"batch", sh.batch}, {"kv", sh.kv}, {"heads", heads}, {"splits", splits}, {"time_us", ms * 1e3},
+                  {"gbs", gbs}, {"tflops", tflops}, {"ratio_hbm", gbs / hbm_gbs}, {"ratio_flashmla_gbs", gbs / flashmla_gbs},
+                  {"ratio_flashmla_tflops", tflops / flashmla_tflops}});
+      out["decode"].push_back(row);
     }
-    const double ms = median_ms(launch, opt.warmup, opt.iters);
-    const double bytes = static_cast<double>(sh.batch) * sh.kv * mla_qk_dim * 2 + q.bytes + o.bytes;
-    const double flops = 2.0 * sh.batch * heads * sh.kv * (mla_qk_dim + mla_latent_dim);
-    const double gbs = bytes / (ms * 1e6), tflops = flops / (ms * 1e9);
-    std::printf("%6d %6d %7d %10.1f %9.0f %8.1f %8.2f %8.2f %8.2f %8s\n", sh.batch, sh.kv, splits, ms * 1e3, gbs, tflops,
-                gbs / hbm_gbs, gbs / flashmla_gbs, tflops / flashmla_tflops, check.c_str());
-    row.update({{"batch", sh.batch}, {"kv", sh.kv}, {"heads", heads}, {"splits", splits}, {"time_us", ms * 1e3},
-                {"gbs", gbs}, {"tflops", tflops}, {"ratio_hbm", gbs / hbm_gbs}, {"ratio_flashmla_gbs", gbs / flashmla_gbs},
-                {"ratio_flashmla_tflops", tflops / flashmla_tflops}});
-    out["decode"].push_back(row);
   }
+  select_decode_kernel("default");
   return all_ok;
 }
 
@@ -276,6 +298,14 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--only", opt->only, "decode or prefill")->check(CLI::IsMember({"", "decode", "prefill"}));
       sub.add_option("--iters", opt->iters, "timed launches per shape (median reported)")->check(CLI::Range(1, 10000));
       sub.add_option("--warmup", opt->warmup, "untimed launches first")->check(CLI::Range(0, 1000));
+      sub.add_option("--decode-kernels", opt->decode_kernels,
+                     "comma list of decode kernels to time: v1 (first kernel), v2 (seesaw), default")
+          ->check([](const std::string& v) -> std::string {
+            std::stringstream list(v);
+            for (std::string k; std::getline(list, k, ',');)
+              if (k != "v1" && k != "v2" && k != "default") return "unknown decode kernel '" + k + "' (v1, v2, default)";
+            return "";
+          });
       return [opt]() -> int {
 #ifdef PETREL_HAVE_CUDA
         int devices = 0;

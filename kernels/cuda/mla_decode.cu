@@ -27,6 +27,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 
@@ -75,7 +77,23 @@ struct decode_params {
   float* partial_lse;     // [splits, batch, heads] (log2 domain)
 };
 
-// -- kernel -----------------------------------------------------------------------------
+// -- kernels ----------------------------------------------------------------------------
+// A split with no pages: mark it empty for the combine (or write zeros when unsplit).
+__device__ __forceinline__ void write_empty_split(const decode_params& p, int b, int split, int head0, int tid) {
+  for (int r = tid / 64; r < head_block; r += threads / 64) {
+    const int h = head0 + r;
+    if (h >= p.heads) break;
+    const std::size_t row = static_cast<std::size_t>(b) * p.heads + h;
+    if (p.num_splits == 1) {
+      for (int c = tid % 64; c < mla_latent_dim / 2; c += 64)
+        reinterpret_cast<std::uint32_t*>(p.out + row * mla_latent_dim)[c] = 0u;
+    } else if (tid % 64 == 0) {
+      p.partial_lse[static_cast<std::size_t>(split) * p.batch * p.heads + row] = -INFINITY;
+    }
+  }
+}
+
+// v1: warpgroup 0 computes S and the softmax of every page, warpgroup 1 only its half of P V.
 __global__ void __launch_bounds__(threads, 1)
 mla_decode_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_params p) {
   extern __shared__ std::uint8_t smem_raw[];
@@ -105,18 +123,7 @@ mla_decode_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_param
   const int last_valid = seqlen - (tiles - 1) * page; // tokens in the sequence's last tile
 
   if (n == 0) {
-    // Nothing to attend to in this split: mark it empty for the combine (or write zeros unsplit).
-    for (int r = tid / 64; r < head_block; r += threads / 64) {
-      const int h = head0 + r;
-      if (h >= p.heads) break;
-      const std::size_t row = static_cast<std::size_t>(b) * p.heads + h;
-      if (p.num_splits == 1) {
-        for (int c = tid % 64; c < mla_latent_dim / 2; c += 64)
-          reinterpret_cast<std::uint32_t*>(p.out + row * mla_latent_dim)[c] = 0u;
-      } else if (tid % 64 == 0) {
-        p.partial_lse[static_cast<std::size_t>(split) * p.batch * p.heads + row] = -INFINITY;
-      }
-    }
+    write_empty_split(p, b, split, head0, tid);
     return;
   }
 
@@ -322,6 +329,271 @@ mla_decode_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_param
   }
 }
 
+// v2 ("seesaw"): the two warpgroups alternate pages. Warpgroup w owns the pages i with i % 2 == w, which
+// always land in KV stage w. For its own page it computes S = Q K^T, the online softmax (taking the running
+// row maximum that the other warpgroup left after page i - 1 in shared memory), hands P (bf16) to the other
+// warpgroup in the page's rope chunk (dead once S is done, so no extra buffer), and does its half of O with
+// P from registers; for the other warpgroup's page it only does its half of O with P from shared memory.
+// So one warpgroup's softmax and hand-over overlap the other's S, the tensor work is split evenly
+// (36 + 16 + 16 k16-steps of 64 x 64 per page pair each), and each page's 9 boxes complete on their own
+// mbarriers, so S starts on the first 64 columns while the rest are still arriving.
+// Per page i, in program order, both warpgroups apply O = O * 2^(M_{i-1} - M_i) + P_i V_i with the same
+// running maxima M, so the two halves of O and the two partial row sums stay consistent.
+namespace v2 {
+constexpr int off_q = 0;
+constexpr int off_kv = off_q + tile_bytes;
+constexpr int off_m = off_kv + stages * tile_bytes; // 64 floats: running row maximum after the latest page
+constexpr int off_l = off_m + 256;                  // 2 x 64 floats: each warpgroup's row sums
+constexpr int off_bar = off_l + 512;                // full[stages][qk_chunks], empty[stages]
+constexpr int smem_used = off_bar + (stages * qk_chunks + stages) * 8;
+constexpr int smem_bytes = smem_used + 1024;
+static_assert(smem_bytes <= 227 * 1024, "v2 decode shared memory exceeds the sm_90 limit");
+// named barriers: page published by warpgroup w (1 + w), warpgroup-internal (3 + w)
+constexpr int bar_pub = 1, bar_wg = 3;
+} // namespace v2
+
+__global__ void __launch_bounds__(threads, 1)
+mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_params p) {
+  extern __shared__ std::uint8_t smem_raw[];
+  std::uint8_t* smem = reinterpret_cast<std::uint8_t*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
+  std::uint8_t* s_q = smem + v2::off_q;
+  std::uint8_t* s_kv = smem + v2::off_kv;
+  float* s_m = reinterpret_cast<float*>(smem + v2::off_m);
+  float* s_l = reinterpret_cast<float*>(smem + v2::off_l);
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem + v2::off_bar); // [stage * qk_chunks + chunk]
+  std::uint64_t* empty = full + stages * qk_chunks;
+
+  const int tid = threadIdx.x;
+  const int w = tid / 128;
+  const int wtid = tid % 128;
+  const int warp = wtid / 32;
+  const int lane = tid % 32;
+  const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int head0 = hb * head_block;
+
+  const int seqlen = p.seqlens[b];
+  const int tiles = seqlen > 0 ? (seqlen + page - 1) / page : 0;
+  const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
+  const int t_begin = split * per_split;
+  const int n = max(0, min(tiles, t_begin + per_split) - t_begin);
+  const int* pages = p.block_table + static_cast<std::size_t>(b) * p.block_table_ld + t_begin;
+  const int last_valid = seqlen - (tiles - 1) * page;
+
+  if (n == 0) {
+    write_empty_split(p, b, split, head0, tid);
+    return;
+  }
+
+  if (tid == 0) {
+    tma_prefetch_descriptor(&kv_map);
+    for (int i = 0; i < stages * qk_chunks; ++i) mbar_init(&full[i], 1);
+    for (int s = 0; s < stages; ++s) mbar_init(&empty[s], 8); // lane 0 of each of the 8 warps
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  auto issue_tile = [&](int i) {
+    const int stage = i % stages;
+    const int page_id = pages[i];
+#pragma unroll
+    for (int c = 0; c < qk_chunks; ++c) {
+      mbar_arrive_expect_tx(&full[stage * qk_chunks + c], chunk_bytes);
+      tma_load_2d(&kv_map, s_kv + stage * tile_bytes + c * chunk_bytes, &full[stage * qk_chunks + c], c * 64, page_id * page);
+    }
+  };
+  if (tid == 0) {
+    for (int i = 0; i < min(n, stages); ++i) issue_tile(i);
+  }
+
+  {
+    constexpr int vec_per_row = mla_qk_dim / 8;
+    const uint4* q_rows = reinterpret_cast<const uint4*>(p.q + (static_cast<std::size_t>(b) * p.heads + head0) * mla_qk_dim);
+#pragma unroll 6
+    for (int idx = tid; idx < head_block * vec_per_row; idx += threads) {
+      const int r = idx / vec_per_row, u = idx % vec_per_row;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (head0 + r < p.heads) v = __ldg(q_rows + static_cast<std::size_t>(r) * vec_per_row + u);
+      *reinterpret_cast<uint4*>(s_q + (u / 8) * chunk_bytes + chunk_offset(r, (u % 8) * 8)) = v;
+    }
+  }
+  fence_proxy_async();
+  __syncthreads();
+
+  // Fragment layout as in v1: rows r0 and r0 + 8, columns 8j + 2 * quad + {0, 1}.
+  const int r0 = 16 * warp + lane / 4;
+  const int quad = lane % 4;
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}; // running row maximum (log2 domain) after the latest page
+  float row_sum[2] = {0.f, 0.f};           // this thread's share of this warpgroup's own pages' sums
+  std::uint8_t* kv_own = s_kv + w * tile_bytes;
+  std::uint8_t* kv_other = s_kv + (1 - w) * tile_bytes;
+  const int v_half = w * 4 * chunk_bytes; // this warpgroup's 256 V columns: chunks 4w .. 4w + 3
+
+  for (int j = w; j <= n; j += 2) {
+    const bool own = j < n;
+    // (1) the other warpgroup's page j - 1: rescale to its maximum, O_half += P V_half (P from shared memory)
+    if (j >= 1) {
+      named_bar_sync(v2::bar_pub + (1 - w), threads);
+      float scale[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m_new = s_m[r0 + 8 * h];
+        scale[h] = exp2f(m_run[h] - m_new); // m_run = -inf before the first page: 0
+        m_run[h] = m_new;
+        row_sum[h] *= scale[h];
+      }
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= scale[(i >> 1) & 1];
+      const std::uint32_t ph = ((j - 1) / 2) & 1;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) mbar_wait(&full[(1 - w) * qk_chunks + 4 * w + c], ph); // complete already
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64n256k16_ss_kmn(o, desc_k_major(kv_other + 8 * chunk_bytes + kk * 32),
+                                desc_mn_major(kv_other + v_half + kk * 16 * 128, chunk_bytes), 1);
+      wgmma_commit();
+    }
+    if (own) {
+      // (2) S = Q K^T of our page j, chunk by chunk as its boxes land
+      const std::uint32_t ph = (j / 2) & 1;
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = 0.f;
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < qk_chunks; ++c) {
+        mbar_wait(&full[w * qk_chunks + c], ph);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          wgmma_m64n64k16_ss_kk(s, desc_k_major(s_q + c * chunk_bytes + kk * 32), desc_k_major(kv_own + c * chunk_bytes + kk * 32),
+                                (c | kk) != 0);
+      }
+      wgmma_commit();
+      if (j >= 1) {
+        wgmma_wait<1>(); // P V of page j - 1 (committed first) is done: release its stage
+        fence_registers(o);
+        if (lane == 0) mbar_arrive(&empty[1 - w]);
+      }
+      wgmma_wait<0>();
+      fence_registers(s);
+
+      // (3) online softmax against the running maximum after page j - 1
+      const bool partial = (t_begin + j == tiles - 1) && last_valid < page;
+      const int valid = partial ? last_valid : page;
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int col = 8 * (i / 4) + 2 * quad + (i & 1);
+        s[i] = col < valid ? s[i] * p.scale_log2 : -INFINITY;
+        tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], s[i]);
+      }
+      float alpha[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+        const float m_new = fmaxf(m_run[h], tile_max[h]);
+        alpha[h] = exp2f(m_run[h] - m_new);
+        m_run[h] = m_new;
+        row_sum[h] *= alpha[h];
+      }
+      std::uint32_t pa[4][4];
+#pragma unroll
+      for (int i = 0; i < 32; i += 2) {
+        const int h = (i >> 1) & 1;
+        const float p0 = exp2f(s[i] - m_run[h]);
+        const float p1 = exp2f(s[i + 1] - m_run[h]);
+        row_sum[h] += p0 + p1;
+        const int nb = i / 4;
+        pa[nb / 2][h + 2 * (nb % 2)] = pack_bf16x2(p0, p1);
+      }
+      // (4) publish: the maximum, P into the (now dead) rope chunk of our stage, zeroed V rows past the end
+      if (quad == 0) {
+        s_m[r0] = m_run[0];
+        s_m[r0 + 8] = m_run[1];
+      }
+      std::uint8_t* s_p = kv_own + 8 * chunk_bytes;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const int col = 16 * kk + 2 * quad;
+        *reinterpret_cast<std::uint32_t*>(s_p + chunk_offset(r0, col)) = pa[kk][0];
+        *reinterpret_cast<std::uint32_t*>(s_p + chunk_offset(r0 + 8, col)) = pa[kk][1];
+        *reinterpret_cast<std::uint32_t*>(s_p + chunk_offset(r0, col + 8)) = pa[kk][2];
+        *reinterpret_cast<std::uint32_t*>(s_p + chunk_offset(r0 + 8, col + 8)) = pa[kk][3];
+      }
+      if (partial) {
+        for (int idx = wtid; idx < (page - valid) * (mla_latent_dim / 8); idx += 128) {
+          const int r = valid + idx / (mla_latent_dim / 8), u = idx % (mla_latent_dim / 8);
+          *reinterpret_cast<uint4*>(kv_own + (u / 8) * chunk_bytes + chunk_offset(r, (u % 8) * 8)) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      fence_proxy_async();
+      named_bar_arrive(v2::bar_pub + w, threads);
+      if (partial) named_bar_sync(v2::bar_wg + w, 128); // our own zeroed V rows, before our wgmma reads them
+
+      // (5) O_half = O_half * alpha + P V_half (P from registers)
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
+      fence_registers(pa);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64n256k16_rs_mn(o, pa[kk], desc_mn_major(kv_own + v_half + kk * 16 * 128, chunk_bytes), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(o);
+      if (lane == 0) mbar_arrive(&empty[w]);
+      if (wtid == 0 && j + stages < n) {
+        mbar_wait(&empty[w], ph); // the other warpgroup is done with page j too
+        issue_tile(j + stages);
+      }
+      __syncwarp();
+    } else {
+      wgmma_wait<0>(); // the other warpgroup's last page
+      fence_registers(o);
+      if (lane == 0) mbar_arrive(&empty[1 - w]);
+    }
+  }
+
+  // ---- epilogue: the two warpgroups' row sums, normalise, store this warpgroup's 256 columns ----
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+  }
+  if (quad == 0) {
+    s_l[w * 64 + r0] = row_sum[0];
+    s_l[w * 64 + r0 + 8] = row_sum[1];
+  }
+  __syncthreads();
+  const int col0 = w * 256;
+  const std::size_t row_base = static_cast<std::size_t>(b) * p.heads;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + 8 * h;
+    const int head = head0 + r;
+    if (head >= p.heads) continue;
+    const float l = s_l[r] + s_l[64 + r];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (p.num_splits == 1) {
+      __nv_bfloat16* dst = p.out + (row_base + head) * mla_latent_dim + col0;
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        *reinterpret_cast<std::uint32_t*>(dst + 8 * i + 2 * quad) = pack_bf16x2(o[4 * i + 2 * h] * inv, o[4 * i + 2 * h + 1] * inv);
+    } else {
+      const std::size_t prow = static_cast<std::size_t>(split) * p.batch * p.heads + row_base + head;
+      float* dst = p.partial_o + prow * mla_latent_dim + col0;
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        *reinterpret_cast<float2*>(dst + 8 * i + 2 * quad) = make_float2(o[4 * i + 2 * h] * inv, o[4 * i + 2 * h + 1] * inv);
+      if (w == 0 && quad == 0) p.partial_lse[prow] = l > 0.f ? m_run[h] + log2f(l) : -INFINITY;
+    }
+  }
+}
+
 // One CTA per (sequence, head): out = sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse).
 __global__ void __launch_bounds__(128)
 mla_decode_combine_kernel(const float* __restrict__ partial_o, const float* __restrict__ partial_lse, int rows,
@@ -477,7 +749,12 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return kernel_status::failure(who + ": cannot encode the kv_cache TMA descriptor");
 
-  const cudaError_t attr_err = raise_smem_limit_once(mla_decode_kernel, smem_bytes);
+  // PETREL_MLA_DECODE=v1 selects the first kernel (warpgroup 0 does every page's S and softmax); the default
+  // is the seesaw kernel (docs/mla-kernels.md). Read per call, so a benchmark can switch between them.
+  const char* variant = std::getenv("PETREL_MLA_DECODE");
+  const bool use_v1 = variant && std::strcmp(variant, "v1") == 0;
+  const cudaError_t attr_err = use_v1 ? raise_smem_limit_once(mla_decode_kernel, smem_bytes)
+                                      : raise_smem_limit_once(mla_decode_seesaw_kernel, v2::smem_bytes);
   if (attr_err != cudaSuccess) return kernel_status::failure(who + ": cannot raise the shared-memory limit: " + cudaGetErrorString(attr_err));
 
   decode_params p{};
@@ -495,7 +772,10 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
   p.partial_lse = splits > 1 ? static_cast<float*>(workspace) + rows * mla_latent_dim : nullptr;
 
   const dim3 grid((heads + head_block - 1) / head_block, splits, batch);
-  mla_decode_kernel<<<grid, threads, smem_bytes, stream>>>(kv_map, p);
+  if (use_v1)
+    mla_decode_kernel<<<grid, threads, smem_bytes, stream>>>(kv_map, p);
+  else
+    mla_decode_seesaw_kernel<<<grid, threads, v2::smem_bytes, stream>>>(kv_map, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return kernel_status::failure(who + ": launch failed: " + cudaGetErrorString(err));
   if (splits > 1) {

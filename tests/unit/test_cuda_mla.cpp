@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -355,6 +356,56 @@ TEST_CASE("cuda mla decode: a captured CUDA graph replays with new sequence leng
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
+#endif
+}
+
+TEST_CASE("cuda mla decode: the v1 kernel (PETREL_MLA_DECODE=v1) still matches the references") {
+  PETREL_SKIP_WITHOUT_CUDA()
+#ifdef PETREL_HAVE_CUDA
+  PETREL_REQUIRE_GPU()
+  // The default is the seesaw kernel; v1 stays selectable until the seesaw one has a longer record.
+  REQUIRE(setenv("PETREL_MLA_DECODE", "v1", 1) == 0);
+  {
+    auto p = make_decode(5, 16, {1, 64, 65, 300, 2}, 0.25f, 8);
+    decode_buffers d(p);
+    d.poison_out();
+    auto st = d.run(p);
+    REQUIRE_MESSAGE(st.ok(), st.message);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    expect_close(d.out.download(), decode_reference_cpu(p), "v1 decode heads=16");
+  }
+  {
+    std::mt19937 rng(64);
+    std::uniform_int_distribution<int> len(1, 2048);
+    std::vector<int> seqlens(64);
+    for (auto& s : seqlens) s = len(rng);
+    auto p = make_decode(64, 128, seqlens, 0.1352f, 164);
+    decode_buffers d(p);
+    d.poison_out();
+    auto st = d.run(p);
+    REQUIRE_MESSAGE(st.ok(), st.message);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    expect_close(d.out.download(), decode_reference_gpu(p, d), "v1 decode batch=64 heads=128");
+  }
+  REQUIRE(unsetenv("PETREL_MLA_DECODE") == 0);
+#endif
+}
+
+TEST_CASE("cuda mla decode: every page count from 1 to 9 in one split (both warpgroups' tails) vs the CPU reference") {
+  PETREL_SKIP_WITHOUT_CUDA()
+#ifdef PETREL_HAVE_CUDA
+  PETREL_REQUIRE_GPU()
+  // batch 72 x 128 heads runs unsplit: sequence b has 1 + b % 9 pages, the last one partial for odd b.
+  std::vector<int> seqlens(72);
+  for (int b = 0; b < 72; ++b) seqlens[b] = 64 * (1 + b % 9) - (b % 2 ? 17 + b % 40 : 0);
+  auto p = make_decode(72, 128, seqlens, 0.1352f, 31);
+  MESSAGE("workspace bytes (0 = unsplit): " << mla_decode_workspace_bytes(p.batch, p.heads, p.max_seqlen));
+  decode_buffers d(p);
+  d.poison_out();
+  auto st = d.run(p);
+  REQUIRE_MESSAGE(st.ok(), st.message);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  expect_close(d.out.download(), decode_reference_gpu(p, d), "decode page counts 1..9");
 #endif
 }
 

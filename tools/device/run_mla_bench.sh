@@ -6,7 +6,7 @@
 #       into device/mla/bundle.tar.xz (git-ignored; carry "device/mla" in the device call). Same packing
 #       as tools/device/run_cuda_bench.sh.
 #   device (repo root):     tools/device/run_mla_bench.sh run [extra bench-mla flags]
-#       env: NCU=1 also profiles the first decode launch (batch 64, KV 2048) and the prefill with ncu;
+#       env: TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound the tests and the bench; NCU=1 also profiles the first decode launch (batch 64, KV 2048) and the prefill with ncu;
 #            SKIP_TESTS=1 skips the unit tests. Logs, bench JSON and SASS counts land under $OUT.
 set -uo pipefail
 here=device/mla
@@ -48,7 +48,7 @@ for line in open('/tmp/petrel-mla/petrel.sass', errors='replace'):
     if m:
         fn = m.group(1)
         continue
-    k = re.search(r'mla_(?:decode|prefill|decode_combine)_kernel', fn or '')
+    k = re.search(r'mla_(?:decode_seesaw|decode_combine|decode|prefill)_kernel', fn or '')
     if k:
         for op in re.findall(r'\b(?:HGMMA|UTMALDG|LDGSTS|LDL|STL|MUFU\.EX2|BAR|SYNCS)[A-Z0-9_.]*', line):
             counts[(k.group(0), op)] += 1
@@ -58,7 +58,7 @@ PY
 } 2>&1 | tee "$out/env.log"
 if [[ -z ${SKIP_TESTS:-} ]]; then
   echo "== unit tests"
-  timeout 240 "$bin/test_cuda_mla" -s > "$out/test_cuda_mla.log" 2>&1
+  timeout "${TEST_TIMEOUT:-240}" "$bin/test_cuda_mla" -s > "$out/test_cuda_mla.log" 2>&1
   test_rc=$?
   grep -E 'rel_l2|ERROR|FAILED|test cases|assertions|workspace' "$out/test_cuda_mla.log" | head -40
   echo "unit tests rc=$test_rc"
