@@ -46,6 +46,7 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
   // The node's KV engine (UCX worker + progress thread) lives as long as the process.
   transport::kv_transfer_options kv_opts;
   kv_opts.transports = cfg.transport.kv_tls;
+  kv_opts.net_devices = cfg.transport.kv_net_devices;
   kv_opts.transfer_deadline = cfg.transport.kv_timeout;
   kv_opts.name = "petrel-kv-" + node->name;
   auto engine = transport::kv_transfer_engine::create(kv_opts);

@@ -313,7 +313,8 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
 
   // transport
   if (auto t = root["transport"]; t.IsDefined() && !t.IsNull()) {
-    r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port", "kv_checksum"},
+    r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port", "kv_checksum",
+                 "kv_net_devices"},
                 section_line("transport"));
     r.opt_string(t, "kv_tls", cfg.transport.kv_tls, "transport");
     {
@@ -357,6 +358,17 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
              "transport.kv_checksum 'on' needs model.backend: cpu (the check reads KV pools from the host; cuda "
              "pools have no device-side checksum yet); use auto or off");
     cfg.transport.kv_checksum = checksum == "on" || (checksum == "auto" && !cuda);
+  }
+  std::string net_devices = "auto";
+  if (auto t = root["transport"]; t.IsDefined() && !t.IsNull()) {
+    r.opt_string(t, "kv_net_devices", net_devices, "transport");
+    bool plain = std::all_of(net_devices.begin(), net_devices.end(), [](char c) {
+      return std::isalnum(static_cast<unsigned char>(c)) || c == ',' || c == ':' || c == '_' || c == '-' || c == '.';
+    });
+    if (!plain)
+      r.fail(t["kv_net_devices"], "transport.kv_net_devices '" + net_devices +
+                                      "' is not a list of network devices; use e.g. lo, eth0 or mlx5_0:1 (comma-"
+                                      "separated), all, or auto");
   }
 
   // security
@@ -568,6 +580,16 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   for (auto& n : cfg.nodes)
     if (!cfg.group_of(n.name))
       r.fail_line(n.line, "node '" + n.name + "' belongs to no group; list it under groups.prefill or groups.decode");
+  // transport.kv_net_devices: "auto" keeps a one-host cluster's UCX listeners on loopback.
+  if (net_devices == "auto") {
+    auto loopback = [](const std::string& h) { return h == "localhost" || h == "::1" || h.rfind("127.", 0) == 0; };
+    bool one_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(),
+                                [&](const node_section& n) { return loopback(n.address.host); });
+    bool tcp = cfg.transport.kv_tls.find("tcp") != std::string::npos && cfg.transport.kv_tls[0] != '^';
+    cfg.transport.kv_net_devices = one_host && tcp ? "lo" : "";
+  } else {
+    cfg.transport.kv_net_devices = net_devices == "all" ? "" : net_devices;
+  }
   return cfg;
 }
 

@@ -109,6 +109,10 @@ struct transport_section {
   /// runs; a mismatch is a retry. Resolved at load: "auto" is on with the cpu backend (the check reads
   /// pool memory from the host; cuda pools would need a device-side CRC).
   bool kv_checksum = true;
+  /// UCX_NET_DEVICES for the KV engines: which interfaces the UCX tcp transport listens and connects on.
+  /// Resolved at load: "auto" is "lo" when every node runs on a loopback address and kv_tls uses tcp
+  /// (so the unauthenticated UCX listener is not reachable from the network), else UCX's default (empty: all).
+  std::string kv_net_devices;
 };
 
 /// Who may join the cluster (docs/reliability.md, "Who may join").

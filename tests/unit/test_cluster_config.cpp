@@ -387,6 +387,19 @@ TEST_CASE("choices: backend, strategy, expert exchange, UCX transports") {
   CHECK_CONFIG_ERROR(dir, base + "transport: {kv_tls: 'tcp,'}\n", 8, "is not a list of UCX transports");
   CHECK(dir.parse(base + "transport: {kv_tls: 'tcp,shm'}\n").transport.kv_tls == "tcp,shm");
   CHECK(dir.parse(base + "transport: {kv_tls: ^shm}\n").transport.kv_tls == "^shm");
+  // UCX network devices: a one-host cluster over tcp keeps its KV listeners on loopback.
+  CHECK(dir.parse(base).transport.kv_net_devices == "lo");
+  CHECK(dir.parse(base + "transport: {kv_tls: shm}\n").transport.kv_net_devices.empty());
+  {
+    auto two_hosts = base;
+    two_hosts.replace(two_hosts.find("{name: d0,"), 10, "{name: d0, host: 10.0.0.2,");
+    CHECK(dir.parse(two_hosts).transport.kv_net_devices.empty());
+  }
+  CHECK(dir.parse(base + "transport: {kv_net_devices: all}\n").transport.kv_net_devices.empty());
+  CHECK(dir.parse(base + "transport: {kv_net_devices: 'eth0,mlx5_0:1'}\n").transport.kv_net_devices ==
+        "eth0,mlx5_0:1");
+  CHECK_CONFIG_ERROR(dir, base + "transport: {kv_net_devices: 'eth0; rm -rf'}\n", 8,
+                     "transport.kv_net_devices 'eth0; rm -rf' is not a list of network devices");
   // KV checksums: auto is on with the cpu backend; on with cuda is refused.
   CHECK(dir.parse(base).transport.kv_checksum);
   CHECK_FALSE(dir.parse(base + "transport: {kv_checksum: off}\n").transport.kv_checksum);
