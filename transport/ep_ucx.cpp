@@ -41,13 +41,16 @@ struct ep_ucx_transport::impl {
     std::vector<void*> closing;
     for (ucp_ep_h ep : eps) {
       if (!ep) continue;
+      // A group that ends normally closes gracefully: the endpoint flushes what it still sends, so a peer that
+      // is still reading this rank's last parts gets them (a forced close resets the tcp connection, and a slower
+      // peer then fails its last wait). An aborted group has nothing worth delivering: force.
       ucp_request_param_t param{};
       param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      param.flags = aborted ? UCP_EP_CLOSE_FLAG_FORCE : 0;
       void* req = ucp_ep_close_nbx(ep, &param);
       if (UCS_PTR_IS_PTR(req)) closing.push_back(req);
     }
-    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(aborted ? 500 : 5000);
     while (!closing.empty() && std::chrono::steady_clock::now() < until) {
       ucp_worker_progress(worker);
       for (size_t i = 0; i < closing.size();)
