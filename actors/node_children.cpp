@@ -49,11 +49,7 @@ std::vector<child_spec> node_children(const cluster_config& cfg, const node_sect
       rc.redundant_experts = group->redundant_experts;
       rc.init_expert_location = group->init_expert_location;
       rc.expert_exchange = cfg.transport.expert_exchange;
-      // One host (every node on a loopback address): keep the exchange's UCX listener on loopback.
-      bool one_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(), [](const node_section& n) {
-        return n.address.host == "localhost" || n.address.host.rfind("127.", 0) == 0;
-      });
-      rc.net_devices = one_host ? "lo" : "";
+      rc.net_devices = cfg.transport.kv_net_devices; // "lo" on one host (see transport.kv_net_devices)
     }
     out.push_back(child_spec{"rank" + std::to_string(i), restart_type::permanent,
                              [rc](caf::local_actor* parent, const child_context& ctx) {

@@ -69,7 +69,9 @@ struct retired_pool {
 };
 
 std::mutex retired_mutex;
-std::vector<retired_pool> retired_pools;
+// Deliberately never destroyed: at process exit, static destruction order would otherwise tear down retired
+// pools (and the KV engines they hold) after UCX's own state, and crash the exit.
+std::vector<retired_pool>& retired_pools = *new std::vector<retired_pool>;
 constexpr auto retired_grace = std::chrono::seconds(60);
 
 void release_expired_pools() {

@@ -77,6 +77,9 @@ ep_placement placement_from_file(const std::string& path, const model_config& cf
 /// std::invalid_argument naming the problem.
 ep_placement initial_placement(const model_config& cfg, int num_ranks, int redundant);
 
+/// MoE layers of the model (layers at or past first_k_dense_replace that route to experts).
+int moe_layer_count(const model_config& cfg);
+
 // -- per-rank expert weights ---------------------------------------------------------------------------
 
 /// The routed experts one rank holds: one SwiGLU weight pair per local slot and MoE layer (a redundant replica

@@ -22,7 +22,7 @@ FLAGS=(-std=c++20 -g -O1 -fno-omit-frame-pointer
 # target: sources (repo-relative) | libraries
 declare -A SOURCES=(
   [fuzz_openai_api]="tests/fuzz/fuzz_openai_api.cpp runtime/openai_api.cpp runtime/tokenizer.cpp"
-  [fuzz_cluster_config]="tests/fuzz/fuzz_cluster_config.cpp runtime/cluster_config.cpp runtime/model_config.cpp"
+  [fuzz_cluster_config]="tests/fuzz/fuzz_cluster_config.cpp runtime/cluster_config.cpp runtime/model_config.cpp runtime/ep_placement.cpp runtime/eplb.cpp"
   [fuzz_safetensors]="tests/fuzz/fuzz_safetensors.cpp runtime/safetensors.cpp"
   [fuzz_caf_messages]="tests/fuzz/fuzz_caf_messages.cpp"
   [fuzz_kv_descriptor]="tests/fuzz/fuzz_kv_descriptor.cpp transport/kv_transfer.cpp"

@@ -188,6 +188,10 @@ void write_seeds(const char* dir) {
   write_seed(dir, 17, "request_failure", petrel::request_failure{9, "prefill0/rank0", "rank died", true});
   write_seed(dir, 18, "fault_spec", petrel::fault_spec{"drop", "d0", 1.0, 0.5, 10, 1000, 7});
   write_seed(dir, 19, "group_load", petrel::group_load{"decode0", 1, 2, 3, 4, 1, 1});
+  write_seed(dir, 20, "kv_digest", petrel::kv_digest{9, 3, {4, 5}, 4096, {0xdeadbeef, 7}});
+  write_seed(dir, 21, "kv_check", petrel::kv_check{{0x50, 0x4b, 0x56, 0x01}, 4096, {4, 5}, {0xdeadbeef, 7}});
+  write_seed(dir, 22, "ep_endpoint", petrel::ep_endpoint{1795463264099549790ull, {1, 2, 3, 4}});
+  write_seed(dir, 23, "ep_peers", petrel::ep_peers{1795463264099549790ull, {{1, 2}, {}, {3}}});
 }
 
 } // namespace
@@ -207,7 +211,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t sel = data[0];
   ++data;
   --size;
-  switch (sel % 20) {
+  switch (sel % 24) {
     case 0: decode<petrel::child_status>(data, size); break;
     case 1: decode<petrel::node_status>(data, size); break;
     case 2: decode<petrel::cluster_status>(data, size); break;
@@ -228,6 +232,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case 17: decode<petrel::request_failure>(data, size); break;
     case 18: decode<petrel::fault_spec>(data, size); break;
     case 19: decode<petrel::group_load>(data, size); break;
+    case 20: decode<petrel::kv_digest>(data, size); break;
+    case 21: decode<petrel::kv_check>(data, size); break;
+    case 22: decode<petrel::ep_endpoint>(data, size); break;
+    case 23: decode<petrel::ep_peers>(data, size); break;
   }
   return 0;
 }
