@@ -129,13 +129,21 @@ double measure_hbm_gbs(const bench_options& opt, nlohmann::json& out) {
   return std::max(gbs_kernel, gbs_memcpy);
 }
 
-// Selects the decode kernel for the following launches: "v1" (the first kernel) or "v2" / "default" (the
-// seesaw kernel, mla_decode.cu reads PETREL_MLA_DECODE on every call).
+// Selects the decode kernel for the following launches: "v1" (the first kernel), "v2page" (seesaw, whole-page
+// waits), "v2mc" (seesaw in 2-CTA clusters, multicast loads) or "v2" / "default" (the seesaw kernel), each
+// optionally with ":pfN" (N pages of L2 prefetch ahead; else the kernel's default). mla_decode.cu reads
+// PETREL_MLA_DECODE and PETREL_MLA_DECODE_PREFETCH on every call.
 void select_decode_kernel(const std::string& name) {
-  if (name == "v1")
-    setenv("PETREL_MLA_DECODE", "v1", 1);
+  const auto colon = name.find(':');
+  const std::string kernel = name.substr(0, colon);
+  if (kernel == "v1" || kernel == "v2page" || kernel == "v2mc")
+    setenv("PETREL_MLA_DECODE", kernel.c_str(), 1);
   else
     unsetenv("PETREL_MLA_DECODE");
+  if (colon != std::string::npos)
+    setenv("PETREL_MLA_DECODE_PREFETCH", name.substr(colon + 3).c_str(), 1);
+  else
+    unsetenv("PETREL_MLA_DECODE_PREFETCH");
 }
 
 bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out) {
@@ -150,7 +158,7 @@ bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out)
   bool all_ok = true;
   std::printf("\nMLA decode, 128 heads, paged bf16 latent cache (576 / 512), pages shuffled; anchors: FlashMLA H800 "
               "%.0f GB/s, %.0f TFLOPS\n", flashmla_gbs, flashmla_tflops);
-  std::printf("%7s %6s %6s %7s %10s %9s %8s %9s %8s %8s %8s\n", "kernel", "batch", "kv", "splits", "time_us", "GB/s", "TFLOPS",
+  std::printf("%9s %6s %6s %7s %10s %9s %8s %9s %8s %8s %8s\n", "kernel", "batch", "kv", "splits", "time_us", "GB/s", "TFLOPS",
               "vsHBM", "vs3000", "vs660", "check");
   struct shape { int batch, kv; };
   const std::vector<shape> shapes = {{64, 2048}, {64, 4096}, {128, 2048}, {128, 4096}, {256, 2048}, {256, 4096},
@@ -201,7 +209,7 @@ bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out)
       const double bytes = static_cast<double>(sh.batch) * sh.kv * mla_qk_dim * 2 + q.bytes + o.bytes;
       const double flops = 2.0 * sh.batch * heads * sh.kv * (mla_qk_dim + mla_latent_dim);
       const double gbs = bytes / (ms * 1e6), tflops = flops / (ms * 1e9);
-      std::printf("%7s %6d %6d %7d %10.1f %9.0f %8.1f %8.2f %8.2f %8.2f %8s\n", kernel.c_str(), sh.batch, sh.kv, splits, ms * 1e3,
+      std::printf("%9s %6d %6d %7d %10.1f %9.0f %8.1f %8.2f %8.2f %8.2f %8s\n", kernel.c_str(), sh.batch, sh.kv, splits, ms * 1e3,
                   gbs, tflops, gbs / hbm_gbs, gbs / flashmla_gbs, tflops / flashmla_tflops, check.c_str());
       row.update({{"kernel", kernel}, {"batch", sh.batch}, {"kv", sh.kv}, {"heads", heads}, {"splits", splits}, {"time_us", ms * 1e3},
                   {"gbs", gbs}, {"tflops", tflops}, {"ratio_hbm", gbs / hbm_gbs}, {"ratio_flashmla_gbs", gbs / flashmla_gbs},
@@ -299,11 +307,20 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--iters", opt->iters, "timed launches per shape (median reported)")->check(CLI::Range(1, 10000));
       sub.add_option("--warmup", opt->warmup, "untimed launches first")->check(CLI::Range(0, 1000));
       sub.add_option("--decode-kernels", opt->decode_kernels,
-                     "comma list of decode kernels to time: v1 (first kernel), v2 (seesaw), default")
+                     "comma list of decode kernels to time: v1 (first kernel), v2 (seesaw), v2page (seesaw, whole-page waits), "
+                     "v2mc (seesaw, 2-CTA clusters with multicast loads), "
+                     "default; each optionally :pfN (N pages of L2 prefetch, e.g. v2:pf0)")
           ->check([](const std::string& v) -> std::string {
             std::stringstream list(v);
-            for (std::string k; std::getline(list, k, ',');)
-              if (k != "v1" && k != "v2" && k != "default") return "unknown decode kernel '" + k + "' (v1, v2, default)";
+            for (std::string k; std::getline(list, k, ',');) {
+              const auto colon = k.find(':');
+              const std::string kernel = k.substr(0, colon);
+              const bool pf_ok = colon == std::string::npos ||
+                                 (k.compare(colon, 3, ":pf") == 0 && colon + 3 < k.size() &&
+                                  k.find_first_not_of("0123456789", colon + 3) == std::string::npos && k.size() - colon <= 5);
+              if ((kernel != "v1" && kernel != "v2" && kernel != "v2page" && kernel != "v2mc" && kernel != "default") || !pf_ok)
+                return "unknown decode kernel '" + k + "' (v1, v2, v2page, v2mc, default; optional :pfN, N pages of L2 prefetch)";
+            }
             return "";
           });
       return [opt]() -> int {

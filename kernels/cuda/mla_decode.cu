@@ -65,6 +65,8 @@ constexpr int bar_p_ready = 1, bar_p_free = 2, bar_wg0 = 3;
 
 struct decode_params {
   const __nv_bfloat16* q;
+  const std::uint8_t* kv;  // the cache, for L2 prefetches
+  int l2_prefetch;         // pages to prefetch into L2 ahead of the TMA loads (0: none)
   const int* block_table;
   int block_table_ld;
   const int* seqlens;
@@ -78,6 +80,23 @@ struct decode_params {
 };
 
 // -- kernels ----------------------------------------------------------------------------
+/// Asks L2 to fetch page `page_id` (72 KiB, contiguous) now, so that its TMA load later hits L2. Two shared-
+/// memory stages cap the KV bytes a CTA has in flight; L2 prefetches raise that without shared memory.
+__device__ __forceinline__ void prefetch_page_l2(const decode_params& p, int page_id) {
+  const std::uint8_t* src = p.kv + static_cast<std::size_t>(page_id) * tile_bytes;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(tile_bytes) : "memory");
+}
+
+/// Prefetches for a CTA that has just issued the TMA load of page i (first call with i = 0 covers 1 .. D).
+__device__ __forceinline__ void prefetch_ahead(const decode_params& p, const int* pages, int i, int n) {
+  if (p.l2_prefetch <= 0) return;
+  if (i == 0) {
+    for (int k = stages; k <= min(p.l2_prefetch + stages - 1, n - 1); ++k) prefetch_page_l2(p, pages[k]);
+  } else if (i >= stages && i + p.l2_prefetch < n) {
+    prefetch_page_l2(p, pages[i + p.l2_prefetch]);
+  }
+}
+
 // A split with no pages: mark it empty for the combine (or write zeros when unsplit).
 __device__ __forceinline__ void write_empty_split(const decode_params& p, int b, int split, int head0, int tid) {
   for (int r = tid / 64; r < head_block; r += threads / 64) {
@@ -147,6 +166,7 @@ mla_decode_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_param
   };
   if (tid == 128) {
     for (int i = 0; i < min(n, stages); ++i) issue_tile(i);
+    prefetch_ahead(p, pages, 0, n);
   }
 
   // Q tile -> shared memory (swizzled chunks); rows past `heads` are zero.
@@ -297,6 +317,7 @@ mla_decode_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_param
       if (tid == 128 && i + stages < n) {
         mbar_wait(&empty[stage], (i / stages) & 1);
         issue_tile(i + stages);
+        prefetch_ahead(p, pages, i + stages, n);
       }
       __syncwarp();
     }
@@ -352,6 +373,11 @@ static_assert(smem_bytes <= 227 * 1024, "v2 decode shared memory exceeds the sm_
 constexpr int bar_pub = 1, bar_wg = 3;
 } // namespace v2
 
+// chunk_wait: S waits for each 64-column box just before its four wgmmas (else for the whole page first).
+// multicast: launched as clusters of the 2 head blocks of a sequence; each CTA loads every other box of a page
+// and multicasts it to both, so a page crosses L2 -> SM once for both. A stage is refilled only when both
+// CTAs have released it (each warp arrives on the `empty` barriers of both CTAs).
+template <bool chunk_wait, bool multicast>
 __global__ void __launch_bounds__(threads, 1)
 mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_params p) {
   extern __shared__ std::uint8_t smem_raw[];
@@ -384,13 +410,21 @@ mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map, const decod
     return;
   }
 
+  const std::uint32_t rank = multicast ? (blockIdx.x & 1u) : 0u; // = %cluster_ctarank for clusters of (2, 1, 1)
   if (tid == 0) {
     tma_prefetch_descriptor(&kv_map);
     for (int i = 0; i < stages * qk_chunks; ++i) mbar_init(&full[i], 1);
-    for (int s = 0; s < stages; ++s) mbar_init(&empty[s], 8); // lane 0 of each of the 8 warps
+    for (int s = 0; s < stages; ++s) mbar_init(&empty[s], multicast ? 16 : 8); // lane 0 of each warp (of both CTAs)
     fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (multicast)
+    cluster_sync(); // the peer's boxes and arrivals may only come once our barriers exist
+  else
+    __syncthreads();
+  auto release = [&](int stage) { // lane 0 of each warp, once this warp is done with the stage's page
+    mbar_arrive(&empty[stage]);
+    if constexpr (multicast) mbar_arrive_cluster(&empty[stage], rank ^ 1u);
+  };
 
   auto issue_tile = [&](int i) {
     const int stage = i % stages;
@@ -398,11 +432,18 @@ mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map, const decod
 #pragma unroll
     for (int c = 0; c < qk_chunks; ++c) {
       mbar_arrive_expect_tx(&full[stage * qk_chunks + c], chunk_bytes);
-      tma_load_2d(&kv_map, s_kv + stage * tile_bytes + c * chunk_bytes, &full[stage * qk_chunks + c], c * 64, page_id * page);
+      if constexpr (multicast) {
+        if ((c & 1) == static_cast<int>(rank))
+          tma_load_2d_multicast(&kv_map, s_kv + stage * tile_bytes + c * chunk_bytes, &full[stage * qk_chunks + c], c * 64,
+                                page_id * page, 0x3);
+      } else {
+        tma_load_2d(&kv_map, s_kv + stage * tile_bytes + c * chunk_bytes, &full[stage * qk_chunks + c], c * 64, page_id * page);
+      }
     }
   };
   if (tid == 0) {
     for (int i = 0; i < min(n, stages); ++i) issue_tile(i);
+    if (rank == 0) prefetch_ahead(p, pages, 0, n);
   }
 
   {
@@ -455,6 +496,11 @@ mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map, const decod
         wgmma_m64n256k16_ss_kmn(o, desc_k_major(kv_other + 8 * chunk_bytes + kk * 32),
                                 desc_mn_major(kv_other + v_half + kk * 16 * 128, chunk_bytes), 1);
       wgmma_commit();
+      // Release page j - 1 now, before waiting for page j: page j + 1's load waits for this release, so
+      // holding it until page j has landed would chain every load behind the previous one.
+      wgmma_wait<0>();
+      fence_registers(o);
+      if (lane == 0) release(1 - w);
     }
     if (own) {
       // (2) S = Q K^T of our page j, chunk by chunk as its boxes land
@@ -462,21 +508,20 @@ mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map, const decod
       float s[32];
 #pragma unroll
       for (int i = 0; i < 32; ++i) s[i] = 0.f;
+      if constexpr (!chunk_wait) {
+#pragma unroll
+        for (int c = 0; c < qk_chunks; ++c) mbar_wait(&full[w * qk_chunks + c], ph);
+      }
       wgmma_fence();
 #pragma unroll
       for (int c = 0; c < qk_chunks; ++c) {
-        mbar_wait(&full[w * qk_chunks + c], ph);
+        if constexpr (chunk_wait) mbar_wait(&full[w * qk_chunks + c], ph);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
           wgmma_m64n64k16_ss_kk(s, desc_k_major(s_q + c * chunk_bytes + kk * 32), desc_k_major(kv_own + c * chunk_bytes + kk * 32),
                                 (c | kk) != 0);
       }
       wgmma_commit();
-      if (j >= 1) {
-        wgmma_wait<1>(); // P V of page j - 1 (committed first) is done: release its stage
-        fence_registers(o);
-        if (lane == 0) mbar_arrive(&empty[1 - w]);
-      }
       wgmma_wait<0>();
       fence_registers(s);
 
@@ -545,18 +590,22 @@ mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map, const decod
       wgmma_commit();
       wgmma_wait<0>();
       fence_registers(o);
-      if (lane == 0) mbar_arrive(&empty[w]);
+      if (lane == 0) release(w);
       if (wtid == 0 && j + stages < n) {
-        mbar_wait(&empty[w], ph); // the other warpgroup is done with page j too
+        // the other warpgroup (and with multicast the peer CTA) is done with page j too
+        if constexpr (multicast)
+          mbar_wait_cluster(&empty[w], ph);
+        else
+          mbar_wait(&empty[w], ph);
         issue_tile(j + stages);
+        if (rank == 0) prefetch_ahead(p, pages, j + stages, n);
       }
       __syncwarp();
-    } else {
-      wgmma_wait<0>(); // the other warpgroup's last page
-      fence_registers(o);
-      if (lane == 0) mbar_arrive(&empty[1 - w]);
     }
   }
+
+  // No box or arrival from the peer may target this CTA after it exits.
+  if constexpr (multicast) cluster_sync();
 
   // ---- epilogue: the two warpgroups' row sums, normalise, store this warpgroup's 256 columns ----
 #pragma unroll
@@ -686,8 +735,9 @@ int pick_splits(int batch, int heads, int max_seqlen, int sms) {
 
 /// Raises `kernel`'s dynamic shared-memory limit once per device (the attribute is per device, and a process
 /// may drive several GPUs from several threads).
-template <typename Kernel>
-inline cudaError_t raise_smem_limit_once(Kernel kernel, int bytes) {
+/// One instantiation (so one record of devices) per kernel: both decode kernels share a signature.
+template <auto kernel>
+inline cudaError_t raise_smem_limit_once(int bytes) {
   static std::mutex mutex;
   static std::uint64_t done = 0; // bit d: set on device d
   int dev = 0;
@@ -752,13 +802,23 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
   // PETREL_MLA_DECODE=v1 selects the first kernel (warpgroup 0 does every page's S and softmax); the default
   // is the seesaw kernel (docs/mla-kernels.md). Read per call, so a benchmark can switch between them.
   const char* variant = std::getenv("PETREL_MLA_DECODE");
+  // PETREL_MLA_DECODE=v2page: the seesaw kernel waiting for whole pages; v2mc: the seesaw kernel in clusters
+  // of the two head blocks with multicast page loads (when the head blocks pair up). Experiments: see the doc.
   const bool use_v1 = variant && std::strcmp(variant, "v1") == 0;
-  const cudaError_t attr_err = use_v1 ? raise_smem_limit_once(mla_decode_kernel, smem_bytes)
-                                      : raise_smem_limit_once(mla_decode_seesaw_kernel, v2::smem_bytes);
+  const bool use_page_wait = variant && std::strcmp(variant, "v2page") == 0;
+  const int head_blocks = (heads + head_block - 1) / head_block;
+  const bool use_multicast = variant && std::strcmp(variant, "v2mc") == 0 && head_blocks % 2 == 0;
+  const cudaError_t attr_err = use_v1          ? raise_smem_limit_once<mla_decode_kernel>(smem_bytes)
+                               : use_page_wait ? raise_smem_limit_once<mla_decode_seesaw_kernel<false, false>>(v2::smem_bytes)
+                               : use_multicast ? raise_smem_limit_once<mla_decode_seesaw_kernel<true, true>>(v2::smem_bytes)
+                                               : raise_smem_limit_once<mla_decode_seesaw_kernel<true, false>>(v2::smem_bytes);
   if (attr_err != cudaSuccess) return kernel_status::failure(who + ": cannot raise the shared-memory limit: " + cudaGetErrorString(attr_err));
 
   decode_params p{};
   p.q = static_cast<const __nv_bfloat16*>(q);
+  p.kv = static_cast<const std::uint8_t*>(kv_cache);
+  p.l2_prefetch = 4;
+  if (const char* pf = std::getenv("PETREL_MLA_DECODE_PREFETCH")) p.l2_prefetch = std::max(0, std::min(64, std::atoi(pf)));
   p.block_table = block_table;
   p.block_table_ld = block_table_ld;
   p.seqlens = seqlens;
@@ -774,8 +834,26 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
   const dim3 grid((heads + head_block - 1) / head_block, splits, batch);
   if (use_v1)
     mla_decode_kernel<<<grid, threads, smem_bytes, stream>>>(kv_map, p);
-  else
-    mla_decode_seesaw_kernel<<<grid, threads, v2::smem_bytes, stream>>>(kv_map, p);
+  else if (use_page_wait)
+    mla_decode_seesaw_kernel<false, false><<<grid, threads, v2::smem_bytes, stream>>>(kv_map, p);
+  else if (!use_multicast)
+    mla_decode_seesaw_kernel<true, false><<<grid, threads, v2::smem_bytes, stream>>>(kv_map, p);
+  else {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = v2::smem_bytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t launch_err = cudaLaunchKernelEx(&cfg, mla_decode_seesaw_kernel<true, true>, kv_map, p);
+    if (launch_err != cudaSuccess) return kernel_status::failure(who + ": cluster launch failed: " + cudaGetErrorString(launch_err));
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return kernel_status::failure(who + ": launch failed: " + cudaGetErrorString(err));
   if (splits > 1) {

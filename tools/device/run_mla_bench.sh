@@ -7,6 +7,7 @@
 #       as tools/device/run_cuda_bench.sh.
 #   device (repo root):     tools/device/run_mla_bench.sh run [extra bench-mla flags]
 #       env: TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound the tests and the bench; NCU=1 also profiles the first decode launch (batch 64, KV 2048) and the prefill with ncu;
+#            (NCU=decode: the decode only; NCU_DECODE_KERNEL picks the --decode-kernels entry to profile);
 #            SKIP_TESTS=1 skips the unit tests. Logs, bench JSON and SASS counts land under $OUT.
 set -uo pipefail
 here=device/mla
@@ -73,11 +74,11 @@ echo "bench rc=${PIPESTATUS[0]}"
 if [[ -n ${NCU:-} ]]; then
   echo "== ncu: first decode launch (batch 64, KV 2048) and one prefill launch"
   sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
-  timeout 150 ncu $sections -k regex:mla_decode_kernel -c 1 "$bin/petrel" bench-mla --only decode --iters 1 --warmup 0 \
-    > "$out/ncu_decode.txt" 2>&1
+  timeout 150 ncu $sections -k regex:'mla_decode_(seesaw_)?kernel' -c 1 "$bin/petrel" bench-mla --only decode --iters 1 --warmup 0 \
+    --decode-kernels "${NCU_DECODE_KERNEL:-default}" > "$out/ncu_decode.txt" 2>&1
   echo "ncu decode rc=$?"
   grep -E 'Throughput|Duration|Busy|Pipe|Stall|Issued|Eligible|Bandwidth|L2 Hit|Executed Ipc' "$out/ncu_decode.txt" | head -40
-  timeout 150 ncu $sections -k regex:mla_prefill_kernel -c 1 "$bin/petrel" bench-mla --only prefill --iters 1 --warmup 0 \
+  [[ $NCU == decode ]] || timeout 150 ncu $sections -k regex:mla_prefill_kernel -c 1 "$bin/petrel" bench-mla --only prefill --iters 1 --warmup 0 \
     > "$out/ncu_prefill.txt" 2>&1
   echo "ncu prefill rc=$?"
   grep -E 'Throughput|Duration|Busy|Pipe|Stall|Issued|Eligible' "$out/ncu_prefill.txt" | head -25
