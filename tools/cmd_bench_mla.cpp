@@ -129,17 +129,17 @@ double measure_hbm_gbs(const bench_options& opt, nlohmann::json& out) {
   return std::max(gbs_kernel, gbs_memcpy);
 }
 
-// Selects the decode kernel for the following launches: "v1" (the first kernel), "v2page" (seesaw, whole-page
-// waits), "v2mc" (seesaw in 2-CTA clusters, multicast loads) or "v2" / "default" (the seesaw kernel), each
-// optionally with ":pfN" (N pages of L2 prefetch ahead; else the kernel's default). mla_decode.cu reads
-// PETREL_MLA_DECODE and PETREL_MLA_DECODE_PREFETCH on every call.
+// Selects the decode kernel for the following launches: "v1" / "default" (the first kernel, the default),
+// "v2" (seesaw, box-wise waits), "v2page" (seesaw, page-wise waits) or "v2mc" (v2 in 2-CTA clusters with
+// multicast loads), each optionally with ":pfN" (N pages of L2 prefetch ahead; default 0). mla_decode.cu
+// reads PETREL_MLA_DECODE and PETREL_MLA_DECODE_PREFETCH on every call.
 void select_decode_kernel(const std::string& name) {
   const auto colon = name.find(':');
   const std::string kernel = name.substr(0, colon);
-  if (kernel == "v1" || kernel == "v2page" || kernel == "v2mc")
-    setenv("PETREL_MLA_DECODE", kernel.c_str(), 1);
-  else
+  if (kernel == "default")
     unsetenv("PETREL_MLA_DECODE");
+  else
+    setenv("PETREL_MLA_DECODE", kernel.c_str(), 1);
   if (colon != std::string::npos)
     setenv("PETREL_MLA_DECODE_PREFETCH", name.substr(colon + 3).c_str(), 1);
   else
@@ -307,8 +307,8 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--iters", opt->iters, "timed launches per shape (median reported)")->check(CLI::Range(1, 10000));
       sub.add_option("--warmup", opt->warmup, "untimed launches first")->check(CLI::Range(0, 1000));
       sub.add_option("--decode-kernels", opt->decode_kernels,
-                     "comma list of decode kernels to time: v1 (first kernel), v2 (seesaw), v2page (seesaw, whole-page waits), "
-                     "v2mc (seesaw, 2-CTA clusters with multicast loads), "
+                     "comma list of decode kernels to time: v1 (first kernel, the default), v2 (seesaw), v2page (seesaw, "
+                     "whole-page waits), v2mc (seesaw, 2-CTA clusters with multicast loads), "
                      "default; each optionally :pfN (N pages of L2 prefetch, e.g. v2:pf0)")
           ->check([](const std::string& v) -> std::string {
             std::stringstream list(v);

@@ -18,6 +18,10 @@
 //    only. Each CTA takes its share of ceil(seqlen / 64) pages, read from seqlens on the device, so the
 //    launch is CUDA-graph safe. With splits, partial O (fp32, normalised) and log2-sum-exp go to the
 //    workspace and a combine kernel merges them.
+//  * That kernel (v1) is the default. The seesaw kernel below (v2: the warpgroups alternate pages, one's
+//    softmax meant to overlap the other's matrix work; with page-wise or box-wise waits, optionally in 2-CTA
+//    clusters with multicast loads) is correct but was 4-75% slower on the H100, because its hand-over
+//    chain per page is as long as v1's (docs/mla-kernels.md); it stays selectable with PETREL_MLA_DECODE.
 #include "kernels/cuda/mla.hpp"
 
 #include <cuda.h>
@@ -355,9 +359,13 @@ mla_decode_kernel(const __grid_constant__ CUtensorMap kv_map, const decode_param
 // row maximum that the other warpgroup left after page i - 1 in shared memory), hands P (bf16) to the other
 // warpgroup in the page's rope chunk (dead once S is done, so no extra buffer), and does its half of O with
 // P from registers; for the other warpgroup's page it only does its half of O with P from shared memory.
-// So one warpgroup's softmax and hand-over overlap the other's S, the tensor work is split evenly
+// The intent: one warpgroup's softmax and hand-over overlap the other's S, the tensor work is split evenly
 // (36 + 16 + 16 k16-steps of 64 x 64 per page pair each), and each page's 9 boxes complete on their own
-// mbarriers, so S starts on the first 64 columns while the rest are still arriving.
+// mbarriers, so S can start on the first 64 columns while the rest are still arriving. Measured (H100,
+// docs/mla-kernels.md): slower than v1. A warpgroup must release page j - 1 (its P V of the other's page)
+// before it may wait for page j, or every load chains behind the previous one; and then S of page j + 1
+// starts only after the hand-over of page j, so the chain per page (hand-over, P V, S, softmax) is no
+// shorter than v1's, with more barriers in it.
 // Per page i, in program order, both warpgroups apply O = O * 2^(M_{i-1} - M_i) + P_i V_i with the same
 // running maxima M, so the two halves of O and the two partial row sums stay consistent.
 namespace v2 {
@@ -799,15 +807,19 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return kernel_status::failure(who + ": cannot encode the kv_cache TMA descriptor");
 
-  // PETREL_MLA_DECODE=v1 selects the first kernel (warpgroup 0 does every page's S and softmax); the default
-  // is the seesaw kernel (docs/mla-kernels.md). Read per call, so a benchmark can switch between them.
+  // Kernel choice (docs/mla-kernels.md). The default is v1, the fastest on the H100 (2026-11-23 runs). The seesaw
+  // variants stay selectable through PETREL_MLA_DECODE, read on every call so that a benchmark can switch:
+  // v2 (seesaw, S waits box by box), v2page (seesaw, S waits for the whole page), v2mc (v2 in clusters of the
+  // two head blocks with multicast page loads; plain v2 when the head blocks do not pair up). Any other value
+  // (or none) is v1. PETREL_MLA_DECODE_PREFETCH=N adds L2 prefetches N pages ahead (default 0: they made every
+  // variant slower).
   const char* variant = std::getenv("PETREL_MLA_DECODE");
-  // PETREL_MLA_DECODE=v2page: the seesaw kernel waiting for whole pages; v2mc: the seesaw kernel in clusters
-  // of the two head blocks with multicast page loads (when the head blocks pair up). Experiments: see the doc.
-  const bool use_v1 = variant && std::strcmp(variant, "v1") == 0;
-  const bool use_page_wait = variant && std::strcmp(variant, "v2page") == 0;
+  auto selected = [&](const char* name) { return variant && std::strcmp(variant, name) == 0; };
   const int head_blocks = (heads + head_block - 1) / head_block;
-  const bool use_multicast = variant && std::strcmp(variant, "v2mc") == 0 && head_blocks % 2 == 0;
+  const bool use_multicast = selected("v2mc") && head_blocks % 2 == 0;
+  const bool use_page_wait = selected("v2page");
+  const bool use_chunk_wait = selected("v2") || (selected("v2mc") && !use_multicast);
+  const bool use_v1 = !use_multicast && !use_page_wait && !use_chunk_wait;
   const cudaError_t attr_err = use_v1          ? raise_smem_limit_once<mla_decode_kernel>(smem_bytes)
                                : use_page_wait ? raise_smem_limit_once<mla_decode_seesaw_kernel<false, false>>(v2::smem_bytes)
                                : use_multicast ? raise_smem_limit_once<mla_decode_seesaw_kernel<true, true>>(v2::smem_bytes)
@@ -817,7 +829,7 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
   decode_params p{};
   p.q = static_cast<const __nv_bfloat16*>(q);
   p.kv = static_cast<const std::uint8_t*>(kv_cache);
-  p.l2_prefetch = 4;
+  p.l2_prefetch = 0;
   if (const char* pf = std::getenv("PETREL_MLA_DECODE_PREFETCH")) p.l2_prefetch = std::max(0, std::min(64, std::atoi(pf)));
   p.block_table = block_table;
   p.block_table_ld = block_table_ld;
@@ -836,7 +848,7 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
     mla_decode_kernel<<<grid, threads, smem_bytes, stream>>>(kv_map, p);
   else if (use_page_wait)
     mla_decode_seesaw_kernel<false, false><<<grid, threads, v2::smem_bytes, stream>>>(kv_map, p);
-  else if (!use_multicast)
+  else if (use_chunk_wait)
     mla_decode_seesaw_kernel<true, false><<<grid, threads, v2::smem_bytes, stream>>>(kv_map, p);
   else {
     cudaLaunchConfig_t cfg{};
