@@ -40,34 +40,8 @@ std::string ep_cluster_yaml(const std::string& run_dir) {
          "supervision: {node_intensity: 5, node_period: 60s, intensity: 20, period: 10s}\n";
 }
 
-/// Text of a completion with these settings (`extra` adds JSON fields).
 std::string complete(int port, const std::string& prompt, int max_tokens, const std::string& extra = "") {
-  json body{{"model", "fortune-moe"}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}};
-  auto text = body.dump();
-  if (!extra.empty())
-    text = text.substr(0, text.size() - 1) + "," + extra + "}";
-  auto r = http_post(port, "/v1/completions", text);
-  REQUIRE_MESSAGE(r.status == 200, r.body);
-  return json::parse(r.body)["choices"][0]["text"];
-}
-
-/// What `petrel generate` (one process, all experts local) says, greedy.
-std::string reference_text(const std::string& prompt, int max_tokens) {
-  std::string ids = "256";
-  for (unsigned char c : prompt)
-    ids += "," + std::to_string(c);
-  auto r = run_petrel("generate --model " + fortune_model_dir() + " --input-ids " + ids + " --max-new-tokens " +
-                      std::to_string(max_tokens) + " --temperature 0");
-  REQUIRE(r.exit_code == 0);
-  std::string text;
-  auto out = json::parse(r.output.substr(r.output.find('{'))); // (never range-for over a temporary's member)
-  for (int id : out["output_ids"]) {
-    if (id == 257)
-      break;
-    if (id < 256)
-      text += static_cast<char>(id);
-  }
-  return text;
+  return completion_text(port, prompt, max_tokens, extra);
 }
 
 bool group_running(launched_cluster& c, const std::string& group) {

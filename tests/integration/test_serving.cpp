@@ -10,6 +10,7 @@
 
 #include "actors/cluster.hpp"
 #include "tests/support/http_client.hpp"
+#include "tests/support/launched_cluster.hpp"
 #include "tests/support/process.hpp"
 
 using namespace petrel::test;
@@ -68,33 +69,10 @@ struct running_cluster {
 };
 
 std::string completion(int port, const std::string& prompt, int max_tokens, const std::string& extra_fields = "") {
-  json body{{"model", "fortune-moe"}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}};
-  auto text = body.dump();
-  if (!extra_fields.empty())
-    text = text.substr(0, text.size() - 1) + "," + extra_fields + "}";
-  auto r = http_post(port, "/v1/completions", text);
-  REQUIRE_MESSAGE(r.status == 200, r.body);
-  return json::parse(r.body)["choices"][0]["text"];
+  return petrel::test::completion_text(port, prompt, max_tokens, extra_fields);
 }
 
-/// What `petrel generate` (one process, no actors, no transfer) says for the same prompt.
-std::string reference_text(const std::string& prompt, int max_tokens) {
-  std::string ids = "256";
-  for (unsigned char c : prompt)
-    ids += "," + std::to_string(c);
-  auto r = run_petrel("generate --model " + model_dir() + " --input-ids " + ids + " --max-new-tokens " +
-                      std::to_string(max_tokens) + " --temperature 0");
-  REQUIRE(r.exit_code == 0);
-  auto out = json::parse(r.output.substr(r.output.find('{')))["output_ids"];
-  std::string text;
-  for (int id : out) {
-    if (id == 257)
-      break;
-    if (id < 256)
-      text += static_cast<char>(id);
-  }
-  return text;
-}
+using petrel::test::reference_text;
 
 /// The text of an SSE completion stream: (concatenated text, events, whether [DONE] came).
 std::tuple<std::string, size_t, bool> sse_text(const std::string& body) {

@@ -19,6 +19,37 @@ namespace petrel::test {
 /// Where the embedded model lives in the source tree.
 inline std::string fortune_model_dir() { return std::string(PETREL_SOURCE_DIR) + "/tests/data/fortune-moe"; }
 
+/// Text of a /v1/completions answer (greedy unless `extra` JSON fields say otherwise); REQUIREs a 200.
+inline std::string completion_text(int port, const std::string& prompt, int max_tokens, const std::string& extra = "") {
+  nlohmann::json body{{"model", "fortune-moe"}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}};
+  auto text = body.dump();
+  if (!extra.empty())
+    text = text.substr(0, text.size() - 1) + "," + extra + "}";
+  auto r = http_post(port, "/v1/completions", text);
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  return nlohmann::json::parse(r.body)["choices"][0]["text"];
+}
+
+/// What `petrel generate` (one process, no actors, no transfer, all experts local) says for the embedded model,
+/// greedy: the reference every served output is compared with.
+inline std::string reference_text(const std::string& prompt, int max_tokens) {
+  std::string ids = "256"; // the byte tokenizer's BOS
+  for (unsigned char c : prompt)
+    ids += "," + std::to_string(c);
+  auto r = run_petrel("generate --model " + fortune_model_dir() + " --input-ids " + ids + " --max-new-tokens " +
+                      std::to_string(max_tokens) + " --temperature 0");
+  REQUIRE(r.exit_code == 0);
+  auto out = nlohmann::json::parse(r.output.substr(r.output.find('{'))); // (never range-for over a temporary)
+  std::string text;
+  for (int id : out["output_ids"]) {
+    if (id == 257) // EOS
+      break;
+    if (id < 256)
+      text += static_cast<char>(id);
+  }
+  return text;
+}
+
 /// A launched cluster. `yaml_for(run_dir)` returns the cluster.yaml text; it must name the cluster `name`,
 /// use `run_dir` and gateway port 0.
 class launched_cluster {

@@ -5,6 +5,8 @@
 #ifdef PETREL_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "tests/support/cuda_test_util.hpp"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -23,10 +25,7 @@ namespace {
 
 using namespace petrel::cuda;
 
-bool gpu_available() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+using petrel::test::gpu_available;
 
 // -- CPU number formats -----------------------------------------------------------------
 
@@ -57,19 +56,9 @@ std::uint8_t float_to_e4m3(float v) {
   return sign | static_cast<std::uint8_t>(code);
 }
 
-std::uint16_t float_to_bf16(float v) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<std::uint16_t>(bits >> 16);
-}
+using petrel::test::float_to_bf16;
 
-float bf16_to_float(std::uint16_t b) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(b) << 16;
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
+using petrel::test::bf16_to_float;
 
 // -- device buffers -----------------------------------------------------------------------
 

@@ -5,6 +5,8 @@
 #ifdef PETREL_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "tests/support/cuda_test_util.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,25 +24,12 @@ namespace {
 
 using namespace petrel::cuda;
 
-bool gpu_available() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+using petrel::test::gpu_available;
 
 // -- number formats ---------------------------------------------------------------------------
 
-std::uint16_t f2bf(float v) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<std::uint16_t>(bits >> 16);
-}
-float bf2f(std::uint16_t b) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(b) << 16;
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
+std::uint16_t f2bf(float v) { return petrel::test::float_to_bf16(v); }
+float bf2f(std::uint16_t b) { return petrel::test::bf16_to_float(b); }
 float rbf(float v) { return bf2f(f2bf(v)); }
 
 float e4m3_to_float(std::uint8_t code) {
