@@ -418,7 +418,7 @@ decode_scheduler_actor::behavior_type decode_impl(decode_pointer self, service_c
         abort_request(self, rid);
         update_gauges(self);
       },
-      [self](rebalance_atom) { return ep_request_rebalance(self); },
+      [self](rebalance_atom, bool trigger) { return ep_request_rebalance(self, trigger); },
       [self](load_atom) {
         auto& st = self->state;
         group_load l{st.group.name, 0, 0, 0, 0, 0, static_cast<int32_t>(st.slots.size())};

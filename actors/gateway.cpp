@@ -500,6 +500,15 @@ std::vector<child_spec> service_children(const service_context& sc) {
                                },
                                "decode scheduler"});
   }
+  for (auto& g : sc.cfg->groups)
+    if (g.ep_size > 1) {
+      auto group = g;
+      out.push_back(child_spec{eplb_rebalancer_name(g.name), restart_type::permanent,
+                               [sc, group](caf::local_actor* p, const child_context& ctx) {
+                                 return spawn_eplb_rebalancer(p, sc, group, ctx);
+                               },
+                               "EPLB rebalancer"});
+    }
   out.push_back(child_spec{router_name, restart_type::permanent,
                            [sc](caf::local_actor* p, const child_context& ctx) { return spawn_router(p, sc, ctx); },
                            "router"});

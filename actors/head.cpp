@@ -312,24 +312,22 @@ head_actor::behavior_type head_impl(head_pointer self, cluster_config cfg, std::
         return rp;
       },
       [self](rebalance_atom, const std::string& group) -> caf::result<std::string> {
+        // The group's eplb_rebalancer owns rebalancing: it asks the group's ranks and counts what it did.
         auto* g = self->state.cfg.find_group(group);
         if (!g)
           return make_error(petrel_errc::bad_request, "no group named '" + group + "'");
-        auto name = g->role == group_role::prefill ? prefill_scheduler_name(group) : decode_scheduler_name(group);
+        if (g->ep_size <= 1)
+          return make_error(petrel_errc::bad_request,
+                            "group '" + group + "' is not expert-parallel (it has one rank; ep_size 1)");
         auto rp = self->make_response_promise<std::string>();
-        self->request(self->state.service_supervisor, std::chrono::seconds(2), whereis_atom::value, name)
+        self->request(self->state.service_supervisor, std::chrono::seconds(2), whereis_atom::value,
+                      eplb_rebalancer_name(group))
             .then(
-                [self, rp, prefill = g->role == group_role::prefill](caf::actor& scheduler, uint64_t) mutable {
-                  auto forward = [rp](std::string& stats) mutable { rp.deliver(std::move(stats)); };
-                  auto failed = [rp](caf::error& err) mutable { rp.deliver(err); };
-                  if (prefill)
-                    self->request(caf::actor_cast<prefill_scheduler_actor>(scheduler), std::chrono::seconds(40),
-                                  rebalance_atom::value)
-                        .then(forward, failed);
-                  else
-                    self->request(caf::actor_cast<decode_scheduler_actor>(scheduler), std::chrono::seconds(40),
-                                  rebalance_atom::value)
-                        .then(forward, failed);
+                [self, rp](caf::actor& rebalancer, uint64_t) mutable {
+                  self->request(caf::actor_cast<eplb_rebalancer_actor>(rebalancer), std::chrono::seconds(40),
+                                rebalance_atom::value)
+                      .then([rp](std::string& stats) mutable { rp.deliver(std::move(stats)); },
+                            [rp](caf::error& err) mutable { rp.deliver(err); });
                 },
                 [rp](caf::error& err) mutable { rp.deliver(err); });
         return rp;

@@ -60,6 +60,15 @@ using head_actor = caf::typed_actor<
     /// the ranks' EP statistics as JSON.
     caf::replies_to<rebalance_atom, std::string>::with<std::string>>;
 
+/// The EPLB REBALANCER actor interface: one per expert-parallel group, in the head under the service
+/// supervisor. It watches the group's balancedness (petrel_eplb_balancedness) and triggers live rebalances,
+/// on command or when balancedness falls below the group's `rebalance_below`.
+using eplb_rebalancer_actor = caf::typed_actor<
+    /// A live rebalance of the group now (at its next step); answers the ranks' EP statistics (JSON array).
+    caf::replies_to<rebalance_atom>::with<std::string>,
+    /// Internal: the periodic look at the group's statistics.
+    caf::reacts_to<tick_atom>>;
+
 /// The NODE PROXY actor interface: the head-side stand-in of one node process, supervised by the
 /// cluster_supervisor. It lives exactly as long as its process and its connection.
 using node_proxy_actor = caf::typed_actor<
@@ -99,9 +108,9 @@ using rank_actor = liveness_protocol::extend<
     /// Phase 2: connect to every peer's address and split the model by the placement; answers once the rank
     /// can step.
     caf::replies_to<rebuild_atom, ep_peers>::with<caf::ok_atom>,
-    /// Expert parallelism: asks for a live EPLB rebalance at the next step boundary; answers the rank's EP
-    /// statistics as JSON.
-    caf::replies_to<rebalance_atom>::with<std::string>>;
+    /// Expert parallelism: answers the rank's EP statistics as JSON; with `true`, first asks for a live EPLB
+    /// rebalance at the next step boundary.
+    caf::replies_to<rebalance_atom, bool>::with<std::string>>;
 
 /// The KV AGENT actor interface: one per node process. Owns the node's UCX KV-transfer engine
 /// (its progress thread) and moves pages: put, flush, then an active-message notice.
@@ -128,9 +137,9 @@ using prefill_scheduler_actor = caf::typed_actor<
     caf::reacts_to<abort_atom, uint64_t>,
     /// Answers the group's load.
     caf::replies_to<load_atom>::with<group_load>,
-    /// Expert parallelism: a live rebalance of the group's experts at its next step; answers every rank's EP
-    /// statistics as a JSON array (an error when the group is not expert-parallel).
-    caf::replies_to<rebalance_atom>::with<std::string>,
+    /// Expert parallelism: every rank's EP statistics as a JSON array (an error when the group is not
+    /// expert-parallel); with `true`, a live rebalance of the group's experts at its next step first.
+    caf::replies_to<rebalance_atom, bool>::with<std::string>,
     /// Periodic housekeeping: resolve ranks that are down, expire stale reservations.
     caf::reacts_to<tick_atom>>;
 
@@ -148,9 +157,9 @@ using decode_scheduler_actor = caf::typed_actor<
     caf::reacts_to<abort_atom, uint64_t>,
     /// Answers the group's load.
     caf::replies_to<load_atom>::with<group_load>,
-    /// Expert parallelism: a live rebalance of the group's experts at its next step; answers every rank's EP
-    /// statistics as a JSON array (an error when the group is not expert-parallel).
-    caf::replies_to<rebalance_atom>::with<std::string>,
+    /// Expert parallelism: every rank's EP statistics as a JSON array (an error when the group is not
+    /// expert-parallel); with `true`, a live rebalance of the group's experts at its next step first.
+    caf::replies_to<rebalance_atom, bool>::with<std::string>,
     /// Periodic housekeeping: resolve ranks that are down, expire stale reservations.
     caf::reacts_to<tick_atom>>;
 

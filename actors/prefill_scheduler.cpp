@@ -315,7 +315,7 @@ prefill_scheduler_actor::behavior_type prefill_impl(prefill_pointer self, servic
         return caf::ok_atom::value;
       },
       [self](abort_atom, uint64_t rid) { abort_job(self, rid); },
-      [self](rebalance_atom) { return ep_request_rebalance(self); },
+      [self](rebalance_atom, bool trigger) { return ep_request_rebalance(self, trigger); },
       [self](load_atom) {
         auto& st = self->state;
         group_load l{st.group.name, static_cast<int32_t>(st.jobs.size()), 0, 0, 0, 0,

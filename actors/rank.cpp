@@ -340,12 +340,13 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
         }
         return caf::ok_atom::value;
       },
-      [self](rebalance_atom) -> caf::result<std::string> {
+      [self](rebalance_atom, bool trigger) -> caf::result<std::string> {
         auto& st = self->state;
         if (!st.ep)
           return make_error(petrel_errc::bad_request,
                             st.config.ep_size > 1 ? "the EP group is not formed yet" : "rank is not expert-parallel");
-        st.ep->request_rebalance();
+        if (trigger)
+          st.ep->request_rebalance();
         return ep_stats_json(st);
       },
   };

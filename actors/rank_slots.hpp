@@ -126,10 +126,10 @@ bool ep_can_step(Self* self, Resume resume) {
   return false;
 }
 
-/// Asks every rank of an expert-parallel group for a live rebalance at its next step; answers their EP
-/// statistics as one JSON array (ranks that do not answer are left out).
+/// Collects the EP statistics of every rank of an expert-parallel group as one JSON array (ranks that do not
+/// answer are left out); with `trigger`, each is first asked for a live rebalance at its next step.
 template <class Self>
-caf::result<std::string> ep_request_rebalance(Self* self) {
+caf::result<std::string> ep_request_rebalance(Self* self, bool trigger) {
   auto& st = self->state;
   if (!st.ep.enabled)
     return make_error(petrel_errc::bad_request,
@@ -150,7 +150,7 @@ caf::result<std::string> ep_request_rebalance(Self* self) {
       done();
       continue;
     }
-    self->request(s.handle, std::chrono::seconds(30), rebalance_atom::value)
+    self->request(s.handle, std::chrono::seconds(30), rebalance_atom::value, trigger)
         .then([parts, done](std::string& stats) mutable { parts->push_back(std::move(stats)), done(); },
               [done](caf::error&) mutable { done(); });
   }

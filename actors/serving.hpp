@@ -27,6 +27,7 @@ struct service_context {
 /// Child names under the service supervisor.
 inline std::string prefill_scheduler_name(const std::string& group) { return "prefill/" + group; }
 inline std::string decode_scheduler_name(const std::string& group) { return "decode/" + group; }
+inline std::string eplb_rebalancer_name(const std::string& group) { return "eplb/" + group; }
 inline const char* router_name = "router";
 inline const char* gateway_name = "gateway";
 
@@ -38,6 +39,9 @@ caf::actor spawn_prefill_scheduler(caf::local_actor* parent, const service_conte
 caf::actor spawn_decode_scheduler(caf::local_actor* parent, const service_context& sc, const group_section& group,
                                   const child_context& ctx);
 caf::actor spawn_router(caf::local_actor* parent, const service_context& sc, const child_context& ctx);
+/// One per expert-parallel group (ep_size > 1): see eplb_rebalancer_actor in interfaces.hpp.
+caf::actor spawn_eplb_rebalancer(caf::local_actor* parent, const service_context& sc, const group_section& group,
+                                 const child_context& ctx);
 caf::actor spawn_gateway(caf::local_actor* parent, const service_context& sc, const child_context& ctx);
 
 /// The head process's serving metrics (one registry per process).

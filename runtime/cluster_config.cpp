@@ -473,7 +473,8 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   r.only_keys(groups, "groups", {"prefill", "decode"}, section_line("groups"));
   const std::vector<std::string> common_keys{"name",     "nodes",     "ep_size", "redundant_experts",
                                              "init_expert_location", "ep_mode", "two_batch_overlap",
-                                             "rebalance_every", "kv_pages", "page_size"};
+                                             "rebalance_every", "rebalance_below", "rebalance_min_steps",
+                                             "kv_pages", "page_size"};
   for (auto role : {group_role::prefill, group_role::decode}) {
     const std::string role_name = to_string(role);
     auto list = groups[role_name];
@@ -548,6 +549,13 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       if (auto tbo = g["two_batch_overlap"]; tbo.IsDefined() && !tbo.IsNull())
         grp.two_batch_overlap = r.scalar<bool>(tbo, where + ".two_batch_overlap");
       r.opt_int(g, "rebalance_every", grp.rebalance_every, where, 0, 1 << 30);
+      if (auto rb = g["rebalance_below"]; rb.IsDefined() && !rb.IsNull()) {
+        grp.rebalance_below = r.scalar<double>(rb, where + ".rebalance_below");
+        if (!(grp.rebalance_below >= 0 && grp.rebalance_below <= 1))
+          r.fail(rb, where + ".rebalance_below = " + rb.Scalar() +
+                         " is out of range [0, 1] (a balancedness: mean / max expert load per rank; 0 turns it off)");
+      }
+      r.opt_int(g, "rebalance_min_steps", grp.rebalance_min_steps, where, 1, 1 << 30);
       r.opt_int(g, "chunk_tokens", grp.chunk_tokens, where, 1, 1 << 20);
       r.opt_int(g, "max_batch_tokens", grp.max_batch_tokens, where, 1, 1 << 22);
       r.opt_int(g, "max_running", grp.max_running, where, 1, 1 << 16);
@@ -565,10 +573,12 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
           auto placement = grp.init_expert_location.empty()
                                ? ep::initial_placement(mcfg, grp.ep_size, grp.redundant_experts)
                                : ep::placement_from_file(grp.init_expert_location, mcfg, grp.ep_size);
-          if (grp.rebalance_every > 0 && placement.num_slots % grp.ep_size != 0)
-            r.fail(g["rebalance_every"], where + ".rebalance_every needs the " + std::to_string(placement.num_slots) +
-                                             " expert slots to divide evenly over the " + std::to_string(grp.ep_size) +
-                                             " ranks; set redundant_experts so that experts + redundant_experts does");
+          for (const char* key : {"rebalance_every", "rebalance_below"})
+            if ((grp.rebalance_every > 0 || grp.rebalance_below > 0) && g[key].IsDefined() &&
+                placement.num_slots % grp.ep_size != 0)
+              r.fail(g[key], where + "." + key + " needs the " + std::to_string(placement.num_slots) +
+                                 " expert slots to divide evenly over the " + std::to_string(grp.ep_size) +
+                                 " ranks; set redundant_experts so that experts + redundant_experts does");
         } catch (const std::invalid_argument& e) {
           const char* key = grp.init_expert_location.empty() ? "redundant_experts" : "init_expert_location";
           r.fail(g[key].IsDefined() ? g[key] : g, where + ": expert placement: " + e.what());

@@ -35,7 +35,8 @@ std::string ep_cluster_yaml(const std::string& run_dir) {
          "    - {name: prefill0, nodes: [p0], ep_size: 2, redundant_experts: 2, two_batch_overlap: true,"
          " chunk_tokens: 32, max_batch_tokens: 64}\n"
          "  decode:\n"
-         "    - {name: decode0, nodes: [d0], ep_size: 2, redundant_experts: 2, ep_mode: low_latency}\n"
+         "    - {name: decode0, nodes: [d0], ep_size: 2, redundant_experts: 2, ep_mode: low_latency,"
+         " rebalance_below: 1.0, rebalance_min_steps: 50}\n"
          "    - {name: decode1, nodes: [d1]}\n"
          "supervision: {node_intensity: 5, node_period: 60s, intensity: 20, period: 10s}\n";
 }
@@ -66,6 +67,14 @@ TEST_CASE("expert-parallel groups serve the single-process model's output, acros
   for (size_t i = 0; i < prompts.size(); ++i)
     CHECK(served[i].get() == reference_text(prompts[i], 40));
 
+  // The group's eplb_rebalancer watches its balancedness and, below rebalance_below, starts a rebalance itself.
+  CHECK(eventually(20s, [&] {
+    complete(c.port, "Why", 16);
+    auto m = http_get(c.port, "/metrics").body;
+    return m.find("petrel_eplb_balancedness{group=\"decode0\"}") != std::string::npos &&
+           m.find("petrel_eplb_rebalances_total{group=\"decode0\",trigger=\"balancedness\"}") != std::string::npos;
+  }));
+
   // Sampled with a seed: the same text every time, whatever happens to the group meanwhile.
   const std::string sampled = R"("temperature":0.8,"seed":11,"ignore_eos":true)";
   auto expected = complete(c.port, "Once upon a time", 200, sampled);
@@ -95,6 +104,9 @@ TEST_CASE("expert-parallel groups serve the single-process model's output, acros
       CHECK(one["slots"] == 10);
     }
   }
+
+  CHECK(http_get(c.port, "/metrics").body.find("petrel_eplb_rebalances_total{group=\"prefill0\",trigger=\"manual\"}") !=
+        std::string::npos);
 
   // Any one rank of an EP group crashes mid-request: the group re-forms, the request migrates, the text is the same.
   for (std::string actor : {"d0/rank1", "d0/rank0", "p0/rank1"}) {
