@@ -559,10 +559,11 @@ void deepseek_model::forward_graph(std::span<const sequence_step> batch, kv_pool
 
   // Buffers the graphs point at: built once; a new key (whose eager run may regrow the backend's workspaces)
   // or another KV pool drops every graph.
-  if (graph_kv_base_ != kv.geometry().base) {
+  if (graph_kv_base_ != kv.geometry().base || graph_kv_page_size_ != kv.geometry().page_size) {
     be_.clear_step_graphs();
     graph_scratch_.clear();
     graph_kv_base_ = kv.geometry().base;
+    graph_kv_page_size_ = kv.geometry().page_size;
   }
   if (!expert_ptrs_.data()) {
     std::vector<const float*> p(size_t(LN * 2 * E), nullptr);

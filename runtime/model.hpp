@@ -237,7 +237,8 @@ private:
   bool decode_graphs_ = false, graphs_without_support_ = false;
   int last_step_mode_ = 0;
   std::map<uint64_t, std::unique_ptr<forward_scratch>> graph_scratch_; // per (bucket, ctx bound): never moves
-  const float* graph_kv_base_ = nullptr;
+  const float* graph_kv_base_ = nullptr; // the pool the graphs write (a new one drops them)
+  int32_t graph_kv_page_size_ = 0;
   device_buffer expert_ptrs_;   // [layer][gate_up | down][expert] weight pointers
   device_buffer counts_dev_;    // [layer][expert] int32 routing histogram of the step
   std::vector<int32_t> counts_host_;
