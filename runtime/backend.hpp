@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -107,7 +108,8 @@ public:
 
   // -- MLA attention -------------------------------------------------------------------------------
   /// Writes n latent entries src[i] (entry_floats wide) to the pool at layer `layer`,
-  /// slot slots[i] = page * page_size + slot_in_page.
+  /// slot slots[i] = page * page_size + slot_in_page. A negative slot skips its row (padding rows of a
+  /// fixed-layout decode step).
   virtual void kv_store(const kv_pool_geometry& pool, int32_t layer, const int32_t* slots, int64_t n,
                         const mat_view& src) = 0;
   /// Reads n entries back: dst[i] = pool entry at slots[i].
@@ -144,6 +146,35 @@ public:
   /// dst[rows[i]] += weights[i] * src[i] for i < n, in order (rows may repeat); weights == nullptr means 1.
   virtual void scatter_add_rows(const mat_view& src, const int32_t* rows, const float* weights, int64_t n,
                                 const mat_view& dst) = 0;
+
+  // -- graph-safe decode (no host round trip inside a step) ----------------------------------------
+  /// True when run_step_graph captures and replays CUDA graphs (cuda); false: steps run eagerly (cpu).
+  virtual bool supports_graphs() const { return false; }
+  /// Runs `step` (device work only: no copy_to_host / copy_to_device inside) as a graph keyed by `key` where the
+  /// backend supports it (cuda: first call eager, second captures and replays, later calls replay); otherwise
+  /// runs it. Returns true when it ran from a graph.
+  virtual bool run_step_graph(uint64_t /*key*/, const std::function<void()>& step) {
+    step();
+    return false;
+  }
+  /// Drops every step graph (their buffers or the backend's workspaces were reallocated).
+  virtual void clear_step_graphs() {}
+  /// Groups the (token, k) pairs of topk_ids [tokens, top_k] by expert, stably (the host counting sort of
+  /// local_moe_experts): expert_offsets [num_experts + 1], perm_rows [tokens*top_k] (token row of each permuted
+  /// row), perm_weights [tokens*top_k] (its routing weight; skipped when topk_weights is nullptr).
+  virtual void moe_permute(const int32_t* topk_ids, const float* topk_weights, int64_t tokens, int64_t top_k,
+                           int64_t num_experts, int32_t* expert_offsets, int32_t* perm_rows, float* perm_weights) = 0;
+  /// Expert FFN over permuted rows with backend-side offsets: y[r] = W_down,e (silu(W_gate,e x[r]) * W_up,e x[r])
+  /// for rows r of expert e (expert_offsets as above). gate_up_w / down_w are backend arrays of num_experts weight
+  /// pointers ([2*inter, hidden] and [hidden, inter]); max_rows bounds the rows; gu [max_rows, 2*inter] and
+  /// act [max_rows, inter] are scratch.
+  virtual void grouped_expert_ffn(const int32_t* expert_offsets, int64_t num_experts, const float* const* gate_up_w,
+                                  const float* const* down_w, int64_t hidden, int64_t inter, int64_t max_rows,
+                                  const mat_view& x, float* gu, float* act, const mat_view& y) = 0;
+  /// Routing histogram: counts[topk_ids[i]] += 1 for i < n with i / top_k < *valid_tokens (a backend int32; the
+  /// rows after it are padding).
+  virtual void expert_histogram(const int32_t* topk_ids, int64_t n, int64_t top_k, const int32_t* valid_tokens,
+                                int32_t* counts) = 0;
 };
 
 /// Creates a backend by name: "cpu" (always), "cuda" (when built with CUDA).

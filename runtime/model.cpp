@@ -1,6 +1,7 @@
 #include "runtime/model.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 
 #include <unistd.h>
@@ -100,6 +101,9 @@ struct forward_scratch {
   // -- scratch (backend) ---------------------------------------------------------------------------
   scratch_buffer ints, x, hn, q_a, q, ckv, attn, tmp_h, ffn_a, ffn_b, ffn_c, lat, kvb, scores, qd, qabs, olat, od,
       cos_sin, topk_ids, topk_w, logits_dev, final_h;
+  // Device-side MoE of the fixed-layout (graph) decode step.
+  scratch_buffer moe_off, moe_rows, moe_w, moe_x, moe_gu, moe_act, moe_y;
+  int64_t off_valid = 0; // the number of real sequences (graph step)
 };
 
 deepseek_model::deepseek_model(model_config cfg, model_weights weights, backend& be)
@@ -109,6 +113,7 @@ deepseek_model::deepseek_model(model_config cfg, model_weights weights, backend&
   softmax_scale_ = float(cfg_.softmax_scale());
   rope_af_ = float(cfg_.rope_attention_factor());
   for (auto& s : scratch_) s = std::make_unique<forward_scratch>();
+  if (const char* e = std::getenv("PETREL_DECODE_GRAPHS")) decode_graphs_ = std::string(e) == "1";
 }
 
 deepseek_model::~deepseek_model() = default;
@@ -245,8 +250,7 @@ void deepseek_model::attention(forward_scratch& s, int32_t layer, const mat_view
 
 void deepseek_model::plan(forward_scratch& s, std::span<const sequence_step> batch, kv_pool& kv) {
   const int64_t V = cfg_.vocab_size, ps = kv.page_size();
-  const int64_t heads = cfg_.num_attention_heads, qk = cfg_.qk_head_dim(), lora = cfg_.kv_lora_rank,
-                rope = cfg_.qk_rope_head_dim, entry = lora + rope, vd = cfg_.v_head_dim, H = cfg_.hidden_size;
+  const int64_t entry = cfg_.kv_lora_rank + cfg_.qk_rope_head_dim;
   if (kv.geometry().entry_floats != entry || kv.geometry().num_layers != cfg_.num_hidden_layers)
     throw std::invalid_argument("forward: the KV pool was made for a different model shape");
 
@@ -323,6 +327,13 @@ void deepseek_model::plan(forward_scratch& s, std::span<const sequence_step> bat
   int32_t* dints = reinterpret_cast<int32_t*>(s.ints.ensure(be_, s.host_ints.size()));
   be_.copy_to_device(dints, s.host_ints.data(), sizeof(int32_t) * s.host_ints.size());
 
+  size_scratch(s, B, max_prefill_ctx, max_prefill_n);
+}
+
+void deepseek_model::size_scratch(forward_scratch& s, int64_t B, int64_t max_prefill_ctx, int64_t max_prefill_n) {
+  const int64_t heads = cfg_.num_attention_heads, qk = cfg_.qk_head_dim(), lora = cfg_.kv_lora_rank,
+                rope = cfg_.qk_rope_head_dim, entry = lora + rope, vd = cfg_.v_head_dim, H = cfg_.hidden_size;
+  const int64_t T = s.tokens;
   // -- scratch sizes (grow only) --------------------------------------------------------------------
   s.x.ensure(be_, size_t(T * H));
   s.hn.ensure(be_, size_t(T * H));
@@ -435,8 +446,225 @@ forward_task deepseek_model::forward_ops(std::span<const sequence_step> batch, k
   logits(s, batch, x, out);
 }
 
+// -- the fixed-layout decode step (CUDA graphs) --------------------------------------------------------------
+
+namespace {
+constexpr int64_t kMaxGraphBucket = 256;
+int64_t graph_bucket(int64_t b) {
+  int64_t k = 1;
+  while (k < b) k *= 2;
+  return k;
+}
+} // namespace
+
+bool deepseek_model::graph_step_fits(std::span<const sequence_step> batch, kv_pool& kv) const {
+  if (!decode_graphs_ || (!be_.supports_graphs() && !graphs_without_support_)) return false;
+  if (!dynamic_cast<const local_moe_experts*>(experts_.get())) return false; // expert parallelism: eager
+  if (batch.empty() || int64_t(batch.size()) > kMaxGraphBucket) return false;
+  if (kv.geometry().entry_floats != cfg_.kv_lora_rank + cfg_.qk_rope_head_dim ||
+      kv.geometry().num_layers != cfg_.num_hidden_layers)
+    return false; // the ordinary path reports it
+  for (const sequence_step& q : batch)
+    if (q.tokens.size() != 1 || q.start_pos <= 0) return false;
+  return true;
+}
+
+void deepseek_model::graph_step_body(forward_scratch& s, kv_pool& kv) {
+  const int64_t H = cfg_.hidden_size, T = s.tokens, heads = cfg_.num_attention_heads, vd = cfg_.v_head_dim,
+                rope = cfg_.qk_rope_head_dim, E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok,
+                I = cfg_.moe_intermediate_size, V = cfg_.vocab_size, n = T * K;
+  const float eps = float(cfg_.rms_norm_eps);
+  const int32_t* dints = s.ints.buf.i32();
+  mat_view x(s.x.buf.f32(), T, H), hn(s.hn.buf.f32(), T, H), tmp(s.tmp_h.buf.f32(), T, H);
+  mat_view attn(s.attn.buf.f32(), T, heads * vd);
+  be_.embedding(dints + s.off_ids, T, w_.embed.f32(), H, x.data);
+  be_.rope_cos_sin(dints + s.off_pos, T, w_.rope_inv_freq.f32(), rope, rope_af_, s.cos_sin.buf.f32());
+  be_.fill_zero(counts_dev_.data(), counts_dev_.bytes());
+  const auto* ptrs = reinterpret_cast<const float* const*>(expert_ptrs_.data());
+  for (int32_t l = 0; l < int32_t(cfg_.num_hidden_layers); ++l) {
+    const layer_weights& L = w_.layers[size_t(l)];
+    be_.rmsnorm(x, L.input_norm.f32(), eps, hn);
+    attention(s, l, hn, kv, attn);
+    be_.linear(attn, L.o.f32(), tmp);
+    be_.add_inplace(x, tmp);
+    be_.rmsnorm(x, L.post_attn_norm.f32(), eps, hn);
+    if (!L.moe) {
+      mlp(s, L.dense, hn, tmp);
+      be_.add_inplace(x, tmp);
+      continue;
+    }
+    // Routing, then the routed experts on the device: permute, grouped FFN, weighted scatter-add.
+    int32_t* ids = reinterpret_cast<int32_t*>(s.topk_ids.buf.f32());
+    float* wts = s.topk_w.buf.f32();
+    mat_view logits(s.ffn_c.buf.f32(), T, E);
+    be_.linear(hn, L.router.f32(), logits);
+    route_params rp;
+    rp.num_experts = int32_t(E);
+    rp.n_group = int32_t(cfg_.n_group);
+    rp.topk_group = int32_t(cfg_.topk_group);
+    rp.top_k = int32_t(K);
+    rp.norm_topk_prob = cfg_.norm_topk_prob;
+    rp.routed_scaling_factor = float(cfg_.routed_scaling_factor);
+    be_.route_noaux_tc(logits, L.router_bias.f32(), rp, ids, wts);
+    be_.expert_histogram(ids, n, K, dints + s.off_valid, reinterpret_cast<int32_t*>(counts_dev_.data()) + l * E);
+    int32_t* offs = reinterpret_cast<int32_t*>(s.moe_off.buf.f32());
+    int32_t* rows = reinterpret_cast<int32_t*>(s.moe_rows.buf.f32());
+    be_.moe_permute(ids, wts, T, K, E, offs, rows, s.moe_w.buf.f32());
+    mat_view xg(s.moe_x.buf.f32(), n, H), yg(s.moe_y.buf.f32(), n, H);
+    be_.gather_rows(hn, rows, n, xg);
+    be_.grouped_expert_ffn(offs, E, ptrs + (2 * l) * E, ptrs + (2 * l + 1) * E, H, I, n, xg, s.moe_gu.buf.f32(),
+                           s.moe_act.buf.f32(), yg);
+    be_.fill_zero(tmp.data, sizeof(float) * size_t(T * H));
+    be_.scatter_add_rows(yg, rows, s.moe_w.buf.f32(), n, tmp);
+    if (L.shared.inter > 0) {
+      mat_view sh(s.ffn_c.buf.f32(), T, H);
+      mlp(s, L.shared, hn, sh);
+      be_.add_inplace(tmp, sh);
+    }
+    be_.add_inplace(x, tmp);
+  }
+  // Every row is a logit row (one token per sequence): no gather.
+  mat_view fh(s.final_h.buf.f32(), T, H);
+  be_.rmsnorm(x, w_.final_norm.f32(), eps, fh);
+  be_.linear(fh, w_.lm_head(), mat_view(s.logits_dev.buf.f32(), T, V));
+}
+
+void deepseek_model::forward_graph(std::span<const sequence_step> batch, kv_pool& kv, step_result& out) {
+  const int64_t B = int64_t(batch.size()), V = cfg_.vocab_size, ps = kv.page_size(), H = cfg_.hidden_size,
+                E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size,
+                LN = cfg_.num_hidden_layers;
+  // Validation, as in plan().
+  int64_t max_ctx = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const sequence_step& q = batch[i];
+    const int64_t ctx = q.start_pos + 1;
+    if (ctx > int64_t(q.pages.size()) * ps)
+      throw std::invalid_argument("forward: sequence " + std::to_string(i) + " needs " + std::to_string(ctx) +
+                                  " cached tokens but its page table holds " + std::to_string(q.pages.size() * ps));
+    for (int32_t p : q.pages.subspan(0, size_t(pages_for_tokens(ctx, int32_t(ps)))))
+      if (p < 0 || p >= kv.num_pages())
+        throw std::invalid_argument("forward: sequence " + std::to_string(i) + " names page " + std::to_string(p) +
+                                    " outside the pool");
+    if (q.tokens[0] < 0 || q.tokens[0] >= V)
+      throw std::invalid_argument("forward: token id " + std::to_string(q.tokens[0]) +
+                                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    max_ctx = std::max(max_ctx, ctx);
+  }
+  // The bucket and the context bound fix every launch shape of the step.
+  const int64_t Tb = graph_bucket(B);
+  int64_t ctx_bound = std::max<int64_t>(64, ps);
+  while (ctx_bound < max_ctx) ctx_bound *= 2;
+  const int64_t pps = pages_for_tokens(ctx_bound, int32_t(ps));
+  const uint64_t key = (uint64_t(ctx_bound) << 20) | uint64_t(Tb);
+
+  // Buffers the graphs point at: built once; a new key (whose eager run may regrow the backend's workspaces)
+  // or another KV pool drops every graph.
+  if (graph_kv_base_ != kv.geometry().base || graph_kv_page_size_ != kv.geometry().page_size) {
+    be_.clear_step_graphs();
+    graph_scratch_.clear();
+    graph_kv_base_ = kv.geometry().base;
+    graph_kv_page_size_ = kv.geometry().page_size;
+  }
+  if (!expert_ptrs_.data()) {
+    std::vector<const float*> p(size_t(LN * 2 * E), nullptr);
+    for (int64_t l = 0; l < LN; ++l) {
+      const layer_weights& L = w_.layers[size_t(l)];
+      if (!L.moe) continue;
+      for (int64_t e = 0; e < E; ++e) {
+        p[size_t((2 * l) * E + e)] = L.experts[size_t(e)].gate_up.f32();
+        p[size_t((2 * l + 1) * E + e)] = L.experts[size_t(e)].down.f32();
+      }
+    }
+    expert_ptrs_ = be_.allocate(sizeof(float*) * p.size());
+    be_.copy_to_device(expert_ptrs_.data(), p.data(), sizeof(float*) * p.size());
+    counts_dev_ = be_.allocate(sizeof(int32_t) * size_t(std::max<int64_t>(LN * E, 1)));
+  }
+  auto it = graph_scratch_.find(key);
+  if (it == graph_scratch_.end()) {
+    be_.clear_step_graphs();
+    it = graph_scratch_.emplace(key, std::make_unique<forward_scratch>()).first;
+    forward_scratch& s = *it->second;
+    s.tokens = Tb;
+    s.pure_decode = true;
+    s.max_ctx = ctx_bound;
+    s.decode_rows.resize(size_t(Tb));
+    for (int64_t r = 0; r < Tb; ++r) s.decode_rows[size_t(r)] = int32_t(r);
+    s.off_ids = 0;
+    s.off_pos = Tb;
+    s.off_slots = 2 * Tb;
+    s.off_drows = 3 * Tb; // unused (pure decode), kept empty
+    s.off_pages = 3 * Tb;
+    s.off_poffs = s.off_pages + Tb * pps;
+    s.off_ctx = s.off_poffs + Tb + 1;
+    s.off_valid = s.off_ctx + Tb;
+    s.off_ctx_slots = s.off_valid + 1;
+    s.host_ints.assign(size_t(s.off_ctx_slots), 0);
+    s.ints.ensure(be_, s.host_ints.size());
+    size_scratch(s, Tb, 0, 0);
+    const int64_t n = Tb * K;
+    int64_t max_inter = 1;
+    for (const layer_weights& L : w_.layers) max_inter = std::max({max_inter, L.dense.inter, L.shared.inter});
+    s.ffn_a.ensure(be_, size_t(Tb * 2 * max_inter));
+    s.ffn_b.ensure(be_, size_t(Tb * max_inter));
+    s.ffn_c.ensure(be_, size_t(Tb * std::max(E, H)));
+    s.topk_ids.ensure(be_, size_t(n));
+    s.topk_w.ensure(be_, size_t(n));
+    s.moe_off.ensure(be_, size_t(E + 1));
+    s.moe_rows.ensure(be_, size_t(n));
+    s.moe_w.ensure(be_, size_t(n));
+    s.moe_x.ensure(be_, size_t(n * H));
+    s.moe_gu.ensure(be_, size_t(n * 2 * I));
+    s.moe_act.ensure(be_, size_t(n * I));
+    s.moe_y.ensure(be_, size_t(n * H));
+    s.final_h.ensure(be_, size_t(Tb * H));
+    s.logits_dev.ensure(be_, size_t(Tb * V));
+  }
+  forward_scratch& s = *it->second;
+
+  // The index arrays of this step, one upload; padding rows read page 0 of sequence 0 (context 1), store nothing.
+  int32_t* hi = s.host_ints.data();
+  const int32_t pad_page = batch[0].pages[0];
+  for (int64_t b = 0; b < Tb; ++b) {
+    int32_t* pg = hi + s.off_pages + b * pps;
+    hi[s.off_poffs + b] = int32_t(b * pps);
+    if (b < B) {
+      const sequence_step& q = batch[size_t(b)];
+      const int64_t pos = q.start_pos, ctx = pos + 1, np = pages_for_tokens(ctx, int32_t(ps));
+      hi[s.off_ids + b] = q.tokens[0];
+      hi[s.off_pos + b] = int32_t(pos);
+      hi[s.off_slots + b] = int32_t(int64_t(q.pages[size_t(pos / ps)]) * ps + pos % ps);
+      hi[s.off_ctx + b] = int32_t(ctx);
+      for (int64_t k = 0; k < pps; ++k) pg[k] = k < np ? q.pages[size_t(k)] : q.pages[0];
+    } else {
+      hi[s.off_ids + b] = 0;
+      hi[s.off_pos + b] = 0;
+      hi[s.off_slots + b] = -1;
+      hi[s.off_ctx + b] = 1;
+      for (int64_t k = 0; k < pps; ++k) pg[k] = pad_page;
+    }
+  }
+  hi[s.off_poffs + Tb] = int32_t(Tb * pps);
+  hi[s.off_valid] = int32_t(B);
+  be_.copy_to_device(s.ints.buf.data(), s.host_ints.data(), sizeof(int32_t) * s.host_ints.size());
+
+  const bool graphed = be_.run_step_graph(key, [&] { graph_step_body(s, kv); });
+  last_step_mode_ = graphed ? 2 : 1;
+
+  out.vocab = V;
+  out.row_offset.resize(size_t(B + 1));
+  for (int64_t b = 0; b <= B; ++b) out.row_offset[size_t(b)] = b;
+  out.logits.resize(size_t(B * V));
+  be_.copy_to_host(out.logits.data(), s.logits_dev.buf.data(), sizeof(float) * size_t(B * V));
+  counts_host_.resize(size_t(LN * E));
+  if (!counts_host_.empty()) {
+    be_.copy_to_host(counts_host_.data(), counts_dev_.data(), sizeof(int32_t) * counts_host_.size());
+    for (size_t i = 0; i < counts_host_.size(); ++i) routing_counts_[i] += counts_host_[i];
+  }
+}
+
 void deepseek_model::forward(std::span<const sequence_step> batch, kv_pool& kv, step_result& out) {
   std::lock_guard lock(mu_);
+  last_step_mode_ = 0;
   if (batch.empty()) {
     out.vocab = cfg_.vocab_size;
     out.logits.clear();
@@ -444,6 +672,10 @@ void deepseek_model::forward(std::span<const sequence_step> batch, kv_pool& kv, 
     return;
   }
   clear_routing_counts();
+  if (graph_step_fits(batch, kv)) {
+    forward_graph(batch, kv, out);
+    return;
+  }
   forward_task t = forward_ops(batch, kv, out, 0, *experts_);
   t.run_to_end();
 }

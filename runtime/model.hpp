@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <exception>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -186,6 +187,21 @@ public:
   const std::vector<int64_t>& routing_counts() const { return routing_counts_; }
   void clear_routing_counts() { std::fill(routing_counts_.begin(), routing_counts_.end(), 0); }
 
+  /// Pure-decode steps of forward() through the backend's step graphs (CUDA graphs, one per batch-size bucket
+  /// 1, 2, 4, ... 256 and context bound): the step uses a fixed layout (index arrays sized to the bucket, padding
+  /// rows that write no KV) and a device-side MoE path (no host round trip), so it can be captured once and
+  /// replayed. Used only with the local experts (never under expert parallelism) and only for batches where every
+  /// sequence has one new token and start_pos > 0; everything else runs the ordinary path. Off by default
+  /// (PETREL_DECODE_GRAPHS=1 in the environment turns it on). On a backend without graphs the fixed-layout path
+  /// runs eagerly only when `even_without_graphs` (tests).
+  void set_decode_graphs(bool on, bool even_without_graphs = false) {
+    decode_graphs_ = on;
+    graphs_without_support_ = even_without_graphs;
+  }
+  bool decode_graphs() const { return decode_graphs_; }
+  /// How the last forward() ran: 0 the ordinary path, 1 the fixed-layout path eagerly, 2 replayed from a graph.
+  int last_step_mode() const { return last_step_mode_; }
+
   /// Replaces the routed-expert computation (expert parallelism). The default is local_moe_experts.
   void set_moe_experts(std::shared_ptr<moe_experts> e) { experts_ = std::move(e); }
   moe_experts& experts() const { return *experts_; }
@@ -203,6 +219,10 @@ private:
   void mlp(forward_scratch& s, const mlp_weights& m, const mat_view& x, const mat_view& out);
   void route(forward_scratch& s, int32_t layer, const mat_view& hn, moe_routing& r);
   void logits(forward_scratch& s, std::span<const sequence_step> batch, const mat_view& x, step_result& out);
+  void size_scratch(forward_scratch& s, int64_t B, int64_t max_prefill_ctx, int64_t max_prefill_n);
+  bool graph_step_fits(std::span<const sequence_step> batch, kv_pool& kv) const;
+  void forward_graph(std::span<const sequence_step> batch, kv_pool& kv, step_result& out);
+  void graph_step_body(forward_scratch& s, kv_pool& kv);
 
   model_config cfg_;
   model_weights w_;
@@ -213,6 +233,15 @@ private:
   float softmax_scale_;
   float rope_af_;
   std::unique_ptr<forward_scratch> scratch_[2];
+  // -- decode graphs -------------------------------------------------------------------------------
+  bool decode_graphs_ = false, graphs_without_support_ = false;
+  int last_step_mode_ = 0;
+  std::map<uint64_t, std::unique_ptr<forward_scratch>> graph_scratch_; // per (bucket, ctx bound): never moves
+  const float* graph_kv_base_ = nullptr; // the pool the graphs write (a new one drops them)
+  int32_t graph_kv_page_size_ = 0;
+  device_buffer expert_ptrs_;   // [layer][gate_up | down][expert] weight pointers
+  device_buffer counts_dev_;    // [layer][expert] int32 routing histogram of the step
+  std::vector<int32_t> counts_host_;
 };
 
 } // namespace petrel

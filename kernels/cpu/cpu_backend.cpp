@@ -143,6 +143,7 @@ void cpu_backend::rope_interleaved(const mat_view& x, int64_t heads, int64_t hea
 void cpu_backend::kv_store(const kv_pool_geometry& pool, int32_t layer, const int32_t* slots, int64_t n,
                            const mat_view& src) {
   for (int64_t i = 0; i < n; ++i) {
+    if (slots[i] < 0) continue; // padding row
     float* dst = pool.entry(slots[i] / pool.page_size, layer, slots[i] % pool.page_size);
     std::memcpy(dst, src.data + i * src.ld, sizeof(float) * pool.entry_floats);
   }
@@ -289,6 +290,40 @@ void cpu_backend::scatter_add_rows(const mat_view& src, const int32_t* rows, con
     float wi = w ? w[i] : 1.0f;
     for (int64_t c = 0; c < src.cols; ++c) d[c] += wi * s[c];
   }
+}
+
+// -- graph-safe MoE (host loops here; the cuda backend keeps everything on the device) ------------------------
+
+void cpu_backend::moe_permute(const int32_t* ids, const float* w, int64_t tokens, int64_t top_k, int64_t E,
+                              int32_t* offsets, int32_t* rows, float* pw) {
+  const int64_t n = tokens * top_k;
+  std::fill(offsets, offsets + E + 1, 0);
+  for (int64_t i = 0; i < n; ++i) offsets[ids[i] + 1]++;
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int32_t> cursor(offsets, offsets + E);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t pos = cursor[size_t(ids[i])]++;
+    rows[pos] = int32_t(i / top_k);
+    if (w && pw) pw[pos] = w[i];
+  }
+}
+
+void cpu_backend::grouped_expert_ffn(const int32_t* offsets, int64_t E, const float* const* gate_up_w,
+                                     const float* const* down_w, int64_t hidden, int64_t inter, int64_t max_rows,
+                                     const mat_view& x, float* gu, float* act, const mat_view& y) {
+  mat_view g(gu, max_rows, 2 * inter), a(act, max_rows, inter);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = offsets[e], cnt = std::min<int64_t>(offsets[e + 1], max_rows) - r0;
+    if (cnt <= 0) continue;
+    linear(x.row_slice(r0, cnt).col_slice(0, hidden), gate_up_w[e], g.row_slice(r0, cnt));
+    silu_mul(g.row_slice(r0, cnt), inter, a.row_slice(r0, cnt));
+    linear(a.row_slice(r0, cnt), down_w[e], y.row_slice(r0, cnt).col_slice(0, hidden));
+  }
+}
+
+void cpu_backend::expert_histogram(const int32_t* ids, int64_t n, int64_t top_k, const int32_t* valid, int32_t* counts) {
+  const int64_t lim = std::min<int64_t>(n, int64_t(*valid) * top_k);
+  for (int64_t i = 0; i < lim; ++i) counts[ids[i]]++;
 }
 
 } // namespace petrel::kernels

@@ -51,6 +51,14 @@ public:
   void scatter_rows(const mat_view& src, const int32_t* rows, int64_t n, const mat_view& dst) override;
   void scatter_add_rows(const mat_view& src, const int32_t* rows, const float* weights, int64_t n,
                         const mat_view& dst) override;
+
+  void moe_permute(const int32_t* topk_ids, const float* topk_weights, int64_t tokens, int64_t top_k,
+                   int64_t num_experts, int32_t* expert_offsets, int32_t* perm_rows, float* perm_weights) override;
+  void grouped_expert_ffn(const int32_t* expert_offsets, int64_t num_experts, const float* const* gate_up_w,
+                          const float* const* down_w, int64_t hidden, int64_t inter, int64_t max_rows,
+                          const mat_view& x, float* gu, float* act, const mat_view& y) override;
+  void expert_histogram(const int32_t* topk_ids, int64_t n, int64_t top_k, const int32_t* valid_tokens,
+                        int32_t* counts) override;
 };
 
 } // namespace petrel::kernels

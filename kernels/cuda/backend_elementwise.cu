@@ -107,6 +107,7 @@ __global__ void kv_copy_kernel(float* base, int64_t floats_per_page, int32_t pag
                                const int32_t* __restrict__ slots, int64_t n, float* rows, int64_t ld, bool store) {
   for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
     const int64_t slot = slots[t];
+    if (slot < 0) continue; // padding row of a fixed-layout decode step (kv_store only)
     float* e = base + (slot / page_size) * floats_per_page + (int64_t(layer) * page_size + slot % page_size) * entry;
     float* r = rows + t * ld;
     if (store)

@@ -639,4 +639,24 @@ void cuda_backend::grouped_expert_ffn(const int32_t* offsets, int64_t num_expert
                                     impl_->compute);
 }
 
+namespace {
+__global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t n, int64_t top_k,
+                                        const int32_t* __restrict__ valid, int32_t* counts) {
+  const int64_t lim = min(n, int64_t(*valid) * top_k);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < lim; i += int64_t(gridDim.x) * blockDim.x)
+    atomicAdd(counts + ids[i], 1);
+}
+} // namespace
+
+void cuda_backend::expert_histogram(const int32_t* ids, int64_t n, int64_t top_k, const int32_t* valid,
+                                    int32_t* counts) {
+  require(n >= 0 && top_k >= 1, "expert_histogram", "bad sizes");
+  if (n == 0) return;
+  const int threads = 256;
+  const int blocks = int(std::min<int64_t>((n + threads - 1) / threads, 1024));
+  expert_histogram_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(compute_stream())>>>(ids, n, top_k, valid,
+                                                                                               counts);
+  check(cudaGetLastError(), "expert_histogram");
+}
+
 } // namespace petrel::kernels

@@ -113,9 +113,10 @@ public:
   /// replay. `step` must issue device work only, on pointers that stay valid (its inputs are filled with
   /// copy_to_device before the call). Returns true when the step ran from a graph. If the capture fails, the
   /// capture is abandoned, the key falls back to eager runs, and the error propagates.
-  bool run_step_graph(uint64_t key, const std::function<void()>& step);
+  bool run_step_graph(uint64_t key, const std::function<void()>& step) override;
+  bool supports_graphs() const override { return true; }
   /// Destroys every step graph (after the buffers they use were reallocated, say).
-  void clear_step_graphs();
+  void clear_step_graphs() override;
 
   // -- device-side MoE permutation (graph-safe: no host round trip) ------------------------------
   /// From topk_ids [tokens, top_k] (device int32) computes, all on the device:
@@ -124,14 +125,17 @@ public:
   ///   perm_weights [tokens * top_k]     its routing weight (topk_weights may be nullptr: weights skipped)
   /// The order matches runtime/model.cpp's host counting sort exactly.
   void moe_permute(const int32_t* topk_ids, const float* topk_weights, int64_t tokens, int64_t top_k,
-                   int64_t num_experts, int32_t* expert_offsets, int32_t* perm_rows, float* perm_weights);
+                   int64_t num_experts, int32_t* expert_offsets, int32_t* perm_rows, float* perm_weights) override;
   /// Expert FFN over permuted rows with device-side offsets (graph-safe), y[r] = W_down,e (silu(W_g x) * W_u x)
   /// for row r of expert e, with expert_offsets as above; gate_up[e] / down[e] are device arrays of weight
   /// pointers ([2*inter, hidden] and [hidden, inter]); max_rows bounds the rows (sizes the grid).
   /// x [max_rows, hidden], act scratch [max_rows, inter], gu scratch [max_rows, 2*inter], y [max_rows, hidden].
   void grouped_expert_ffn(const int32_t* expert_offsets, int64_t num_experts, const float* const* gate_up_w,
                           const float* const* down_w, int64_t hidden, int64_t inter, int64_t max_rows,
-                          const mat_view& x, float* gu, float* act, const mat_view& y);
+                          const mat_view& x, float* gu, float* act, const mat_view& y) override;
+  /// counts[topk_ids[i]] += 1 for i < n with i / top_k < *valid_tokens (atomics; graph-safe).
+  void expert_histogram(const int32_t* topk_ids, int64_t n, int64_t top_k, const int32_t* valid_tokens,
+                        int32_t* counts) override;
 
   // -- dense math ----------------------------------------------------------------------------------
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,

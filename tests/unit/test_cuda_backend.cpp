@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/cuda/cuda_backend.hpp"
+#include "model_graphs_check.hpp"
 #include "runtime/generation.hpp"
 #include "runtime/kv_cache.hpp"
 #include "runtime/model.hpp"
@@ -874,6 +875,66 @@ TEST_CASE("cuda backend: timings of the attention ops and a GEMM (PETREL_CUDA_BE
                 long(N), long(K), ms, 2.0 * M * N * K / ms / 1e9);
   }
   be.set_allow_tf32(false);
+}
+
+// -- the decode step under CUDA graphs (runtime/model.cpp forward_graph) ---------------------------------------
+
+TEST_CASE("cuda backend: decode steps replayed from CUDA graphs give the eager logits (fortune-moe, golden)") {
+  if (!gpu_present()) return;
+  auto be = make_backend("cuda");
+  const std::vector<int> prompts{5, 30, 62, 17, 9};
+  // Bucket 8 (ctx bound 64, then 128), bucket 2, bucket 1, then bucket 8 again: captures, replays, new buckets.
+  const std::vector<std::vector<int>> rounds{{0, 1, 2, 3, 4}, {1, 3}, {2}, {0, 1, 2, 3, 4}};
+  for (const char* rel : {"tests/data/fortune-moe", "tests/data/golden/tiny_fp32", "tests/data/golden/yarn"}) {
+    fs::path dir = source_dir() / rel;
+    if (!fs::exists(dir / "config.json")) continue;
+    CAPTURE(std::string(rel));
+    graphs_check::outcome o = graphs_check::run(*be, dir, prompts, rounds, 6, false);
+    std::printf("RESULT decode_graphs_%s steps=%d replayed=%d bitwise=%d max_rel=%.3g\n",
+                fs::path(rel).filename().c_str(), o.steps, o.replayed, int(o.bitwise), o.worst_rel);
+    CHECK(o.fixed_layout == o.steps);
+    CHECK(o.replayed >= o.steps / 2);
+    CHECK(o.worst_rel <= 1e-5);
+  }
+}
+
+TEST_CASE("cuda backend: decode step time, eager vs CUDA graph replay (PETREL_CUDA_BENCH=1)") {
+  if (!gpu_present() || !std::getenv("PETREL_CUDA_BENCH")) return;
+  fs::path dir = source_dir() / "tests/data/fortune-moe";
+  if (!fs::exists(dir / "config.json")) return;
+  auto be = make_backend("cuda");
+  auto m = deepseek_model::load(dir, *be);
+  const int32_t ps = 16, per_seq = 8, prompt = 40;
+  for (int B : {1, 8, 32, 128}) {
+    kv_pool kv(*be, m->config(), B * per_seq, ps);
+    std::vector<std::vector<int32_t>> pages(static_cast<size_t>(B)), toks(static_cast<size_t>(B));
+    std::vector<sequence_step> pre, dec;
+    std::vector<int32_t> next(static_cast<size_t>(B));
+    for (int i = 0; i < B; ++i) {
+      for (int32_t p = 0; p < per_seq; ++p) pages[size_t(i)].push_back(i * per_seq + p);
+      for (int k = 0; k < prompt; ++k) toks[size_t(i)].push_back(int32_t((i * 131 + k * 7) % 250));
+      next[size_t(i)] = int32_t((i * 17) % 250);
+    }
+    for (int i = 0; i < B; ++i) pre.push_back(sequence_step{toks[size_t(i)], 0, pages[size_t(i)], false});
+    for (int i = 0; i < B; ++i)
+      dec.push_back(sequence_step{std::span<const int32_t>(&next[size_t(i)], 1), prompt, pages[size_t(i)], false});
+    step_result r;
+    m->set_decode_graphs(false);
+    m->forward(pre, kv, r);
+    auto time_steps = [&](int iters) {
+      for (int i = 0; i < 3; ++i) m->forward(dec, kv, r); // warm-up (and capture)
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i) m->forward(dec, kv, r); // the same position each time: same work
+      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
+    };
+    const double eager = time_steps(50);
+    CHECK(m->last_step_mode() == 0);
+    m->set_decode_graphs(true);
+    const double graph = time_steps(50);
+    CHECK(m->last_step_mode() == 2);
+    std::printf("RESULT bench_decode_step fortune-moe B=%d eager_ms=%.3f graph_ms=%.3f speedup=%.2f\n", B, eager,
+                graph, eager / graph);
+  }
 }
 
 #else
