@@ -113,6 +113,8 @@ deepseek_model::deepseek_model(model_config cfg, model_weights weights, backend&
   softmax_scale_ = float(cfg_.softmax_scale());
   rope_af_ = float(cfg_.rope_attention_factor());
   for (auto& s : scratch_) s = std::make_unique<forward_scratch>();
+  // On by default where the backend has graphs (cuda); PETREL_DECODE_GRAPHS=0 or 1 overrides.
+  decode_graphs_ = be_.supports_graphs();
   if (const char* e = std::getenv("PETREL_DECODE_GRAPHS")) decode_graphs_ = std::string(e) == "1";
 }
 

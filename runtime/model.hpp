@@ -191,8 +191,8 @@ public:
   /// 1, 2, 4, ... 256 and context bound): the step uses a fixed layout (index arrays sized to the bucket, padding
   /// rows that write no KV) and a device-side MoE path (no host round trip), so it can be captured once and
   /// replayed. Used only with the local experts (never under expert parallelism) and only for batches where every
-  /// sequence has one new token and start_pos > 0; everything else runs the ordinary path. Off by default
-  /// (PETREL_DECODE_GRAPHS=1 in the environment turns it on). On a backend without graphs the fixed-layout path
+  /// sequence has one new token and start_pos > 0; everything else runs the ordinary path. On by default when the
+  /// backend supports graphs (cuda), off otherwise; PETREL_DECODE_GRAPHS=0 or 1 overrides. On a backend without graphs the fixed-layout path
   /// runs eagerly only when `even_without_graphs` (tests).
   void set_decode_graphs(bool on, bool even_without_graphs = false) {
     decode_graphs_ = on;
