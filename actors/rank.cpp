@@ -174,9 +174,8 @@ void connect_ep_generation(rank_state& st, const ep_peers& peers) {
                                   std::to_string(peers.addresses.size()) + " addresses");
     st.ep_ucx->connect(peers.addresses);
   }
-  auto placement = cfg.init_expert_location.empty()
-                       ? ep::initial_placement(st.model->config(), cfg.ep_size, cfg.redundant_experts)
-                       : ep::placement_from_file(cfg.init_expert_location, st.model->config(), cfg.ep_size);
+  auto placement =
+      ep::starting_placement(st.model->config(), cfg.ep_size, cfg.redundant_experts, cfg.init_expert_location);
   ep::ep_options opt;
   opt.mode = cfg.ep_mode == "low_latency" ? ep::ep_mode::low_latency : ep::ep_mode::normal;
   opt.two_batch_overlap = cfg.two_batch_overlap;

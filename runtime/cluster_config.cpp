@@ -570,9 +570,8 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       if (grp.ep_size > 1) {
         // The expert placement must fit the model and the group now, not in every rank at start.
         try {
-          auto placement = grp.init_expert_location.empty()
-                               ? ep::initial_placement(mcfg, grp.ep_size, grp.redundant_experts)
-                               : ep::placement_from_file(grp.init_expert_location, mcfg, grp.ep_size);
+          auto placement =
+              ep::starting_placement(mcfg, grp.ep_size, grp.redundant_experts, grp.init_expert_location);
           for (const char* key : {"rebalance_every", "rebalance_below"})
             if ((grp.rebalance_every > 0 || grp.rebalance_below > 0) && g[key].IsDefined() &&
                 placement.num_slots % grp.ep_size != 0)

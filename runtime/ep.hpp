@@ -77,6 +77,11 @@ ep_placement placement_from_file(const std::string& path, const model_config& cf
 /// std::invalid_argument naming the problem.
 ep_placement initial_placement(const model_config& cfg, int num_ranks, int redundant);
 
+/// The placement a group starts from: the file `init_expert_location` names (placement_from_file) when it is not
+/// empty, else initial_placement with `redundant` extra slots.
+ep_placement starting_placement(const model_config& cfg, int num_ranks, int redundant,
+                                const std::string& init_expert_location);
+
 /// MoE layers of the model (layers at or past first_k_dense_replace that route to experts).
 int moe_layer_count(const model_config& cfg);
 

@@ -82,9 +82,7 @@ std::unique_ptr<ep_group> ep_group::load(const std::filesystem::path& dir, const
                                          uint64_t seed) {
   if (opt.size < 1) throw std::invalid_argument("--ep must be >= 1");
   const model_config cfg = model_config::load(dir);
-  ep_placement placement = opt.init_expert_location.empty()
-                               ? initial_placement(cfg, opt.size, opt.redundant)
-                               : placement_from_file(opt.init_expert_location, cfg, opt.size);
+  ep_placement placement = starting_placement(cfg, opt.size, opt.redundant, opt.init_expert_location);
   if (!opt.init_expert_location.empty() && opt.redundant > 0 &&
       placement.num_slots != int(cfg.n_routed_experts) + opt.redundant)
     throw std::invalid_argument(opt.init_expert_location + ": the placement has " +

@@ -154,4 +154,10 @@ ep_placement initial_placement(const model_config& cfg, int num_ranks, int redun
   return p;
 }
 
+ep_placement starting_placement(const model_config& cfg, int num_ranks, int redundant,
+                                const std::string& init_expert_location) {
+  return init_expert_location.empty() ? initial_placement(cfg, num_ranks, redundant)
+                                      : placement_from_file(init_expert_location, cfg, num_ranks);
+}
+
 } // namespace petrel::ep

@@ -112,6 +112,12 @@ deepseek_model::deepseek_model(model_config cfg, model_weights weights, backend&
   routing_counts_.assign(size_t(cfg_.num_hidden_layers * cfg_.n_routed_experts), 0);
   softmax_scale_ = float(cfg_.softmax_scale());
   rope_af_ = float(cfg_.rope_attention_factor());
+  route_.num_experts = int32_t(cfg_.n_routed_experts);
+  route_.n_group = int32_t(cfg_.n_group);
+  route_.topk_group = int32_t(cfg_.topk_group);
+  route_.top_k = int32_t(cfg_.num_experts_per_tok);
+  route_.norm_topk_prob = cfg_.norm_topk_prob;
+  route_.routed_scaling_factor = float(cfg_.routed_scaling_factor);
   for (auto& s : scratch_) s = std::make_unique<forward_scratch>();
   // On by default where the backend has graphs (cuda); PETREL_DECODE_GRAPHS=0 or 1 overrides.
   decode_graphs_ = be_.supports_graphs();
@@ -155,14 +161,7 @@ void deepseek_model::route(forward_scratch& s, int32_t layer, const mat_view& hn
   if (T > 0) {
     mat_view logits(s.ffn_c.ensure(be_, size_t(T * std::max(E, cfg_.hidden_size))), T, E);
     be_.linear(hn, L.router.f32(), logits);
-    route_params rp;
-    rp.num_experts = int32_t(E);
-    rp.n_group = int32_t(cfg_.n_group);
-    rp.topk_group = int32_t(cfg_.topk_group);
-    rp.top_k = int32_t(K);
-    rp.norm_topk_prob = cfg_.norm_topk_prob;
-    rp.routed_scaling_factor = float(cfg_.routed_scaling_factor);
-    be_.route_noaux_tc(logits, L.router_bias.f32(), rp, ids, wts);
+    be_.route_noaux_tc(logits, L.router_bias.f32(), route_, ids, wts);
     be_.copy_to_host(s.topk_ids_host.data(), ids, sizeof(int32_t) * size_t(T * K));
     be_.copy_to_host(s.topk_w_host.data(), wts, sizeof(float) * size_t(T * K));
     int64_t* counts = routing_counts_.data() + layer * E;
@@ -500,14 +499,7 @@ void deepseek_model::graph_step_body(forward_scratch& s, kv_pool& kv) {
     float* wts = s.topk_w.buf.f32();
     mat_view logits(s.ffn_c.buf.f32(), T, E);
     be_.linear(hn, L.router.f32(), logits);
-    route_params rp;
-    rp.num_experts = int32_t(E);
-    rp.n_group = int32_t(cfg_.n_group);
-    rp.topk_group = int32_t(cfg_.topk_group);
-    rp.top_k = int32_t(K);
-    rp.norm_topk_prob = cfg_.norm_topk_prob;
-    rp.routed_scaling_factor = float(cfg_.routed_scaling_factor);
-    be_.route_noaux_tc(logits, L.router_bias.f32(), rp, ids, wts);
+    be_.route_noaux_tc(logits, L.router_bias.f32(), route_, ids, wts);
     be_.expert_histogram(ids, n, K, dints + s.off_valid, reinterpret_cast<int32_t*>(counts_dev_.data()) + l * E);
     int32_t* offs = reinterpret_cast<int32_t*>(s.moe_off.buf.f32());
     int32_t* rows = reinterpret_cast<int32_t*>(s.moe_rows.buf.f32());

@@ -232,6 +232,7 @@ private:
   std::mutex mu_;
   float softmax_scale_;
   float rope_af_;
+  route_params route_; // noaux_tc routing settings, from the config
   std::unique_ptr<forward_scratch> scratch_[2];
   // -- decode graphs -------------------------------------------------------------------------------
   bool decode_graphs_ = false, graphs_without_support_ = false;

@@ -195,8 +195,7 @@ std::vector<petrel::generate_result> run_ucx_rank(const generate_cli& o, const s
       if (tok >= cfg.vocab_size)
         throw std::invalid_argument("--input-ids: token " + std::to_string(tok) + " is outside the vocabulary (vocab_size " +
                                     std::to_string(cfg.vocab_size) + ")");
-  ep_placement placement = o.init_expert_location.empty() ? initial_placement(cfg, N, o.redundant)
-                                                          : placement_from_file(o.init_expert_location, cfg, N);
+  ep_placement placement = starting_placement(cfg, N, o.redundant, o.init_expert_location);
   if (std::string err = check_placement(placement.phy2log, cfg, N, o.rebalance_every > 0); !err.empty())
     throw std::invalid_argument(err + (o.rebalance_every > 0 ? " (needed for live rebalancing)" : ""));
   ep_options opt;
