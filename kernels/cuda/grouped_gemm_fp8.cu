@@ -18,17 +18,18 @@
 //  * setmaxnreg moves registers from the producer (40) to the consumers (232).
 #include "kernels/cuda/grouped_gemm_fp8.hpp"
 
-#include <cuda.h>
 #include <cuda_bf16.h>
-#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <climits>
-#include <mutex>
 #include <string>
+
+#include "kernels/cuda/sm90_ptx.cuh"
 
 namespace petrel::cuda {
 namespace {
+
+using namespace sm90;
 
 // -- constants --------------------------------------------------------------------------
 constexpr int block_m = 128;               // rows per tile (two consumer warpgroups x 64)
@@ -70,119 +71,7 @@ struct tile_config {
   static constexpr int acc_regs = BLOCK_N / 2;
 };
 
-// -- device helpers: shared memory, mbarrier, TMA ---------------------------------------
-__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(std::uint64_t* bar, std::uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(std::uint64_t* bar, std::uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t parity) {
-  std::uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
-__device__ __forceinline__ void tma_load_2d(const CUtensorMap* map, void* dst, std::uint64_t* bar, int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
-          smem_addr(dst)),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
-      : "memory");
-}
-
-__device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<std::uint64_t>(map)) : "memory");
-}
-
-// -- device helpers: wgmma --------------------------------------------------------------
-// Shared-memory matrix descriptor for a K-major tile whose rows are 128 bytes, 128B-swizzled, 8-row
-// core groups 1024 bytes apart (exactly what a TMA box of 128 bytes x rows with SWIZZLE_128B writes).
-__device__ __forceinline__ std::uint64_t smem_descriptor(const void* tile) {
-  const std::uint64_t addr = smem_addr(tile);
-  std::uint64_t desc = (addr & 0x3FFFFull) >> 4;     // start address
-  desc |= 1ull << 16;                                  // leading byte offset (unused for swizzled K-major)
-  desc |= static_cast<std::uint64_t>(1024 >> 4) << 32; // stride byte offset: 8 rows x 128 B
-  desc |= 1ull << 62;                                  // 128B swizzle
-  return desc;
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// wgmma m64n64k32, e4m3 x e4m3 -> f32, A and B from shared memory (K-major, 128B swizzle).
-// scale_d == 0 overwrites the accumulators, 1 accumulates.
-__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b,
-                                                     int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-// wgmma m64n128k32, e4m3 x e4m3 -> f32, A and B from shared memory (K-major, 128B swizzle).
-// scale_d == 0 overwrites the accumulators, 1 accumulates.
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], std::uint64_t desc_a, std::uint64_t desc_b,
-                                                     int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], std::uint64_t desc_a, std::uint64_t desc_b,
-                                                     int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %98, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, "
-      "%96, %97, p, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
+// -- device helpers: wgmma ----------------------------------------------------------------
 template <int BLOCK_N>
 __device__ __forceinline__ void wgmma_k32(float (&d)[BLOCK_N / 2], std::uint64_t desc_a, std::uint64_t desc_b, int scale_d) {
   if constexpr (BLOCK_N == 192) wgmma_m64n192k32_e4m3(d, desc_a, desc_b, scale_d);
@@ -296,8 +185,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], consumer_warps);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    fence_barrier_init();
+    fence_proxy_async();
   }
   __syncthreads();
   const int m_blocks = p.mode == gemm_mode::masked ? group_prefix[p.num_groups] : p.m_blocks;
@@ -305,7 +194,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
 
   if (warpgroup == 0) {
     // ---- producer ----
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
       int stage = 0;
       std::uint32_t phase = 0;
@@ -325,7 +214,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
     }
   } else {
     // ---- consumers ----
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    setmaxnreg_inc<232>();
     const int cw = warpgroup - 1;                    // which 64-row half of the tile
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
@@ -359,8 +248,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
         const float* sa = smem_sa + stage * block_m;
         const float sa0 = sa[row_in_tile];
         const float sa1 = sa[row_in_tile + 8];
-        const std::uint64_t desc_a = smem_descriptor(smem_a + stage * cfg::a_bytes + cw * 64 * block_k);
-        const std::uint64_t desc_b = smem_descriptor(smem_b + stage * cfg::b_bytes);
+        const std::uint64_t desc_a = desc_k_major(smem_a + stage * cfg::a_bytes + cw * 64 * block_k);
+        const std::uint64_t desc_b = desc_k_major(smem_b + stage * cfg::b_bytes);
         fence_registers(dst);
         wgmma_fence();
 #pragma unroll
@@ -433,40 +322,6 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_const
 }
 
 // -- launcher ---------------------------------------------------------------------------
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult result{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &result) != cudaSuccess ||
-        result != cudaDriverEntryPointSuccess)
-      ptr = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-int sm_count() {
-  static int count = [] {
-    int dev = 0, n = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n > 0 ? n : 132;
-  }();
-  return count;
-}
-
-bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, std::uint64_t inner, std::uint64_t outer,
-               std::uint64_t row_stride_bytes, std::uint32_t box_inner, std::uint32_t box_outer, CUtensorMapSwizzle swizzle) {
-  auto encode = tensor_map_encoder();
-  if (!encode) return false;
-  const cuuint64_t dims[2] = {inner, outer};
-  const cuuint64_t strides[1] = {row_stride_bytes};
-  const cuuint32_t box[2] = {box_inner, box_outer};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 int block_n_override = 0;
 bool paired_promotion = true;
 
@@ -500,17 +355,15 @@ kernel_status launch(gemm_params p, const void* a_fp8, const float* a_scales, co
   if (p.num_tiles == 0) return kernel_status::success();
   CUtensorMap map_a, map_b, map_sa;
   const std::int64_t ld = fp8_scale_ld(p.m_rows);
-  if (!encode_2d(&map_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, a_fp8, p.k, p.m_rows, p.k, block_k, block_m,
+  if (!encode_tma_2d(&map_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, a_fp8, p.k, p.m_rows, p.k, block_k, block_m,
                  CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !encode_2d(&map_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, b_fp8, p.k, static_cast<std::uint64_t>(p.num_groups) * p.n, p.k,
+      !encode_tma_2d(&map_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, b_fp8, p.k, static_cast<std::uint64_t>(p.num_groups) * p.n, p.k,
                  block_k, BLOCK_N, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !encode_2d(&map_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a_scales, p.m_rows, p.k / block_k, ld * 4, block_m, 1,
+      !encode_tma_2d(&map_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a_scales, p.m_rows, p.k / block_k, ld * 4, block_m, 1,
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return kernel_status::failure(std::string(name) + ": cannot encode a TMA descriptor (driver entry point missing or bad alignment)");
-  static std::once_flag attr_once;
-  std::call_once(attr_once, [] {
-    cudaFuncSetAttribute(fp8_gemm_nt_kernel<BLOCK_N>, cudaFuncAttributeMaxDynamicSharedMemorySize, cfg::smem_bytes);
-  });
+  if (const cudaError_t err = raise_smem_limit_once<fp8_gemm_nt_kernel<BLOCK_N>>(cfg::smem_bytes); err != cudaSuccess)
+    return kernel_status::failure(std::string(name) + ": cannot raise the shared-memory limit: " + cudaGetErrorString(err));
   const int grid = std::min(p.num_tiles, sm_count());
   fp8_gemm_nt_kernel<BLOCK_N><<<grid, num_threads, cfg::smem_bytes, stream>>>(map_a, map_b, map_sa, p);
   const cudaError_t err = cudaGetLastError();

@@ -24,24 +24,21 @@
 //    chain per page is as long as v1's (docs/mla-kernels.md); it stays selectable with PETREL_MLA_DECODE.
 #include "kernels/cuda/mla.hpp"
 
-#include <cuda.h>
 #include <cuda_bf16.h>
-#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
 
-#include "kernels/cuda/mla_sm90.cuh"
+#include "kernels/cuda/sm90_ptx.cuh"
 
 namespace petrel::cuda {
 namespace {
 
-using namespace mla_detail;
+using namespace sm90;
 
 // -- constants --------------------------------------------------------------------------
 constexpr int head_block = 64;                      // query heads per CTA (wgmma M)
@@ -706,25 +703,6 @@ mla_decode_combine_kernel(const float* __restrict__ partial_o, const float* __re
 }
 
 // -- host side --------------------------------------------------------------------------
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult result{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &result) != cudaSuccess ||
-        result != cudaDriverEntryPointSuccess)
-      ptr = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-int current_sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
-    return 132;
-  return n;
-}
-
 // Splits per (sequence, head block): the count that minimises waves x (pages per split + a fixed cost of
 // about 2 pages for the Q load, the epilogue and the combine), from the shape alone.
 int pick_splits(int batch, int heads, int max_seqlen, int sms) {
@@ -741,28 +719,11 @@ int pick_splits(int batch, int heads, int max_seqlen, int sms) {
   return best;
 }
 
-/// Raises `kernel`'s dynamic shared-memory limit once per device (the attribute is per device, and a process
-/// may drive several GPUs from several threads).
-/// One instantiation (so one record of devices) per kernel: both decode kernels share a signature.
-template <auto kernel>
-inline cudaError_t raise_smem_limit_once(int bytes) {
-  static std::mutex mutex;
-  static std::uint64_t done = 0; // bit d: set on device d
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (dev < 64 && (done >> dev & 1)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && dev < 64) done |= std::uint64_t(1) << dev;
-  return err;
-}
-
 } // namespace
 
 std::size_t mla_decode_workspace_bytes(int batch, int heads, int max_seqlen) {
   if (batch <= 0 || heads <= 0 || max_seqlen <= 0) return 0;
-  const int splits = pick_splits(batch, heads, max_seqlen, current_sm_count());
+  const int splits = pick_splits(batch, heads, max_seqlen, sm_count());
   if (splits == 1) return 0;
   const std::size_t rows = static_cast<std::size_t>(splits) * batch * heads;
   return rows * (mla_latent_dim + 1) * sizeof(float);
@@ -787,7 +748,7 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
     return kernel_status::failure(who + ": q, kv_cache and out must be 16-byte aligned");
   if (!std::isfinite(softmax_scale)) return kernel_status::failure(who + ": softmax_scale is not finite");
 
-  const int splits = pick_splits(batch, heads, max_seqlen, current_sm_count());
+  const int splits = pick_splits(batch, heads, max_seqlen, sm_count());
   const std::size_t need = mla_decode_workspace_bytes(batch, heads, max_seqlen);
   if (splits > 1 && (!workspace || workspace_bytes < need))
     return kernel_status::failure(who + ": workspace of " + std::to_string(workspace_bytes) + " bytes is smaller than the " +
@@ -795,16 +756,9 @@ kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* bl
 
   // The cache's page count is not part of the API: the map spans every page a 32-bit row coordinate can
   // name; only pages the block table lists are ever read.
-  auto encode = tensor_map_encoder();
-  if (!encode) return kernel_status::failure(who + ": cuTensorMapEncodeTiled is not available from the driver");
   CUtensorMap kv_map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(mla_qk_dim), (1ull << 31) - page};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(mla_qk_dim) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(page)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  if (encode(&kv_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(kv_cache), dims, strides, box, elem_strides,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+  if (!encode_tma_2d(&kv_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, kv_cache, mla_qk_dim, (1ull << 31) - page, mla_qk_dim * 2, 64,
+                     page, CU_TENSOR_MAP_SWIZZLE_128B))
     return kernel_status::failure(who + ": cannot encode the kv_cache TMA descriptor");
 
   // Kernel choice (docs/mla-kernels.md). The default is v1, the fastest on the H100 (2026-11-23 runs). The seesaw

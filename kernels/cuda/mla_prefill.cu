@@ -19,16 +19,15 @@
 
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <type_traits>
 
-#include "kernels/cuda/mla_sm90.cuh"
+#include "kernels/cuda/sm90_ptx.cuh"
 
 namespace petrel::cuda {
 namespace {
 
-using namespace mla_detail;
+using namespace sm90;
 
 // -- constants --------------------------------------------------------------------------
 constexpr int block_m = 128;                                    // queries per CTA
@@ -240,22 +239,6 @@ __global__ void __launch_bounds__(threads, 1) mla_prefill_kernel(const prefill_p
   }
 }
 
-/// Raises `kernel`'s dynamic shared-memory limit once per device (the attribute is per device, and a process
-/// may drive several GPUs from several threads).
-template <typename Kernel>
-inline cudaError_t raise_smem_limit_once(Kernel kernel, int bytes) {
-  static std::mutex mutex;
-  static std::uint64_t done = 0; // bit d: set on device d
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (dev < 64 && (done >> dev & 1)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && dev < 64) done |= std::uint64_t(1) << dev;
-  return err;
-}
-
 } // namespace
 
 kernel_status mla_prefill_bf16(const void* q, const void* k, const void* v, const int* cu_seqlens_q,
@@ -274,7 +257,7 @@ kernel_status mla_prefill_bf16(const void* q, const void* k, const void* v, cons
     return kernel_status::failure(who + ": q, k, v and out must be 16-byte aligned");
   if (!std::isfinite(softmax_scale)) return kernel_status::failure(who + ": softmax_scale is not finite");
 
-  const cudaError_t attr_err = raise_smem_limit_once(mla_prefill_kernel, smem_bytes);
+  const cudaError_t attr_err = raise_smem_limit_once<mla_prefill_kernel>(smem_bytes);
   if (attr_err != cudaSuccess) return kernel_status::failure(who + ": cannot raise the shared-memory limit: " + cudaGetErrorString(attr_err));
 
   prefill_params p{};
