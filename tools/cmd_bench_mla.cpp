@@ -6,7 +6,6 @@
 
 #include <cstdio>
 #include <memory>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -17,7 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -37,7 +35,6 @@ struct bench_options {
   std::string only; // "decode" or "prefill" or ""
   int iters = 30;
   int warmup = 5;
-  std::string decode_kernels = "default"; // comma list of v1, v2, default (PETREL_MLA_DECODE per run)
 };
 
 #ifdef PETREL_HAVE_CUDA
@@ -129,36 +126,13 @@ double measure_hbm_gbs(const bench_options& opt, nlohmann::json& out) {
   return std::max(gbs_kernel, gbs_memcpy);
 }
 
-// Selects the decode kernel for the following launches: "v1" / "default" (the first kernel, the default),
-// "v2" (seesaw, box-wise waits), "v2page" (seesaw, page-wise waits) or "v2mc" (v2 in 2-CTA clusters with
-// multicast loads), each optionally with ":pfN" (N pages of L2 prefetch ahead; default 0). mla_decode.cu
-// reads PETREL_MLA_DECODE and PETREL_MLA_DECODE_PREFETCH on every call.
-void select_decode_kernel(const std::string& name) {
-  const auto colon = name.find(':');
-  const std::string kernel = name.substr(0, colon);
-  if (kernel == "default")
-    unsetenv("PETREL_MLA_DECODE");
-  else
-    setenv("PETREL_MLA_DECODE", kernel.c_str(), 1);
-  if (colon != std::string::npos)
-    setenv("PETREL_MLA_DECODE_PREFETCH", name.substr(colon + 3).c_str(), 1);
-  else
-    unsetenv("PETREL_MLA_DECODE_PREFETCH");
-}
-
 bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out) {
-  std::vector<std::string> kernels;
-  {
-    std::stringstream list(opt.decode_kernels);
-    for (std::string k; std::getline(list, k, ',');)
-      if (!k.empty()) kernels.push_back(k);
-  }
   constexpr int heads = 128;
   const float scale = 0.1352f; // DeepSeek-V3's 192^-0.5 x YaRN mscale^2 (about 1.87)
   bool all_ok = true;
   std::printf("\nMLA decode, 128 heads, paged bf16 latent cache (576 / 512), pages shuffled; anchors: FlashMLA H800 "
               "%.0f GB/s, %.0f TFLOPS\n", flashmla_gbs, flashmla_tflops);
-  std::printf("%9s %6s %6s %7s %10s %9s %8s %9s %8s %8s %8s\n", "kernel", "batch", "kv", "splits", "time_us", "GB/s", "TFLOPS",
+  std::printf("%6s %6s %7s %10s %9s %8s %9s %8s %8s %8s\n", "batch", "kv", "splits", "time_us", "GB/s", "TFLOPS",
               "vsHBM", "vs3000", "vs660", "check");
   struct shape { int batch, kv; };
   const std::vector<shape> shapes = {{64, 2048}, {64, 4096}, {128, 2048}, {128, 4096}, {256, 2048}, {256, 4096},
@@ -181,43 +155,39 @@ bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out)
     const std::size_t ws_bytes = mla_decode_workspace_bytes(sh.batch, heads, sh.kv);
     device_memory ws(ws_bytes);
     const int splits = ws_bytes == 0 ? 1 : static_cast<int>(ws_bytes / (static_cast<std::size_t>(sh.batch) * heads * (mla_latent_dim + 1) * 4));
-    for (const std::string& kernel : kernels) {
-      select_decode_kernel(kernel);
-      auto launch = [&] {
-        ensure(mla_decode_bf16(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv, scale,
-                               o.ptr, ws.ptr, ws_bytes, nullptr));
-      };
-      std::string check = "-";
-      nlohmann::json row;
-      if (opt.check) {
-        ensure(cudaMemset(o.ptr, 0xFF, o.bytes), "poison");
-        launch();
-        device_memory ref(static_cast<std::size_t>(sh.batch) * heads * mla_latent_dim * 4);
-        ensure(mla_decode_reference_f32(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv,
-                                        scale, ref.as<float>(), nullptr));
-        ensure(cudaDeviceSynchronize(), "decode check");
-        std::size_t bad = 0;
-        const double rel = rel_l2(o.ptr, ref.as<float>(), ref.bytes / 4, &bad);
-        const bool ok = bad == 0 && rel < 1e-2;
-        all_ok = all_ok && ok;
-        char buf[64];
-        std::snprintf(buf, sizeof buf, "%s %.1e", ok ? "ok" : "FAIL", rel);
-        check = buf;
-        row["rel_l2"] = rel;
-      }
-      const double ms = median_ms(launch, opt.warmup, opt.iters);
-      const double bytes = static_cast<double>(sh.batch) * sh.kv * mla_qk_dim * 2 + q.bytes + o.bytes;
-      const double flops = 2.0 * sh.batch * heads * sh.kv * (mla_qk_dim + mla_latent_dim);
-      const double gbs = bytes / (ms * 1e6), tflops = flops / (ms * 1e9);
-      std::printf("%9s %6d %6d %7d %10.1f %9.0f %8.1f %8.2f %8.2f %8.2f %8s\n", kernel.c_str(), sh.batch, sh.kv, splits, ms * 1e3,
-                  gbs, tflops, gbs / hbm_gbs, gbs / flashmla_gbs, tflops / flashmla_tflops, check.c_str());
-      row.update({{"kernel", kernel}, {"batch", sh.batch}, {"kv", sh.kv}, {"heads", heads}, {"splits", splits}, {"time_us", ms * 1e3},
-                  {"gbs", gbs}, {"tflops", tflops}, {"ratio_hbm", gbs / hbm_gbs}, {"ratio_flashmla_gbs", gbs / flashmla_gbs},
-                  {"ratio_flashmla_tflops", tflops / flashmla_tflops}});
-      out["decode"].push_back(row);
+    auto launch = [&] {
+      ensure(mla_decode_bf16(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv, scale,
+                             o.ptr, ws.ptr, ws_bytes, nullptr));
+    };
+    std::string check = "-";
+    nlohmann::json row;
+    if (opt.check) {
+      ensure(cudaMemset(o.ptr, 0xFF, o.bytes), "poison");
+      launch();
+      device_memory ref(static_cast<std::size_t>(sh.batch) * heads * mla_latent_dim * 4);
+      ensure(mla_decode_reference_f32(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv,
+                                      scale, ref.as<float>(), nullptr));
+      ensure(cudaDeviceSynchronize(), "decode check");
+      std::size_t bad = 0;
+      const double rel = rel_l2(o.ptr, ref.as<float>(), ref.bytes / 4, &bad);
+      const bool ok = bad == 0 && rel < 1e-2;
+      all_ok = all_ok && ok;
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s %.1e", ok ? "ok" : "FAIL", rel);
+      check = buf;
+      row["rel_l2"] = rel;
     }
+    const double ms = median_ms(launch, opt.warmup, opt.iters);
+    const double bytes = static_cast<double>(sh.batch) * sh.kv * mla_qk_dim * 2 + q.bytes + o.bytes;
+    const double flops = 2.0 * sh.batch * heads * sh.kv * (mla_qk_dim + mla_latent_dim);
+    const double gbs = bytes / (ms * 1e6), tflops = flops / (ms * 1e9);
+    std::printf("%6d %6d %7d %10.1f %9.0f %8.1f %8.2f %8.2f %8.2f %8s\n", sh.batch, sh.kv, splits, ms * 1e3,
+                gbs, tflops, gbs / hbm_gbs, gbs / flashmla_gbs, tflops / flashmla_tflops, check.c_str());
+    row.update({{"batch", sh.batch}, {"kv", sh.kv}, {"heads", heads}, {"splits", splits}, {"time_us", ms * 1e3},
+                {"gbs", gbs}, {"tflops", tflops}, {"ratio_hbm", gbs / hbm_gbs}, {"ratio_flashmla_gbs", gbs / flashmla_gbs},
+                {"ratio_flashmla_tflops", tflops / flashmla_tflops}});
+    out["decode"].push_back(row);
   }
-  select_decode_kernel("default");
   return all_ok;
 }
 
@@ -306,23 +276,6 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--only", opt->only, "decode or prefill")->check(CLI::IsMember({"", "decode", "prefill"}));
       sub.add_option("--iters", opt->iters, "timed launches per shape (median reported)")->check(CLI::Range(1, 10000));
       sub.add_option("--warmup", opt->warmup, "untimed launches first")->check(CLI::Range(0, 1000));
-      sub.add_option("--decode-kernels", opt->decode_kernels,
-                     "comma list of decode kernels to time: v1 (first kernel, the default), v2 (seesaw), v2page (seesaw, "
-                     "whole-page waits), v2mc (seesaw, 2-CTA clusters with multicast loads), "
-                     "default; each optionally :pfN (N pages of L2 prefetch, e.g. v2:pf0)")
-          ->check([](const std::string& v) -> std::string {
-            std::stringstream list(v);
-            for (std::string k; std::getline(list, k, ',');) {
-              const auto colon = k.find(':');
-              const std::string kernel = k.substr(0, colon);
-              const bool pf_ok = colon == std::string::npos ||
-                                 (k.compare(colon, 3, ":pf") == 0 && colon + 3 < k.size() &&
-                                  k.find_first_not_of("0123456789", colon + 3) == std::string::npos && k.size() - colon <= 5);
-              if ((kernel != "v1" && kernel != "v2" && kernel != "v2page" && kernel != "v2mc" && kernel != "default") || !pf_ok)
-                return "unknown decode kernel '" + k + "' (v1, v2, v2page, v2mc, default; optional :pfN, N pages of L2 prefetch)";
-            }
-            return "";
-          });
       return [opt]() -> int {
 #ifdef PETREL_HAVE_CUDA
         int devices = 0;

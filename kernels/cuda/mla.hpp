@@ -36,8 +36,6 @@ std::size_t mla_decode_workspace_bytes(int batch, int heads, int max_seqlen);
 ///   out          [batch, heads, 512] bf16 = softmax(q.k * softmax_scale) . v
 /// Split-KV across SMs for small batches, then a combine. The launch shape depends only on
 /// (batch, heads, max_seqlen), never on seqlens' values, so it is safe inside a CUDA graph.
-/// For experiments only, the environment variable PETREL_MLA_DECODE (v2, v2page, v2mc) selects one of the
-/// slower seesaw kernels instead of the default; docs/mla-kernels.md has their design and H100 figures.
 kernel_status mla_decode_bf16(const void* q, const void* kv_cache, const int* block_table, int block_table_ld,
                               const int* seqlens, int batch, int heads, int max_seqlen, float softmax_scale,
                               void* out, void* workspace, std::size_t workspace_bytes, cudaStream_t stream);

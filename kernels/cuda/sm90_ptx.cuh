@@ -91,17 +91,6 @@ __device__ __forceinline__ void tma_load_2d(const CUtensorMap* map, void* dst, s
       : "memory");
 }
 
-/// The same box, written to this offset of every CTA in `cta_mask` of the cluster; each destination CTA's
-/// mbarrier at `bar`'s offset receives the bytes that landed in it.
-__device__ __forceinline__ void tma_load_2d_multicast(const CUtensorMap* map, void* dst, std::uint64_t* bar, int c0, int c1,
-                                                      std::uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(
-          smem_addr(dst)),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(cta_mask)
-      : "memory");
-}
-
 __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<std::uint64_t>(map)) : "memory");
 }
@@ -113,40 +102,6 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t dst, const void* src, 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// -- clusters ---------------------------------------------------------------------------
-/// Arrives on the mbarrier at `bar`'s offset in cluster CTA `cta_rank` (release at cluster scope).
-__device__ __forceinline__ void mbar_arrive_cluster(std::uint64_t* bar, std::uint32_t cta_rank) {
-  asm volatile(
-      "{\n"
-      ".reg .b32 remote;\n"
-      "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
-      "}\n" ::"r"(smem_addr(bar)),
-      "r"(cta_rank)
-      : "memory");
-}
-
-/// mbar_wait with acquire at cluster scope (for arrivals from other CTAs of the cluster).
-__device__ __forceinline__ void mbar_wait_cluster(std::uint64_t* bar, std::uint32_t parity) {
-  std::uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
-/// Every thread of every CTA in the cluster.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
 
 // -- wgmma descriptors and ordering -----------------------------------------------------
 /// K-major operand in a 128B-swizzled tile (advance along K by 32 bytes per k16 bf16 / k32 fp8 step).

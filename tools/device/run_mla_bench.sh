@@ -7,7 +7,7 @@
 #       as tools/device/run_cuda_bench.sh.
 #   device (repo root):     tools/device/run_mla_bench.sh run [extra bench-mla flags]
 #       env: TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound the tests and the bench; NCU=1 also profiles the first decode launch (batch 64, KV 2048) and the prefill with ncu;
-#            (NCU=decode: the decode only; NCU_DECODE_KERNEL picks the --decode-kernels entry to profile);
+#            (NCU=decode: the decode only);
 #            SKIP_TESTS=1 skips the unit tests. Logs, bench JSON and SASS counts land under $OUT.
 set -uo pipefail
 here=device/mla
@@ -49,7 +49,7 @@ for line in open('/tmp/petrel-mla/petrel.sass', errors='replace'):
     if m:
         fn = m.group(1)
         continue
-    k = re.search(r'mla_(?:decode_seesaw|decode_combine|decode|prefill)_kernel', fn or '')
+    k = re.search(r'mla_(?:decode_combine|decode|prefill)_kernel', fn or '')
     if k:
         for op in re.findall(r'\b(?:HGMMA|UTMALDG|LDGSTS|LDL|STL|MUFU\.EX2|BAR|SYNCS)[A-Z0-9_.]*', line):
             counts[(k.group(0), op)] += 1
@@ -74,8 +74,8 @@ echo "bench rc=${PIPESTATUS[0]}"
 if [[ -n ${NCU:-} ]]; then
   echo "== ncu: first decode launch (batch 64, KV 2048) and one prefill launch"
   sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
-  timeout 150 ncu $sections -k regex:'mla_decode_(seesaw_)?kernel' -c 1 "$bin/petrel" bench-mla --only decode --iters 1 --warmup 0 \
-    --decode-kernels "${NCU_DECODE_KERNEL:-default}" > "$out/ncu_decode.txt" 2>&1
+  timeout 150 ncu $sections -k regex:mla_decode_kernel -c 1 "$bin/petrel" bench-mla --only decode --iters 1 --warmup 0 \
+    > "$out/ncu_decode.txt" 2>&1
   echo "ncu decode rc=$?"
   grep -E 'Throughput|Duration|Busy|Pipe|Stall|Issued|Eligible|Bandwidth|L2 Hit|Executed Ipc' "$out/ncu_decode.txt" | head -40
   [[ $NCU == decode ]] || timeout 150 ncu $sections -k regex:mla_prefill_kernel -c 1 "$bin/petrel" bench-mla --only prefill --iters 1 --warmup 0 \
