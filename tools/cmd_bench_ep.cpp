@@ -934,6 +934,9 @@ const bool registered = petrel::cli::register_command(
           std::fprintf(stderr, "bench-ep: %s\n", bad.c_str());
           return petrel::cli::exit_bad_input;
         }
+        // Ranks as threads put one stream each on the GPU; with the default 8 hardware queues two of them could
+        // share a queue, and a rank's spinning receive would then block the peer's send behind it.
+        setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
         if (opt->child_rank >= 0) return run_rank(*opt, opt->child_rank, opt->rendezvous);
         return run_parent(*opt);
 #else

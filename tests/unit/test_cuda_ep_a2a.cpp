@@ -19,7 +19,9 @@ namespace {
 
 // Runs `petrel bench-ep ARGS`; returns its exit code and keeps its output for the failure message.
 int run_bench_ep(const std::string& args, std::string* output) {
-  const std::string cmd = std::string(PETREL_BINARY) + " bench-ep " + args + " 2>&1";
+  // $PETREL_BINARY wins over the build path (the device machine runs a packaged copy elsewhere)
+  const char* env = std::getenv("PETREL_BINARY");
+  const std::string cmd = std::string(env && *env ? env : PETREL_BINARY) + " bench-ep " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return -1;
   char buf[4096];

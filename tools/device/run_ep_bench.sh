@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The intranode GPU expert all-to-all (kernels/cuda/ep_a2a, petrel bench-ep) on the device machine, in two steps.
+#
+#   here (build machine):   tools/device/run_ep_bench.sh package [build-dir]
+#       copies petrel and test_cuda_ep_a2a plus the non-CUDA shared libraries they need that Ubuntu 24.04 lacks
+#       into device/ep/ (git-ignored) as one compressed bundle. NCCL stays behind (217 MB): bench-ep dlopens
+#       libnccl.so.2, found on the device under torch's venv.
+#   device (repo root):     tools/device/run_ep_bench.sh run
+#       with device/ep carried; writes logs and JSON under $OUT: the unit tests, then bench-ep at N = 2, 4, 8
+#       (normal, 4096 tokens, hidden 7168, top-8, 256 experts) and low-latency at 128 tokens, with the ranks as
+#       processes (CUDA IPC) and as threads of one process, all on the one GPU there is.
+#   One call from the build machine: package here, then the device tool's run with carry=["device/ep"],
+#   command="bash tools/device/run_ep_bench.sh run".
+set -uo pipefail
+here=${PETREL_DEVICE_DIR:-device/ep}
+cmd=${1:-run}
+shift || true
+
+if [[ $cmd == package ]]; then
+  build=${1:-build-epgpu}
+  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
+  bins=()
+  for b in petrel test_cuda_ep_a2a; do [[ -f $build/$b ]] && bins+=("$build/$b"); done
+  cp "${bins[@]}" "$here/bin/"
+  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
+    case $(basename "$lib") in
+      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*|libnccl*) ;;
+      *) cp -L "$lib" "$here/lib/" ;;
+    esac
+  done
+  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
+  tar -C "$here" -cJf /tmp/petrel-ep-bundle.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
+  mv /tmp/petrel-ep-bundle.tar.xz "$here/bundle.tar.xz"
+  du -sh "$here"
+  exit 0
+fi
+
+out=${OUT:-/tmp/petrel-ep-out}
+if [[ -f $here/bundle.tar.xz ]]; then
+  mkdir -p /tmp/petrel-ep && tar -C /tmp/petrel-ep -xJf "$here/bundle.tar.xz" && here=/tmp/petrel-ep
+  chmod +x "$here"/bin/*
+fi
+mkdir -p "$out"
+blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
+nccl_dir=$(dirname "$(find / -name 'libnccl.so*' -not -path '/proc/*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH=$here/lib:$blas_dir:$nccl_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total,compute_mode --format=csv
+  echo "nccl from: $nccl_dir"
+  nvidia-smi -q | grep -iE 'MPS|Compute Mode' | head -5
+} 2>&1 | tee "$out/env.log"
+
+if [[ $cmd == run || $cmd == tests ]]; then
+  echo "== test_cuda_ep_a2a"
+  PETREL_BINARY=$here/bin/petrel timeout "${TEST_TIMEOUT:-240}" "$here/bin/test_cuda_ep_a2a" -s > "$out/test_cuda_ep_a2a.log" 2>&1
+  echo "test_cuda_ep_a2a rc=$?"
+  grep -E 'ERROR|FAILED|MISMATCH|test cases|assertions|timed out' "$out/test_cuda_ep_a2a.log" | head -30
+  [[ $cmd == tests ]] && exit 0
+fi
+
+bench() { # name, flags...
+  local name=$1
+  shift
+  echo "== bench-ep $*"
+  timeout "${BENCH_TIMEOUT:-150}" "$here/bin/petrel" bench-ep "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1
+  local rc=$?
+  grep -vE '^\[rank' "$out/$name.log" | tail -8
+  grep -E 'MISMATCH|FAILED' "$out/$name.log" | head -5
+  echo "rc=$rc"
+}
+launches=${LAUNCHES:-"threads processes"}
+for launch in $launches; do
+  for n in ${RANKS:-2 4 8}; do
+    bench "normal_n${n}_${launch}" --ranks "$n" --launch "$launch" --mode normal --tokens 4096 --hidden 7168 --topk 8 \
+      --experts 256 --iters "${ITERS:-20}"
+    bench "ll_n${n}_${launch}" --ranks "$n" --launch "$launch" --mode low_latency --tokens 128 --hidden 7168 --topk 8 \
+      --experts 256 --iters "${ITERS:-20}"
+  done
+done
+# one rank: the NCCL path runs (a self send/receive), the only NCCL case one GPU allows
+bench normal_n1_nccl --ranks 1 --mode normal --tokens 4096 --hidden 7168 --topk 8 --experts 256 --iters 10
