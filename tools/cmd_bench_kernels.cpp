@@ -2,20 +2,14 @@
 // activation quantisation at DeepGEMM's published shapes, next to cuBLASLt timed in the same run and
 // the anchors of ANCHORS.md. Every figure printed carries its anchor and the ratio.
 #include "tools/command.hpp"
+#include "tools/bench_common.hpp"
 
 #include <cstdio>
 #include <memory>
-#include <stdexcept>
 #include <string>
 
 #ifdef PETREL_HAVE_CUDA
-#include <cuda_runtime_api.h>
-
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
-#include <fstream>
-#include <functional>
 #include <vector>
 
 #include "kernels/cuda/fp8_layout.hpp"
@@ -27,12 +21,7 @@
 
 namespace {
 
-struct bench_options {
-  bool check = false;
-  std::string json_path;
-  std::string only;
-  int iters = 20;
-  int warmup = 3;
+struct bench_options : petrel::bench::kernel_bench_options {
   int block_n = 0;
   bool serial_promotion = false;
 };
@@ -68,51 +57,15 @@ const std::vector<bench_case>& cases() {
   return all;
 }
 
-// -- small CUDA helpers -----------------------------------------------------------------------
-struct cuda_failure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-void ensure(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw cuda_failure(std::string(what) + ": " + cudaGetErrorString(err));
-}
-void ensure(const kernel_status& st) {
-  if (!st.ok()) throw cuda_failure(st.message);
-}
-
-template <typename T>
-struct device_array {
-  T* ptr = nullptr;
-  explicit device_array(std::size_t count) {
-    ensure(cudaMalloc(reinterpret_cast<void**>(&ptr), std::max<std::size_t>(count, 1) * sizeof(T)), "cudaMalloc");
-  }
-  ~device_array() { cudaFree(ptr); }
-  device_array(const device_array&) = delete;
-  device_array& operator=(const device_array&) = delete;
-};
+using petrel::bench::device_array;
+using petrel::bench::ensure;
 
 // Median time of `fn` in microseconds; the L2 is flushed (a 256 MiB memset) before every timed run,
 // outside the timed region, so weights are read from HBM as in a real forward pass.
 double time_us(const std::function<void()>& fn, const bench_options& opt, void* flush, std::size_t flush_bytes) {
-  cudaEvent_t start, stop;
-  ensure(cudaEventCreate(&start), "cudaEventCreate");
-  ensure(cudaEventCreate(&stop), "cudaEventCreate");
-  for (int i = 0; i < opt.warmup; ++i) fn();
-  std::vector<float> times;
-  for (int i = 0; i < opt.iters; ++i) {
-    ensure(cudaMemsetAsync(flush, i & 0xFF, flush_bytes, nullptr), "L2 flush");
-    ensure(cudaEventRecord(start, nullptr), "cudaEventRecord");
-    fn();
-    ensure(cudaEventRecord(stop, nullptr), "cudaEventRecord");
-    ensure(cudaEventSynchronize(stop), "kernel");
-    float ms = 0;
-    ensure(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    times.push_back(ms * 1000.0f);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  int i = 0;
+  return petrel::bench::median_us(fn, opt.warmup, opt.iters, nullptr,
+                                  [&] { ensure(cudaMemsetAsync(flush, i++ & 0xFF, flush_bytes, nullptr), "L2 flush"); });
 }
 
 struct result_row {
@@ -352,12 +305,7 @@ int run_benchmarks(const bench_options& opt) {
                              {"tflops", r.tflops}, {"gbs", r.gbs}, {"anchor_tflops", r.anchor_tflops}, {"ratio", r.ratio},
                              {"speedup_vs_cublaslt", r.vs_cublas}, {"checked", r.checked}, {"passed", r.passed},
                              {"rel_l2", r.err.rel_l2}, {"max_rel", r.err.max_rel()}, {"non_finite", r.err.non_finite}});
-    std::ofstream f(opt.json_path);
-    if (!f) {
-      std::fprintf(stderr, "bench-kernels: cannot write --json %s\n", opt.json_path.c_str());
-      return 2;
-    }
-    f << out.dump(2) << "\n";
+    petrel::bench::write_json(opt.json_path, out);
   }
   if (opt.check && !all_ok) {
     std::fprintf(stderr, "bench-kernels: a kernel failed its check against the fp32 reference\n");
@@ -371,31 +319,16 @@ const bool registered = petrel::cli::register_command(
     "bench-kernels", "benchmark the CUDA fp8 GEMM and quantisation kernels against DeepGEMM's figures and cuBLASLt",
     [](CLI::App& sub) -> petrel::cli::command_fn {
       auto opt = std::make_shared<bench_options>();
-      sub.add_flag("--check", opt->check, "compare every kernel with an fp32 reference first");
-      sub.add_option("--json", opt->json_path, "write the results as JSON to this file");
-      sub.add_option("--only", opt->only, "run only the shapes whose name contains this text");
-      sub.add_option("--iters", opt->iters, "timed iterations per kernel (median reported)")->check(CLI::Range(1, 10000));
-      sub.add_option("--warmup", opt->warmup, "untimed iterations first")->check(CLI::Range(0, 1000));
+      petrel::bench::add_kernel_bench_options(sub, *opt, "run only the shapes whose name contains this text");
       sub.add_option("--block-n", opt->block_n, "force Petrel's tile width (64, 128 or 192; default: automatic)")
           ->check(CLI::IsMember({0, 64, 128, 192}));
       sub.add_flag("--serial-promotion", opt->serial_promotion, "promote K blocks one at a time (the first version)");
       return [opt]() -> int {
 #ifdef PETREL_HAVE_CUDA
-        int devices = 0;
-        if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-          std::fprintf(stderr, "bench-kernels: no CUDA device visible\n");
-          return 1;
-        }
-        try {
-          return run_benchmarks(*opt);
-        } catch (const std::exception& e) {
-          std::fprintf(stderr, "bench-kernels: %s\n", e.what());
-          return 1;
-        }
+        return petrel::bench::run_on_gpu("bench-kernels", [&] { return run_benchmarks(*opt); });
 #else
         (void)opt;
-        std::fprintf(stderr, "bench-kernels: built without CUDA\n");
-        return 1;
+        return petrel::bench::without_cuda("bench-kernels");
 #endif
       };
     });

@@ -3,22 +3,16 @@
 // decode figure is printed next to FlashMLA's H800 anchors (3,000 GB/s, 660 TFLOPS; ANCHORS.md) and next to
 // the HBM bandwidth of a plain copy kernel measured in the same run. CUDA events, warm-up, median.
 #include "tools/command.hpp"
+#include "tools/bench_common.hpp"
 
 #include <cstdio>
 #include <memory>
-#include <stdexcept>
 #include <string>
 
 #ifdef PETREL_HAVE_CUDA
-#include <cuda_runtime_api.h>
-
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <fstream>
-#include <functional>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -29,13 +23,7 @@
 
 namespace {
 
-struct bench_options {
-  bool check = false;
-  std::string json_path;
-  std::string only; // "decode" or "prefill" or ""
-  int iters = 30;
-  int warmup = 5;
-};
+using bench_options = petrel::bench::kernel_bench_options;
 
 #ifdef PETREL_HAVE_CUDA
 using namespace petrel::cuda;
@@ -44,48 +32,12 @@ constexpr double flashmla_gbs = 3000.0;    // ANCHORS.md: FlashMLA, H800, memory
 constexpr double flashmla_tflops = 660.0;  // ANCHORS.md: FlashMLA, H800, compute-bound
 constexpr double bf16_measured_tflops = 798.0; // ANCHORS.md: 8192^3 bf16 matmul measured on the lent H100
 
-struct cuda_failure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-void ensure(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw cuda_failure(std::string(what) + ": " + cudaGetErrorString(err));
-}
-void ensure(const kernel_status& st) {
-  if (!st.ok()) throw cuda_failure(st.message);
-}
+using petrel::bench::device_array;
+using petrel::bench::ensure;
+using bf16_array = device_array<std::uint16_t>;
 
-struct device_memory {
-  void* ptr = nullptr;
-  std::size_t bytes = 0;
-  explicit device_memory(std::size_t n) : bytes(n) { ensure(cudaMalloc(&ptr, std::max<std::size_t>(n, 16)), "cudaMalloc"); }
-  ~device_memory() { cudaFree(ptr); }
-  device_memory(const device_memory&) = delete;
-  device_memory& operator=(const device_memory&) = delete;
-  template <typename T>
-  T* as() const { return static_cast<T*>(ptr); }
-};
-
-// Median of per-launch times (ms), each bracketed by events, after `warmup` untimed launches.
 double median_ms(const std::function<void()>& launch, int warmup, int iters) {
-  cudaEvent_t start, stop;
-  ensure(cudaEventCreate(&start), "cudaEventCreate");
-  ensure(cudaEventCreate(&stop), "cudaEventCreate");
-  for (int i = 0; i < warmup; ++i) launch();
-  ensure(cudaDeviceSynchronize(), "warm-up");
-  std::vector<float> times;
-  for (int i = 0; i < iters; ++i) {
-    ensure(cudaEventRecord(start, nullptr), "cudaEventRecord");
-    launch();
-    ensure(cudaEventRecord(stop, nullptr), "cudaEventRecord");
-    ensure(cudaEventSynchronize(stop), "kernel");
-    float ms = 0;
-    ensure(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return petrel::bench::median_us(launch, warmup, iters) / 1e3;
 }
 
 float bf16_to_float(std::uint16_t b) {
@@ -112,9 +64,21 @@ double rel_l2(const void* out_bf16, const float* ref, std::size_t n, std::size_t
   return r2 > 0 ? std::sqrt(e2 / r2) : std::sqrt(e2);
 }
 
+// A kernel's bf16 output against its fp32 reference: passes below 1e-2 relative L2 with every value finite.
+// *text = "ok 1.8e-03" or "FAIL ...".
+bool check_against(const bf16_array& out, const device_array<float>& ref, double* rel, std::string* text) {
+  std::size_t bad = 0;
+  *rel = rel_l2(out.ptr, ref.ptr, ref.count, &bad);
+  const bool ok = bad == 0 && *rel < 1e-2;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s %.1e", ok ? "ok" : "FAIL", *rel);
+  *text = buf;
+  return ok;
+}
+
 double measure_hbm_gbs(const bench_options& opt, nlohmann::json& out) {
   const std::size_t bytes = std::size_t(1) << 30;
-  device_memory a(bytes), b(bytes);
+  device_array<std::uint8_t> a(bytes), b(bytes);
   ensure(cudaMemset(a.ptr, 1, bytes), "cudaMemset");
   const double ms_kernel = median_ms([&] { ensure(mla_bench_copy(b.ptr, a.ptr, bytes, nullptr)); }, opt.warmup, opt.iters);
   const double ms_memcpy = median_ms([&] { ensure(cudaMemcpyAsync(b.ptr, a.ptr, bytes, cudaMemcpyDeviceToDevice, nullptr), "memcpy"); },
@@ -140,45 +104,39 @@ bool bench_decode(const bench_options& opt, double hbm_gbs, nlohmann::json& out)
   for (const auto& sh : shapes) {
     const int pages_per_seq = (sh.kv + mla_page_size - 1) / mla_page_size;
     const std::size_t num_pages = static_cast<std::size_t>(sh.batch) * pages_per_seq;
-    device_memory q(static_cast<std::size_t>(sh.batch) * heads * mla_qk_dim * 2);
-    device_memory kv(num_pages * mla_page_size * mla_qk_dim * 2);
-    device_memory o(static_cast<std::size_t>(sh.batch) * heads * mla_latent_dim * 2);
-    device_memory table(num_pages * sizeof(int)), lens(sh.batch * sizeof(int));
-    ensure(mla_fill_random_bf16(q.ptr, q.bytes / 2, 1 + sh.batch, 1.0f, nullptr));
-    ensure(mla_fill_random_bf16(kv.ptr, kv.bytes / 2, 2 + sh.kv, 1.0f, nullptr));
+    bf16_array q(static_cast<std::size_t>(sh.batch) * heads * mla_qk_dim), kv(num_pages * mla_page_size * mla_qk_dim),
+        o(static_cast<std::size_t>(sh.batch) * heads * mla_latent_dim);
+    device_array<int> table(num_pages), lens(sh.batch);
+    ensure(mla_fill_random_bf16(q.ptr, q.count, 1 + sh.batch, 1.0f, nullptr));
+    ensure(mla_fill_random_bf16(kv.ptr, kv.count, 2 + sh.kv, 1.0f, nullptr));
     std::vector<int> host_table(num_pages);
     std::iota(host_table.begin(), host_table.end(), 0);
     std::shuffle(host_table.begin(), host_table.end(), std::mt19937(sh.batch * 7 + sh.kv));
-    ensure(cudaMemcpy(table.ptr, host_table.data(), table.bytes, cudaMemcpyHostToDevice), "upload");
+    ensure(cudaMemcpy(table.ptr, host_table.data(), table.bytes(), cudaMemcpyHostToDevice), "upload");
     std::vector<int> host_lens(sh.batch, sh.kv);
-    ensure(cudaMemcpy(lens.ptr, host_lens.data(), lens.bytes, cudaMemcpyHostToDevice), "upload");
+    ensure(cudaMemcpy(lens.ptr, host_lens.data(), lens.bytes(), cudaMemcpyHostToDevice), "upload");
     const std::size_t ws_bytes = mla_decode_workspace_bytes(sh.batch, heads, sh.kv);
-    device_memory ws(ws_bytes);
+    device_array<std::uint8_t> ws(ws_bytes);
     const int splits = ws_bytes == 0 ? 1 : static_cast<int>(ws_bytes / (static_cast<std::size_t>(sh.batch) * heads * (mla_latent_dim + 1) * 4));
     auto launch = [&] {
-      ensure(mla_decode_bf16(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv, scale,
+      ensure(mla_decode_bf16(q.ptr, kv.ptr, table.ptr, pages_per_seq, lens.ptr, sh.batch, heads, sh.kv, scale,
                              o.ptr, ws.ptr, ws_bytes, nullptr));
     };
     std::string check = "-";
     nlohmann::json row;
     if (opt.check) {
-      ensure(cudaMemset(o.ptr, 0xFF, o.bytes), "poison");
+      ensure(cudaMemset(o.ptr, 0xFF, o.bytes()), "poison");
       launch();
-      device_memory ref(static_cast<std::size_t>(sh.batch) * heads * mla_latent_dim * 4);
-      ensure(mla_decode_reference_f32(q.ptr, kv.ptr, table.as<int>(), pages_per_seq, lens.as<int>(), sh.batch, heads, sh.kv,
-                                      scale, ref.as<float>(), nullptr));
+      device_array<float> ref(o.count);
+      ensure(mla_decode_reference_f32(q.ptr, kv.ptr, table.ptr, pages_per_seq, lens.ptr, sh.batch, heads, sh.kv,
+                                      scale, ref.ptr, nullptr));
       ensure(cudaDeviceSynchronize(), "decode check");
-      std::size_t bad = 0;
-      const double rel = rel_l2(o.ptr, ref.as<float>(), ref.bytes / 4, &bad);
-      const bool ok = bad == 0 && rel < 1e-2;
-      all_ok = all_ok && ok;
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%s %.1e", ok ? "ok" : "FAIL", rel);
-      check = buf;
+      double rel = 0;
+      all_ok = check_against(o, ref, &rel, &check) && all_ok;
       row["rel_l2"] = rel;
     }
     const double ms = median_ms(launch, opt.warmup, opt.iters);
-    const double bytes = static_cast<double>(sh.batch) * sh.kv * mla_qk_dim * 2 + q.bytes + o.bytes;
+    const double bytes = static_cast<double>(sh.batch) * sh.kv * mla_qk_dim * 2 + q.bytes() + o.bytes();
     const double flops = 2.0 * sh.batch * heads * sh.kv * (mla_qk_dim + mla_latent_dim);
     const double gbs = bytes / (ms * 1e6), tflops = flops / (ms * 1e9);
     std::printf("%6d %6d %7d %10.1f %9.0f %8.1f %8.2f %8.2f %8.2f %8s\n", sh.batch, sh.kv, splits, ms * 1e3,
@@ -200,36 +158,33 @@ bool bench_prefill(const bench_options& opt, nlohmann::json& out) {
   std::printf("%6s %6s %10s %8s %10s %8s\n", "heads", "tokens", "time_ms", "TFLOPS", "vs798", "check");
   std::vector<int> cu(seqs + 1);
   for (int s = 0; s <= seqs; ++s) cu[s] = s * len;
-  device_memory cu_dev(cu.size() * sizeof(int));
-  ensure(cudaMemcpy(cu_dev.ptr, cu.data(), cu_dev.bytes, cudaMemcpyHostToDevice), "upload");
+  device_array<int> cu_dev(cu.size());
+  ensure(cudaMemcpy(cu_dev.ptr, cu.data(), cu_dev.bytes(), cudaMemcpyHostToDevice), "upload");
   for (int heads : {4, 128}) {
     const bool timed = heads == 128;
     if (!timed && !opt.check) continue;
     const std::size_t tokens = static_cast<std::size_t>(seqs) * len;
-    device_memory q(tokens * heads * mla_prefill_qk_dim * 2), k(tokens * heads * mla_prefill_qk_dim * 2),
-        v(tokens * heads * mla_prefill_v_dim * 2), o(tokens * heads * mla_prefill_v_dim * 2);
-    ensure(mla_fill_random_bf16(q.ptr, q.bytes / 2, 11, 1.0f, nullptr));
-    ensure(mla_fill_random_bf16(k.ptr, k.bytes / 2, 12, 1.0f, nullptr));
-    ensure(mla_fill_random_bf16(v.ptr, v.bytes / 2, 13, 1.0f, nullptr));
+    bf16_array q(tokens * heads * mla_prefill_qk_dim), k(tokens * heads * mla_prefill_qk_dim),
+        v(tokens * heads * mla_prefill_v_dim), o(tokens * heads * mla_prefill_v_dim);
+    ensure(mla_fill_random_bf16(q.ptr, q.count, 11, 1.0f, nullptr));
+    ensure(mla_fill_random_bf16(k.ptr, k.count, 12, 1.0f, nullptr));
+    ensure(mla_fill_random_bf16(v.ptr, v.count, 13, 1.0f, nullptr));
     auto launch = [&] {
-      ensure(mla_prefill_bf16(q.ptr, k.ptr, v.ptr, cu_dev.as<int>(), cu_dev.as<int>(), seqs, len, len, heads, scale, o.ptr, nullptr));
+      ensure(mla_prefill_bf16(q.ptr, k.ptr, v.ptr, cu_dev.ptr, cu_dev.ptr, seqs, len, len, heads, scale, o.ptr, nullptr));
     };
     std::string check = "-";
     nlohmann::json row;
     if (!timed) { // correctness at the real lengths with few heads (the fp32 reference is slow)
-      ensure(cudaMemset(o.ptr, 0xFF, o.bytes), "poison");
+      ensure(cudaMemset(o.ptr, 0xFF, o.bytes()), "poison");
       launch();
-      device_memory ref(tokens * heads * mla_prefill_v_dim * 4);
-      ensure(mla_prefill_reference_f32(q.ptr, k.ptr, v.ptr, cu_dev.as<int>(), cu_dev.as<int>(), seqs, len, len, heads, scale,
-                                       ref.as<float>(), nullptr));
+      device_array<float> ref(o.count);
+      ensure(mla_prefill_reference_f32(q.ptr, k.ptr, v.ptr, cu_dev.ptr, cu_dev.ptr, seqs, len, len, heads, scale,
+                                       ref.ptr, nullptr));
       ensure(cudaDeviceSynchronize(), "prefill check");
-      std::size_t bad = 0;
-      const double rel = rel_l2(o.ptr, ref.as<float>(), ref.bytes / 4, &bad);
-      const bool ok = bad == 0 && rel < 1e-2;
+      double rel = 0;
+      const bool ok = check_against(o, ref, &rel, &check);
       all_ok = all_ok && ok;
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%s %.1e", ok ? "ok" : "FAIL", rel);
-      std::printf("%6d %6zu %10s %8s %10s %8s\n", heads, tokens, "-", "-", "-", buf);
+      std::printf("%6d %6zu %10s %8s %10s %8s\n", heads, tokens, "-", "-", "-", check.c_str());
       out["prefill_check"] = {{"heads", heads}, {"rel_l2", rel}, {"ok", ok}};
       continue;
     }
@@ -255,10 +210,7 @@ int run_mla_benchmarks(const bench_options& opt) {
   bool ok = true;
   if (opt.only.empty() || opt.only == "decode") ok = bench_decode(opt, hbm, out) && ok;
   if (opt.only.empty() || opt.only == "prefill") ok = bench_prefill(opt, out) && ok;
-  if (!opt.json_path.empty()) {
-    std::ofstream f(opt.json_path);
-    f << out.dump(2) << "\n";
-  }
+  if (!opt.json_path.empty()) petrel::bench::write_json(opt.json_path, out);
   if (opt.check && !ok) {
     std::fprintf(stderr, "bench-mla: a kernel failed its check against the fp32 reference\n");
     return 1;
@@ -271,28 +223,15 @@ const bool registered = petrel::cli::register_command(
     "bench-mla", "benchmark the MLA decode and prefill kernels against FlashMLA's figures and the measured HBM bandwidth",
     [](CLI::App& sub) -> petrel::cli::command_fn {
       auto opt = std::make_shared<bench_options>();
-      sub.add_flag("--check", opt->check, "compare each kernel with the fp32 reference first");
-      sub.add_option("--json", opt->json_path, "write the results as JSON to this file");
-      sub.add_option("--only", opt->only, "decode or prefill")->check(CLI::IsMember({"", "decode", "prefill"}));
-      sub.add_option("--iters", opt->iters, "timed launches per shape (median reported)")->check(CLI::Range(1, 10000));
-      sub.add_option("--warmup", opt->warmup, "untimed launches first")->check(CLI::Range(0, 1000));
+      opt->iters = 30;
+      opt->warmup = 5;
+      petrel::bench::add_kernel_bench_options(sub, *opt, "decode or prefill")->check(CLI::IsMember({"", "decode", "prefill"}));
       return [opt]() -> int {
 #ifdef PETREL_HAVE_CUDA
-        int devices = 0;
-        if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-          std::fprintf(stderr, "bench-mla: no CUDA device visible\n");
-          return 1;
-        }
-        try {
-          return run_mla_benchmarks(*opt);
-        } catch (const std::exception& e) {
-          std::fprintf(stderr, "bench-mla: %s\n", e.what());
-          return 1;
-        }
+        return petrel::bench::run_on_gpu("bench-mla", [&] { return run_mla_benchmarks(*opt); });
 #else
         (void)opt;
-        std::fprintf(stderr, "bench-mla: built without CUDA\n");
-        return 1;
+        return petrel::bench::without_cuda("bench-mla");
 #endif
       };
     });

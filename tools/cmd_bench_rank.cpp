@@ -4,6 +4,7 @@
 // replaced by a mirror exchange (the rank receives exactly the rows balanced peers would send it) and its
 // time comes from a model (DeepEP's published figures unless flags say otherwise). See docs/bench-rank.md.
 #include "tools/command.hpp"
+#include "tools/bench_common.hpp"
 
 #include <cstdio>
 #include <memory>
@@ -76,17 +77,9 @@ constexpr float routed_scaling = 2.5f, eps = 1e-6f;
 // Published per-node throughput (ANCHORS.md).
 constexpr double sglang_prefill_4k = 50302, deepseek_prefill = 62713, sglang_decode = 22282, deepseek_decode = 18598;
 
-struct bench_error : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-void ck(cudaError_t e, const std::string& what) {
-  if (e != cudaSuccess) throw bench_error(what + ": " + cudaGetErrorString(e));
-}
-void ck(const kernel_status& s) {
-  if (!s.ok()) throw bench_error(s.message);
-}
-void ck(cublasStatus_t s, const std::string& what) {
+using petrel::bench::bench_error;
+using petrel::bench::ensure;
+void ensure(cublasStatus_t s, const std::string& what) {
   if (s != CUBLAS_STATUS_SUCCESS) throw bench_error(what + ": cuBLAS status " + std::to_string(static_cast<int>(s)));
 }
 
@@ -133,15 +126,15 @@ fp8_weight make_fp8(arena& a, int groups, int n, int k, const std::string& what)
   const std::int64_t count = static_cast<std::int64_t>(groups) * n * k;
   w.w = a.alloc<std::uint8_t>(count, what);
   w.s = a.alloc<float>(fp8_weight_scale_count(groups, n, k), what + " scales");
-  ck(fill_random_fp8(w.w, count, next_seed(), nullptr));
+  ensure(fill_random_fp8(w.w, count, next_seed(), nullptr));
   const float base = 1.0f / (259.0f * std::sqrt(static_cast<float>(k)));
-  ck(fill_random_float(w.s, fp8_weight_scale_count(groups, n, k), 0.5f * base, 1.5f * base, next_seed(), nullptr));
+  ensure(fill_random_float(w.s, fp8_weight_scale_count(groups, n, k), 0.5f * base, 1.5f * base, next_seed(), nullptr));
   return w;
 }
 
 void* make_bf16(arena& a, std::int64_t count, std::int64_t row_len, const std::string& what) {
   void* p = a.alloc<std::uint16_t>(count, what);
-  ck(fill_random_bf16(p, count, row_len, next_seed(), nullptr));
+  ensure(fill_random_bf16(p, count, row_len, next_seed(), nullptr));
   return p;
 }
 
@@ -153,8 +146,8 @@ struct fp8_act {
 };
 fp8_act make_act(arena& a, std::int64_t rows, int k, const std::string& what) {
   fp8_act x{a.alloc<std::uint8_t>(rows * k, what), a.alloc<float>(fp8_act_scale_count(rows, k), what + " scales"), rows, k};
-  ck(cudaMemset(x.q, 0, rows * k), "memset");
-  ck(cudaMemset(x.s, 0, fp8_act_scale_count(rows, k) * sizeof(float)), "memset");
+  ensure(cudaMemset(x.q, 0, rows * k), "memset");
+  ensure(cudaMemset(x.s, 0, fp8_act_scale_count(rows, k) * sizeof(float)), "memset");
   return x;
 }
 
@@ -197,8 +190,8 @@ public:
   void run(const fp8_act& a, std::int64_t m, const fp8_weight& w, void* d, cudaStream_t st) {
     auto& e = entries_[{m, w.n, w.k}];
     if (!e.decided) decide(e, a, m, w, d, st);
-    if (e.use_lt) ck(e.lt->run(a.q, a.s, w.w, w.s, d, st));
-    else ck(fp8_gemm_nt(a.q, a.s, m, w.w, w.s, w.n, w.k, d, st));
+    if (e.use_lt) ensure(e.lt->run(a.q, a.s, w.w, w.s, d, st));
+    else ensure(fp8_gemm_nt(a.q, a.s, m, w.w, w.s, w.n, w.k, d, st));
   }
 
   nlohmann::json report() const {
@@ -220,13 +213,13 @@ private:
 
   static double time_us(const std::function<void()>& f, cudaStream_t st) {
     cudaEvent_t a, b;
-    ck(cudaEventCreate(&a), "event");
-    ck(cudaEventCreate(&b), "event");
+    ensure(cudaEventCreate(&a), "event");
+    ensure(cudaEventCreate(&b), "event");
     f();
-    ck(cudaEventRecord(a, st), "event");
+    ensure(cudaEventRecord(a, st), "event");
     for (int i = 0; i < 3; ++i) f();
-    ck(cudaEventRecord(b, st), "event");
-    ck(cudaEventSynchronize(b), "event sync");
+    ensure(cudaEventRecord(b, st), "event");
+    ensure(cudaEventSynchronize(b), "event sync");
     float ms = 0;
     cudaEventElapsedTime(&ms, a, b);
     cudaEventDestroy(a);
@@ -247,8 +240,8 @@ private:
     } else if (!lt_shape) {
       e.why = "shape outside cuBLASLt's block-scaling limits";
     }
-    e.petrel_us = time_us([&] { ck(fp8_gemm_nt(a.q, a.s, m, w.w, w.s, w.n, w.k, d, st)); }, st);
-    if (e.lt) e.lt_us = time_us([&] { ck(e.lt->run(a.q, a.s, w.w, w.s, d, st)); }, st);
+    e.petrel_us = time_us([&] { ensure(fp8_gemm_nt(a.q, a.s, m, w.w, w.s, w.n, w.k, d, st)); }, st);
+    if (e.lt) e.lt_us = time_us([&] { ensure(e.lt->run(a.q, a.s, w.w, w.s, d, st)); }, st);
     if (mode_ == "cublaslt" && e.lt) e.use_lt = true;
     else if (mode_ == "auto" && e.lt && e.lt_us < e.petrel_us) e.use_lt = true;
     if (e.why.empty()) e.why = mode_ == "auto" ? "faster in this run" : "forced by --gemm";
@@ -263,10 +256,10 @@ struct blas {
   cublasHandle_t h = nullptr;
   void* workspace = nullptr;
   blas(arena& a, cudaStream_t st) {
-    ck(cublasCreate(&h), "cublasCreate");
-    ck(cublasSetStream(h, st), "cublasSetStream");
+    ensure(cublasCreate(&h), "cublasCreate");
+    ensure(cublasSetStream(h, st), "cublasSetStream");
     workspace = a.alloc<std::uint8_t>(64 << 20, "cuBLAS workspace");
-    ck(cublasSetWorkspace(h, workspace, 64 << 20), "cublasSetWorkspace");  // graph capture needs a fixed workspace
+    ensure(cublasSetWorkspace(h, workspace, 64 << 20), "cublasSetWorkspace");  // graph capture needs a fixed workspace
   }
   ~blas() {
     if (h) cublasDestroy(h);
@@ -275,7 +268,7 @@ struct blas {
   void linear(const void* x, std::int64_t ldx, const void* w, std::int64_t ldw, void* d, std::int64_t ldd, cudaDataType dt,
               int m, int n, int k) {
     const float one = 1.0f, zero = 0.0f;
-    ck(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF, static_cast<int>(ldw), x, CUDA_R_16BF,
+    ensure(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF, static_cast<int>(ldw), x, CUDA_R_16BF,
                     static_cast<int>(ldx), &zero, d, dt, static_cast<int>(ldd), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
        "cublasGemmEx");
   }
@@ -284,7 +277,7 @@ struct blas {
                std::int64_t sa, const void* B, std::int64_t ldb, std::int64_t sb, void* C, std::int64_t ldc,
                std::int64_t sc, int batch) {
     const float one = 1.0f, zero = 0.0f;
-    ck(cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, &one, A, CUDA_R_16BF, static_cast<int>(lda), sa, B, CUDA_R_16BF,
+    ensure(cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, &one, A, CUDA_R_16BF, static_cast<int>(lda), sa, B, CUDA_R_16BF,
                                   static_cast<int>(ldb), sb, &zero, C, CUDA_R_16BF, static_cast<int>(ldc), sc, batch,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
        "cublasGemmStridedBatchedEx");
@@ -452,7 +445,7 @@ void rank_bench::build() {
   max_pos_ = (dec ? rs_.kv_len : rs_.prompt_len) + 1;
   const auto table = rope_cos_sin_table(cfg.rope_inv_freq(), max_pos_, static_cast<float>(cfg.rope_attention_factor()));
   cos_sin_ = mem_.alloc<float>(table.size(), "RoPE table");
-  ck(cudaMemcpy(cos_sin_, table.data(), table.size() * sizeof(float), cudaMemcpyHostToDevice), "upload RoPE table");
+  ensure(cudaMemcpy(cos_sin_, table.data(), table.size() * sizeof(float), cudaMemcpyHostToDevice), "upload RoPE table");
 
   // positions and cache slots: prefill token i of a prompt sits at position i; decode's new token at kv_len - 1
   const int pages_per_seq = dec ? (rs_.kv_len + page - 1) / page : 0;
@@ -463,21 +456,21 @@ void rank_bench::build() {
   }
   positions_ = mem_.alloc<int>(T, "positions");
   slots_ = mem_.alloc<int>(T, "slots");
-  ck(cudaMemcpy(positions_, pos.data(), T * sizeof(int), cudaMemcpyHostToDevice), "upload");
-  ck(cudaMemcpy(slots_, slots.data(), T * sizeof(int), cudaMemcpyHostToDevice), "upload");
+  ensure(cudaMemcpy(positions_, pos.data(), T * sizeof(int), cudaMemcpyHostToDevice), "upload");
+  ensure(cudaMemcpy(slots_, slots.data(), T * sizeof(int), cudaMemcpyHostToDevice), "upload");
   if (dec) {
     std::vector<int> bt(T * pages_per_seq), sl(T, rs_.kv_len);
     for (std::int64_t b = 0; b < T; ++b)
       for (int p = 0; p < pages_per_seq; ++p) bt[b * pages_per_seq + p] = static_cast<int>(b * pages_per_seq + p);
     block_table_ = mem_.alloc<int>(bt.size(), "block table");
     seqlens_ = mem_.alloc<int>(T, "seqlens");
-    ck(cudaMemcpy(block_table_, bt.data(), bt.size() * sizeof(int), cudaMemcpyHostToDevice), "upload");
-    ck(cudaMemcpy(seqlens_, sl.data(), T * sizeof(int), cudaMemcpyHostToDevice), "upload");
+    ensure(cudaMemcpy(block_table_, bt.data(), bt.size() * sizeof(int), cudaMemcpyHostToDevice), "upload");
+    ensure(cudaMemcpy(seqlens_, sl.data(), T * sizeof(int), cudaMemcpyHostToDevice), "upload");
   } else {
     std::vector<int> cu(rs_.prompts + 1);
     for (int p = 0; p <= rs_.prompts; ++p) cu[p] = p * rs_.prompt_len;
     cu_seqlens_ = mem_.alloc<int>(cu.size(), "cu_seqlens");
-    ck(cudaMemcpy(cu_seqlens_, cu.data(), cu.size() * sizeof(int), cudaMemcpyHostToDevice), "upload");
+    ensure(cudaMemcpy(cu_seqlens_, cu.data(), cu.size() * sizeof(int), cudaMemcpyHostToDevice), "upload");
   }
 
   // The mirror exchange: which (token, slot) pairs this rank receives and for which local expert. Pairs are
@@ -500,7 +493,7 @@ void rank_bench::build() {
     }
   }
   recv_topk_ = mem_.alloc<int>(pairs, "mirror topk");
-  ck(cudaMemcpy(recv_topk_, recv.data(), pairs * sizeof(int), cudaMemcpyHostToDevice), "upload");
+  ensure(cudaMemcpy(recv_topk_, recv.data(), pairs * sizeof(int), cudaMemcpyHostToDevice), "upload");
   const int max_rows_expert = *std::max_element(rs_.rows_per_expert.begin(), rs_.rows_per_expert.end());
   ex_rows_ = dec ? static_cast<std::int64_t>(L) * (max_m_ = std::max<std::int64_t>(128, (max_rows_expert + 127) / 128 * 128))
                  : moe_contiguous_capacity(received, L);
@@ -531,7 +524,7 @@ void rank_bench::build() {
     } else {
       lw.gate = make_bf16(mem_, static_cast<std::int64_t>(experts_total) * H, H, n + " router");
       lw.bias = mem_.alloc<float>(experts_total, n + " router bias");
-      ck(fill_random_float(lw.bias, experts_total, -0.05f, 0.05f, next_seed(), nullptr));
+      ensure(fill_random_float(lw.bias, experts_total, -0.05f, 0.05f, next_seed(), nullptr));
       lw.sh_gu = make_fp8(mem_, 1, 2 * moe_inter, H, n + " shared gate_up");
       lw.sh_d = make_fp8(mem_, 1, H, moe_inter, n + " shared down");
       lw.ex_gu = make_fp8(mem_, L, 2 * moe_inter, H, n + " experts gate_up");
@@ -578,8 +571,8 @@ void rank_bench::build() {
   ex_gu_ = mem_.alloc<std::uint16_t>(ex_rows_ * 2 * moe_inter, "expert gate_up");
   ex_mid_ = make_act(mem_, ex_rows_, moe_inter, "expert mid fp8");
   ex_y_ = mem_.alloc<std::uint16_t>(ex_rows_ * H, "expert out");
-  ck(cudaMemset(ex_gu_, 0, ex_rows_ * 2 * moe_inter * 2), "memset");
-  ck(cudaMemset(ex_y_, 0, ex_rows_ * H * 2), "memset");
+  ensure(cudaMemset(ex_gu_, 0, ex_rows_ * 2 * moe_inter * 2), "memset");
+  ensure(cudaMemset(ex_y_, 0, ex_rows_ * H * 2), "memset");
   if (dec) masked_m_ = mem_.alloc<int>(L, "masked_m");
   else m_indices_ = mem_.alloc<int>(ex_rows_, "m_indices");
   head_rows_ = dec ? T : rs_.prompts;
@@ -608,7 +601,7 @@ void rank_bench::build() {
   // KV cache: one per layer, unless memory says otherwise (--kv-cache shared reuses layer 0's for every layer)
   const std::int64_t cache_slots = dec ? T * pages_per_seq * page : T;
   const double cache_gb = cache_slots * latent * 2 / 1e9;
-  ck(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+  ensure(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
   shared_kv_ = opt_.kv_cache == "shared" ||
                (opt_.kv_cache == "auto" && cache_gb * rs_.layers > free_b / 1e9 - 2.0);
   if (opt_.kv_cache == "per-layer" && cache_gb * rs_.layers > free_b / 1e9 - 1.0)
@@ -620,7 +613,7 @@ void rank_bench::build() {
     }
     w_[l].kv_cache = make_bf16(mem_, cache_slots * latent, latent, "KV cache layer " + std::to_string(l));
   }
-  ck(cudaDeviceSynchronize(), "weight fill");
+  ensure(cudaDeviceSynchronize(), "weight fill");
 
   // -- the step, op by op ---------------------------------------------------------------------------------
   const double Td = static_cast<double>(T);
@@ -642,33 +635,33 @@ void rank_bench::build() {
     auto* lw = &w_[l];
     // -- attention ----------------------------------------------------------------------------------------
     add(l, kclass::norm, sfield::norm, "input RMSNorm (+residual, ->fp8)", [this, lw, l, T](cudaStream_t st) {
-      ck(rmsnorm_bf16(x_, H, residual_, l > 0, lw->in_norm, T, H, eps, nullptr, H, h_.q, h_.s, st));
+      ensure(rmsnorm_bf16(x_, H, residual_, l > 0, lw->in_norm, T, H, eps, nullptr, H, h_.q, h_.s, st));
     }, 0, Td * H * 7, copy_rate);
     dense_gemm(l, sfield::attention_gemm, "q_a+kv_a GEMM", &h_, &lw->wqkv_a, qkv_);
     add(l, kclass::norm, sfield::norm, "q_a RMSNorm (->fp8)", [this, lw, T](cudaStream_t st) {
-      ck(rmsnorm_bf16(qkv_, qkv_a, nullptr, false, lw->q_norm, T, q_lora, eps, nullptr, q_lora, qa_.q, qa_.s, st));
+      ensure(rmsnorm_bf16(qkv_, qkv_a, nullptr, false, lw->q_norm, T, q_lora, eps, nullptr, q_lora, qa_.q, qa_.s, st));
     }, 0, Td * q_lora * 3, copy_rate);
     add(l, kclass::norm, sfield::norm, "kv_a RMSNorm (->latent, fp8)", [this, lw, T](cudaStream_t st) {
-      ck(rmsnorm_bf16(static_cast<std::uint16_t*>(qkv_) + q_lora, qkv_a, nullptr, false, lw->kv_norm, T, kv_lora, eps, lat_,
+      ensure(rmsnorm_bf16(static_cast<std::uint16_t*>(qkv_) + q_lora, qkv_a, nullptr, false, lw->kv_norm, T, kv_lora, eps, lat_,
                       latent, ckv_.q, ckv_.s, st));
     }, 0, Td * kv_lora * 5, copy_rate);
     add(l, kclass::norm, sfield::norm, "k_pe RoPE (->latent)", [this, T](cudaStream_t st) {
-      ck(rope_interleaved_bf16(static_cast<std::uint16_t*>(qkv_) + q_lora + kv_lora, qkv_a, rope,
+      ensure(rope_interleaved_bf16(static_cast<std::uint16_t*>(qkv_) + q_lora + kv_lora, qkv_a, rope,
                                static_cast<std::uint16_t*>(lat_) + kv_lora, latent, rope, T, 1, rope, positions_, cos_sin_,
                                max_pos_, st));
     }, 0, Td * rope * 4, copy_rate);
     add(l, kclass::other, sfield::other, "latent KV-cache store", [this, lw, T](cudaStream_t st) {
-      ck(kv_cache_store_bf16(lat_, latent, T, slots_, latent, lw->kv_cache, st));
+      ensure(kv_cache_store_bf16(lat_, latent, T, slots_, latent, lw->kv_cache, st));
     }, 0, Td * latent * 4, copy_rate);
     dense_gemm(l, sfield::attention_gemm, "q_b GEMM", &qa_, &lw->wq_b, q_);
     if (!dec) {
       add(l, kclass::norm, sfield::norm, "q RoPE", [this, T](cudaStream_t st) {
         auto* q = static_cast<std::uint16_t*>(q_) + nope;
-        ck(rope_interleaved_bf16(q, heads * qk, qk, q, heads * qk, qk, T, heads, rope, positions_, cos_sin_, max_pos_, st));
+        ensure(rope_interleaved_bf16(q, heads * qk, qk, q, heads * qk, qk, T, heads, rope, positions_, cos_sin_, max_pos_, st));
       }, 0, Td * heads * rope * 4, copy_rate);
       dense_gemm(l, sfield::attention_gemm, "kv_b GEMM", &ckv_, &lw->wkv_b, kvb_);
       add(l, kclass::other, sfield::other, "K/V assembly", [this, T](cudaStream_t st) {
-        ck(mla_assemble_kv_bf16(kvb_, lat_, latent, kv_lora, T, heads, nope, rope, v_dim, k_, v_, st));
+        ensure(mla_assemble_kv_bf16(kvb_, lat_, latent, kv_lora, T, heads, nope, rope, v_dim, k_, v_, st));
       }, 0, Td * heads * (nope + v_dim) * 2 * 2 + Td * heads * rope * 2, copy_rate);
       // causal attention FLOPs: QK^T and PV over the lower triangle
       const double pairs_causal = static_cast<double>(rs_.prompts) * rs_.prompt_len * (rs_.prompt_len + 1) / 2.0;
@@ -677,7 +670,7 @@ void rank_bench::build() {
           {"FlashMLA 660 TFLOPS", 660e12, 0});
     } else {
       add(l, kclass::norm, sfield::norm, "q RoPE (->absorbed q)", [this, T](cudaStream_t st) {
-        ck(rope_interleaved_bf16(static_cast<std::uint16_t*>(q_) + nope, heads * qk, qk,
+        ensure(rope_interleaved_bf16(static_cast<std::uint16_t*>(q_) + nope, heads * qk, qk,
                                  static_cast<std::uint16_t*>(q_abs_) + kv_lora, heads * latent, latent, T, heads, rope,
                                  positions_, cos_sin_, max_pos_, st));
       }, 0, Td * heads * rope * 4, copy_rate);
@@ -696,17 +689,17 @@ void rank_bench::build() {
       }, 2.0 * Td * heads * kv_lora * v_dim, heads * kv_lora * v_dim * 2.0, {"bf16 798 TFLOPS", 798e12, 0});
     }
     add(l, kclass::quant, sfield::quant, "attention out ->fp8", [this, T](cudaStream_t st) {
-      ck(quantize_bf16_to_fp8_1x128(attn_, T, heads * v_dim, ao_.q, ao_.s, st));
+      ensure(quantize_bf16_to_fp8_1x128(attn_, T, heads * v_dim, ao_.q, ao_.s, st));
     }, 0, Td * heads * v_dim * 3, copy_rate);
     dense_gemm(l, sfield::attention_gemm, "o_proj GEMM", &ao_, &lw->wo, o_);
     // -- FFN ------------------------------------------------------------------------------------------------
     add(l, kclass::norm, sfield::norm, "post RMSNorm (+residual, ->bf16, fp8)", [this, lw, T](cudaStream_t st) {
-      ck(rmsnorm_bf16(o_, H, residual_, true, lw->post_norm, T, H, eps, h_bf16_, H, h_.q, h_.s, st));
+      ensure(rmsnorm_bf16(o_, H, residual_, true, lw->post_norm, T, H, eps, h_bf16_, H, h_.q, h_.s, st));
     }, 0, Td * H * 9, copy_rate);
     if (!lw->moe) {
       dense_gemm(l, sfield::mlp_gemm, "MLP gate_up GEMM", &h_, &lw->mlp_gu, mlp_gu_);
       add(l, kclass::quant, sfield::quant, "MLP SwiGLU (->fp8)", [this, T](cudaStream_t st) {
-        ck(swiglu_bf16(mlp_gu_, T, dense_inter, nullptr, mlp_mid_.q, mlp_mid_.s, nullptr, nullptr, 0, st));
+        ensure(swiglu_bf16(mlp_gu_, T, dense_inter, nullptr, mlp_mid_.q, mlp_mid_.s, nullptr, nullptr, 0, st));
       }, 0, Td * dense_inter * 5, copy_rate);
       dense_gemm(l, sfield::mlp_gemm, "MLP down GEMM", &mlp_mid_, &lw->mlp_d, x_);
       continue;
@@ -715,63 +708,63 @@ void rank_bench::build() {
       blas_->linear(h_bf16_, H, lw->gate, H, logits_, experts_total, CUDA_R_32F, static_cast<int>(T), experts_total, H);
     }, 2.0 * Td * experts_total * H, Td * H * 2 + experts_total * H * 2.0, {"bf16 798 TFLOPS", 798e12, 0});
     add(l, kclass::routing, sfield::routing, "noaux_tc top-k", [this, lw, T](cudaStream_t st) {
-      ck(noaux_tc_route(logits_, lw->bias, T, experts_total, n_group, topk_group, top_k, true, routed_scaling, topk_ids_,
+      ensure(noaux_tc_route(logits_, lw->bias, T, experts_total, n_group, topk_group, top_k, true, routed_scaling, topk_ids_,
                         topk_w_, st));
     }, 0, Td * experts_total * 4, copy_rate);
     dense_gemm(l, sfield::shared_gemm, "shared gate_up GEMM", &h_, &lw->sh_gu, sh_gu_);
     add(l, kclass::quant, sfield::quant, "shared SwiGLU (->fp8)", [this, T](cudaStream_t st) {
-      ck(swiglu_bf16(sh_gu_, T, moe_inter, nullptr, sh_mid_.q, sh_mid_.s, nullptr, nullptr, 0, st));
+      ensure(swiglu_bf16(sh_gu_, T, moe_inter, nullptr, sh_mid_.q, sh_mid_.s, nullptr, nullptr, 0, st));
     }, 0, Td * moe_inter * 5, copy_rate);
     dense_gemm(l, sfield::shared_gemm, "shared down GEMM", &sh_mid_, &lw->sh_d, sh_out_);
     const double R = recv_rows;
     if (!dec) {
       add(l, kclass::moe_layout, sfield::quant, "permute (contiguous)", [this, T](cudaStream_t st) {
-        ck(moe_permute_contiguous(h_.q, h_.s, T, H, recv_topk_, top_k, rs_.local, ex_rows_, ex_a_.q, ex_a_.s, m_indices_,
+        ensure(moe_permute_contiguous(h_.q, h_.s, T, H, recv_topk_, top_k, rs_.local, ex_rows_, ex_a_.q, ex_a_.s, m_indices_,
                                   pair_row_, perm_ws_, st));
       }, 0, R * H * 2, copy_rate);
       add(l, kclass::gemm_grouped, sfield::expert_gemm, "experts gate_up (grouped contiguous)", [this, lw](cudaStream_t st) {
-        ck(m_grouped_fp8_gemm_nt_contiguous(ex_a_.q, ex_a_.s, ex_rows_, m_indices_, lw->ex_gu.w, lw->ex_gu.s, rs_.local,
+        ensure(m_grouped_fp8_gemm_nt_contiguous(ex_a_.q, ex_a_.s, ex_rows_, m_indices_, lw->ex_gu.w, lw->ex_gu.s, rs_.local,
                                             2 * moe_inter, H, ex_gu_, st));
       }, 2.0 * R * 2 * moe_inter * H, 0, {"DeepGEMM contiguous 1,346 TFLOPS", 1346e12, 0});
       add(l, kclass::quant, sfield::quant, "experts SwiGLU (->fp8)", [this](cudaStream_t st) {
-        ck(swiglu_bf16(ex_gu_, ex_rows_, moe_inter, nullptr, ex_mid_.q, ex_mid_.s, m_indices_, nullptr, 0, st));
+        ensure(swiglu_bf16(ex_gu_, ex_rows_, moe_inter, nullptr, ex_mid_.q, ex_mid_.s, m_indices_, nullptr, 0, st));
       }, 0, R * moe_inter * 5, copy_rate);
       add(l, kclass::gemm_grouped, sfield::expert_gemm, "experts down (grouped contiguous)", [this, lw](cudaStream_t st) {
-        ck(m_grouped_fp8_gemm_nt_contiguous(ex_mid_.q, ex_mid_.s, ex_rows_, m_indices_, lw->ex_d.w, lw->ex_d.s, rs_.local,
+        ensure(m_grouped_fp8_gemm_nt_contiguous(ex_mid_.q, ex_mid_.s, ex_rows_, m_indices_, lw->ex_d.w, lw->ex_d.s, rs_.local,
                                             H, moe_inter, ex_y_, st));
       }, 2.0 * R * H * moe_inter, 0, {"DeepGEMM contiguous 1,214 TFLOPS", 1214e12, 0});
     } else {
       add(l, kclass::moe_layout, sfield::quant, "permute (masked)", [this, T](cudaStream_t st) {
-        ck(moe_permute_masked(h_.q, h_.s, T, H, recv_topk_, top_k, rs_.local, max_m_, ex_a_.q, ex_a_.s, masked_m_, pair_row_,
+        ensure(moe_permute_masked(h_.q, h_.s, T, H, recv_topk_, top_k, rs_.local, max_m_, ex_a_.q, ex_a_.s, masked_m_, pair_row_,
                               perm_ws_, st));
       }, 0, R * H * 2, copy_rate);
       const double L_d = rs_.local;
       add(l, kclass::gemm_grouped, sfield::expert_gemm, "experts gate_up (grouped masked)", [this, lw](cudaStream_t st) {
-        ck(m_grouped_fp8_gemm_nt_masked(ex_a_.q, ex_a_.s, rs_.local, max_m_, masked_m_, lw->ex_gu.w, lw->ex_gu.s,
+        ensure(m_grouped_fp8_gemm_nt_masked(ex_a_.q, ex_a_.s, rs_.local, max_m_, masked_m_, lw->ex_gu.w, lw->ex_gu.s,
                                         2 * moe_inter, H, ex_gu_, st));
       }, 2.0 * R * 2 * moe_inter * H, L_d * 2 * moe_inter * H, {"DeepGEMM masked 932 TFLOPS / 2,064 GB/s", 932e12, 2064e9});
       add(l, kclass::quant, sfield::quant, "experts SwiGLU (->fp8)", [this](cudaStream_t st) {
-        ck(swiglu_bf16(ex_gu_, ex_rows_, moe_inter, nullptr, ex_mid_.q, ex_mid_.s, nullptr, masked_m_, max_m_, st));
+        ensure(swiglu_bf16(ex_gu_, ex_rows_, moe_inter, nullptr, ex_mid_.q, ex_mid_.s, nullptr, masked_m_, max_m_, st));
       }, 0, R * moe_inter * 5, copy_rate);
       add(l, kclass::gemm_grouped, sfield::expert_gemm, "experts down (grouped masked)", [this, lw](cudaStream_t st) {
-        ck(m_grouped_fp8_gemm_nt_masked(ex_mid_.q, ex_mid_.s, rs_.local, max_m_, masked_m_, lw->ex_d.w, lw->ex_d.s, H,
+        ensure(m_grouped_fp8_gemm_nt_masked(ex_mid_.q, ex_mid_.s, rs_.local, max_m_, masked_m_, lw->ex_d.w, lw->ex_d.s, H,
                                         moe_inter, ex_y_, st));
       }, 2.0 * R * H * moe_inter, L_d * H * moe_inter, {"DeepGEMM masked 815 TFLOPS / 2,064 GB/s", 815e12, 2064e9});
     }
     add(l, kclass::moe_layout, sfield::quant, "combine (weighted, +shared)", [this, T](cudaStream_t st) {
-      ck(moe_combine_bf16(ex_y_, pair_row_, topk_w_, T, top_k, H, sh_out_, x_, st));
+      ensure(moe_combine_bf16(ex_y_, pair_row_, topk_w_, T, top_k, H, sh_out_, x_, st));
     }, 0, R * H * 2 + Td * H * 4, copy_rate);
   }
   // -- head ---------------------------------------------------------------------------------------------------
   add(-1, kclass::norm, sfield::norm, "final RMSNorm (+residual)", [this, T](cudaStream_t st) {
-    ck(rmsnorm_bf16(x_, H, residual_, rs_.layers > 0, final_norm_, T, H, eps, h_bf16_, H, nullptr, nullptr, st));
+    ensure(rmsnorm_bf16(x_, H, residual_, rs_.layers > 0, final_norm_, T, H, eps, h_bf16_, H, nullptr, nullptr, st));
   }, 0, Td * H * 8, copy_rate);
   add(-1, kclass::gemm_dense, sfield::head_gemm, "LM head (bf16)", [this](cudaStream_t) {
     const std::uint16_t* src = static_cast<std::uint16_t*>(h_bf16_) + (rs_.decode ? 0 : (rs_.prompt_len - 1) * H);
     blas_->linear(src, head_ld_, lm_head_, H, head_logits_, vocab, CUDA_R_16BF, static_cast<int>(head_rows_), vocab, H);
   }, 2.0 * head_rows_ * vocab * H, static_cast<double>(vocab) * H * 2, {"bf16 798 TFLOPS / HBM 3.0 TB/s", 798e12, hbm});
   add(-1, kclass::other, sfield::other, "greedy sampling (argmax)", [this](cudaStream_t st) {
-    ck(argmax_bf16(head_logits_, head_rows_, vocab, vocab, ids_, st));
+    ensure(argmax_bf16(head_logits_, head_rows_, vocab, vocab, ids_, st));
   }, 0, head_rows_ * vocab * 2.0, copy_rate);
 }
 
@@ -796,7 +789,7 @@ void rank_bench::attention_prefill(int layer, cudaStream_t st) {
     auto* o = static_cast<std::uint16_t*>(attn_) + t0 * heads * v_dim;
     const std::int64_t SS = static_cast<std::int64_t>(S) * S;
     blas_->batched(CUBLAS_OP_T, CUBLAS_OP_N, S, S, qk, k, heads * qk, qk, q, heads * qk, qk, scores_, S, SS, heads);
-    ck(masked_softmax_bf16(scores_, static_cast<std::int64_t>(heads) * S, S, S, softmax_scale_, S, 0, 0, st));
+    ensure(masked_softmax_bf16(scores_, static_cast<std::int64_t>(heads) * S, S, S, softmax_scale_, S, 0, 0, st));
     blas_->batched(CUBLAS_OP_N, CUBLAS_OP_N, v_dim, S, S, v, heads * v_dim, v_dim, scores_, S, SS, o, heads * v_dim, v_dim,
                    heads);
   }
@@ -822,37 +815,21 @@ void rank_bench::attention_decode(int layer, cudaStream_t st) {
   const int L = rs_.kv_len;
   blas_->batched(CUBLAS_OP_T, CUBLAS_OP_N, L, heads, latent, w_[layer].kv_cache, latent, seq_stride, q_abs_, latent,
                  static_cast<std::int64_t>(heads) * latent, scores_, kvp, heads * kvp, B);
-  ck(masked_softmax_bf16(scores_, static_cast<std::int64_t>(B) * heads, L, kvp, softmax_scale_, 0, 0, L, st));
+  ensure(masked_softmax_bf16(scores_, static_cast<std::int64_t>(B) * heads, L, kvp, softmax_scale_, 0, 0, L, st));
   blas_->batched(CUBLAS_OP_N, CUBLAS_OP_N, kv_lora, heads, L, w_[layer].kv_cache, latent, seq_stride, scores_, kvp,
                  heads * kvp, o_lat_, kv_lora, static_cast<std::int64_t>(heads) * kv_lora, B);
 }
 
 void rank_bench::run_ops(cudaStream_t st, std::vector<cudaEvent_t>* events) {
   for (std::size_t i = 0; i < ops_.size(); ++i) {
-    if (events) ck(cudaEventRecord((*events)[2 * i], st), "event");
+    if (events) ensure(cudaEventRecord((*events)[2 * i], st), "event");
     ops_[i].fn(st);
-    if (events) ck(cudaEventRecord((*events)[2 * i + 1], st), "event");
+    if (events) ensure(cudaEventRecord((*events)[2 * i + 1], st), "event");
   }
 }
 
 double rank_bench::time_step_eager(int iters) {
-  cudaEvent_t a, b;
-  ck(cudaEventCreate(&a), "event");
-  ck(cudaEventCreate(&b), "event");
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    ck(cudaEventRecord(a, stream_), "event");
-    run_ops(stream_, nullptr);
-    ck(cudaEventRecord(b, stream_), "event");
-    ck(cudaEventSynchronize(b), "step");
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms * 1000.0);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return petrel::bench::median_us([&] { run_ops(stream_, nullptr); }, 0, iters, stream_);
 }
 
 double rank_bench::time_step_graph(int iters, std::string& why_not) {
@@ -877,27 +854,10 @@ double rank_bench::time_step_graph(int iters, std::string& why_not) {
     if (graph) cudaGraphDestroy(graph);
     return 0;
   }
-  cudaEvent_t a, b;
-  ck(cudaEventCreate(&a), "event");
-  ck(cudaEventCreate(&b), "event");
-  ck(cudaGraphLaunch(exec, stream_), "graph launch");  // warm
-  ck(cudaStreamSynchronize(stream_), "graph");
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    ck(cudaEventRecord(a, stream_), "event");
-    ck(cudaGraphLaunch(exec, stream_), "graph launch");
-    ck(cudaEventRecord(b, stream_), "event");
-    ck(cudaEventSynchronize(b), "graph step");
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms * 1000.0);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
+  const double us = petrel::bench::median_us([&] { ensure(cudaGraphLaunch(exec, stream_), "graph launch"); }, 1, iters, stream_);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return us;
 }
 
 std::string today() {
@@ -910,9 +870,9 @@ std::string today() {
 int rank_bench::run() {
   int dev = 0;
   cudaDeviceProp prop{};
-  ck(cudaGetDevice(&dev), "cudaGetDevice");
-  ck(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
-  ck(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
+  ensure(cudaGetDevice(&dev), "cudaGetDevice");
+  ensure(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+  ensure(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
   blas_ = std::make_unique<blas>(mem_, stream_);
   const auto t_setup = std::chrono::steady_clock::now();
   build();
@@ -921,21 +881,21 @@ int rank_bench::run() {
   // 1. warm-up: picks each dense GEMM's implementation, settles the attention path
   gemms_.tuning = true;
   run_ops(stream_, nullptr);
-  ck(cudaStreamSynchronize(stream_), "warm-up step");
+  ensure(cudaStreamSynchronize(stream_), "warm-up step");
   gemms_.tuning = false;
   attention_path_ = use_mla_ ? "Petrel MLA kernels (kernels/cuda/mla.hpp)" : "FALLBACK: unfused cuBLAS QK^T / softmax / PV";
   int overflow = 0;
-  ck(cudaMemcpy(&overflow, perm_ws_, sizeof(int), cudaMemcpyDeviceToHost), "overflow flag");
+  ensure(cudaMemcpy(&overflow, perm_ws_, sizeof(int), cudaMemcpyDeviceToHost), "overflow flag");
   if (overflow) throw bench_error("the permute overflowed its layout (a bug: capacities come from the mirror map)");
 
   // 2. breakdown: events around every op, median over passes
   const int passes = std::max(1, std::min(rs_.iters, 3));
   std::vector<cudaEvent_t> ev(2 * ops_.size());
-  for (auto& e : ev) ck(cudaEventCreate(&e), "event");
+  for (auto& e : ev) ensure(cudaEventCreate(&e), "event");
   std::vector<std::vector<double>> op_us(ops_.size());
   for (int p = 0; p < passes; ++p) {
     run_ops(stream_, &ev);
-    ck(cudaStreamSynchronize(stream_), "breakdown step");
+    ensure(cudaStreamSynchronize(stream_), "breakdown step");
     for (std::size_t i = 0; i < ops_.size(); ++i) {
       float ms = 0;
       cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]);
@@ -957,7 +917,7 @@ int rank_bench::run() {
   if (rs_.graphs) graph_us = time_step_graph(rs_.iters, graph_why);
   const double step_us = graph_us > 0 ? graph_us : eager_us;
   std::vector<int> ids(head_rows_);
-  ck(cudaMemcpy(ids.data(), ids_, head_rows_ * sizeof(int), cudaMemcpyDeviceToHost), "sampled ids");
+  ensure(cudaMemcpy(ids.data(), ids_, head_rows_ * sizeof(int), cudaMemcpyDeviceToHost), "sampled ids");
 
   // -- aggregate --------------------------------------------------------------------------------------------
   // per layer kind: class sums (µs per layer), simulator fields
@@ -1154,9 +1114,7 @@ int rank_bench::run() {
                          {"dense_gemms", gemms_.report()},
                          {"per_layer", per},
                          {"kernels", kernels}};
-    std::ofstream f(opt_.json_path);
-    if (!f) throw bench_error("cannot write --json file '" + opt_.json_path + "'");
-    f << out.dump(2) << "\n";
+    petrel::bench::write_json(opt_.json_path, out);
     std::printf("wrote %s\n", opt_.json_path.c_str());
   }
   return petrel::cli::exit_ok;
@@ -1281,8 +1239,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--iters", o->iters, "timed steps (default 3 prefill, 20 decode)");
       return [o]() -> int {
 #ifndef PETREL_HAVE_CUDA
-        std::fprintf(stderr, "petrel bench-rank: this build has no CUDA backend (configure with -DPETREL_CUDA=ON)\n");
-        return petrel::cli::exit_failure;
+        return petrel::bench::without_cuda("petrel bench-rank");
 #else
         run_shape rs;
         std::string err;
@@ -1296,21 +1253,10 @@ const bool registered = petrel::cli::register_command(
           std::fprintf(stderr, "petrel bench-rank: %s\n", err.c_str());
           return petrel::cli::exit_bad_input;
         }
-        int n = 0;
-        if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-          std::fprintf(stderr, "petrel bench-rank: no CUDA device\n");
-          return petrel::cli::exit_failure;
-        }
-        try {
+        return petrel::bench::run_on_gpu("petrel bench-rank", [&] {
           rank_bench b(rs, *o);
           return b.run();
-        } catch (const std::invalid_argument& e) {
-          std::fprintf(stderr, "petrel bench-rank: %s\n", e.what());
-          return petrel::cli::exit_bad_input;
-        } catch (const std::exception& e) {
-          std::fprintf(stderr, "petrel bench-rank: %s\n", e.what());
-          return petrel::cli::exit_failure;
-        }
+        });
 #endif
       };
     });

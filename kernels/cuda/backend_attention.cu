@@ -27,6 +27,23 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// One row's online-softmax update over a tile of 32 keys, one per lane (warp-uniform `active`: the row exists):
+// p = this lane's probability (0 where !valid), alpha = the rescale of the row's running output. The tile must
+// hold a valid key wherever m_run is still -inf, so that the new maximum is finite.
+__device__ __forceinline__ void online_softmax_step(float s, bool valid, bool active, float& m_run, float& l_run, float& p,
+                                                    float& alpha) {
+  const float mt = warp_max(valid ? s : -INFINITY);
+  p = 0.0f;
+  alpha = 1.0f;
+  if (active) {
+    const float m_new = fmaxf(m_run, mt);
+    p = valid ? expf(s - m_new) : 0.0f;
+    alpha = expf(m_run - m_new);
+    m_run = m_new;
+    l_run = l_run * alpha + warp_sum(p);
+  }
+}
+
 // R dot products q_r . k over n floats (q_r = q + r * qstride), all from shared memory. With V4 every operand is
 // 16-byte aligned and n % 4 == 0: one 128-bit load of k serves R rows (k rows padded by 4 floats, so a quarter
 // warp's 128-bit loads hit distinct banks); otherwise scalar (k rows padded by 1).
@@ -159,15 +176,8 @@ __global__ void __launch_bounds__(kPThreads) mla_prefill_kernel(
       const float s = sc[r] * scale;
       const int64_t key = k0 + lane;
       const bool valid = i < rows && key <= start + q0 + i;
-      const float mt = warp_max(valid ? s : -INFINITY);
-      float p = 0.0f, alpha = 1.0f;
-      if (i < rows) {
-        const float m_new = fmaxf(m_run[r], mt); // finite: key 0 is valid in the first tile
-        p = valid ? expf(s - m_new) : 0.0f;
-        alpha = expf(m_run[r] - m_new);
-        m_run[r] = m_new;
-        l_run[r] = l_run[r] * alpha + warp_sum(p);
-      }
+      float p, alpha;
+      online_softmax_step(s, valid, i < rows, m_run[r], l_run[r], p, alpha); // key 0 is valid in the first tile
       Pt[lane * kPQ + i] = p;
       if (lane == 0) alpha_s[i] = alpha;
     }
@@ -257,15 +267,8 @@ __global__ void __launch_bounds__(kDThreads) mla_decode_partial_kernel(
       const int h = warp + 8 * r;
       const float s = sc[r] * scale;
       const bool valid = h < hg && t0 + lane < t_end;
-      const float mt = warp_max(valid ? s : -INFINITY);
-      float p = 0.0f, alpha = 1.0f;
-      if (h < hg) {
-        const float m_new = fmaxf(m_run[r], mt); // finite: the tile's first token is valid
-        p = valid ? expf(s - m_new) : 0.0f;
-        alpha = expf(m_run[r] - m_new);
-        m_run[r] = m_new;
-        l_run[r] = l_run[r] * alpha + warp_sum(p);
-      }
+      float p, alpha;
+      online_softmax_step(s, valid, h < hg, m_run[r], l_run[r], p, alpha); // the tile's first token is valid
       Pt[lane * kDH + h] = p;
       if (lane == 0) alpha_s[h] = alpha;
     }

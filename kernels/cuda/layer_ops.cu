@@ -327,6 +327,36 @@ __global__ void permute_count_kernel(const int* __restrict__ topk_local, std::in
   }
 }
 
+// One warp per (token, expert) pair, warps warp0, warp0 + nwarps, ...: lane 0 takes the pair's slot in its expert
+// (cursor cur[e]) and row_of(e, slot) gives its row of A (-1: no room, which sets the overflow flag ws[0]); the warp
+// copies the token's fp8 row and its 1x128 scales there and records the row in pair_row (-1: dropped).
+template <typename RowOf>
+__device__ __forceinline__ void scatter_pairs(const std::uint8_t* __restrict__ x, const float* __restrict__ xs,
+                                              std::int64_t tokens, int k, const int* __restrict__ topk_local, int top_k,
+                                              int local_experts, std::int64_t a_ld, std::uint8_t* a, float* as,
+                                              int* pair_row, int* ws, int* cur, std::int64_t warp0, std::int64_t nwarps,
+                                              RowOf row_of) {
+  const int lane = threadIdx.x % 32;
+  const std::int64_t pairs = tokens * top_k;
+  const std::int64_t x_ld = fp8_scale_ld(tokens);
+  for (std::int64_t p = warp0; p < pairs; p += nwarps) {
+    const int e = topk_local[p];
+    int row = -1;
+    if (e >= 0 && e < local_experts && lane == 0) {
+      row = row_of(e, atomicAdd(&cur[e], 1));
+      if (row < 0) ws[0] = 1;
+    }
+    row = __shfl_sync(0xffffffffu, row, 0);
+    if (lane == 0) pair_row[p] = row;
+    if (row < 0) continue;
+    const std::int64_t t = p / top_k;
+    const uint4* src = reinterpret_cast<const uint4*>(x + t * k);
+    uint4* dst = reinterpret_cast<uint4*>(a + static_cast<std::int64_t>(row) * k);
+    for (int i = lane; i < k / 16; i += 32) dst[i] = src[i];
+    for (int kb = lane; kb < k / fp8_block; kb += 32) as[kb * a_ld + row] = xs[kb * x_ld + t];
+  }
+}
+
 // Fills m_indices for every row (grid-stride) and scatters the pairs, one warp per pair.
 __global__ void permute_contiguous_kernel(const std::uint8_t* __restrict__ x, const float* __restrict__ xs,
                                           std::int64_t tokens, int k, const int* __restrict__ topk_local, int top_k,
@@ -343,56 +373,21 @@ __global__ void permute_contiguous_kernel(const std::uint8_t* __restrict__ x, co
       if (r >= off[e] && r < off[e] + cnt[e]) { id = e; break; }
     m_indices[r] = id;
   }
-  const int lane = threadIdx.x % 32;
-  const std::int64_t pairs = tokens * top_k;
-  const std::int64_t x_ld = fp8_scale_ld(tokens), a_ld = fp8_scale_ld(m_capacity);
-  for (std::int64_t p = tid / 32; p < pairs; p += nthreads / 32) {
-    const int e = topk_local[p];
-    int row = -1;
-    if (e >= 0 && e < local_experts && lane == 0) {
-      const int slot = atomicAdd(&cur[e], 1);
-      const std::int64_t r = static_cast<std::int64_t>(off[e]) + slot;
-      row = r < m_capacity ? static_cast<int>(r) : -1;
-      if (row < 0) ws[0] = 1;
-    }
-    row = __shfl_sync(0xffffffffu, row, 0);
-    if (lane == 0) pair_row[p] = row;
-    if (row < 0) continue;
-    const std::int64_t t = p / top_k;
-    const uint4* src = reinterpret_cast<const uint4*>(x + t * k);
-    uint4* dst = reinterpret_cast<uint4*>(a + static_cast<std::int64_t>(row) * k);
-    for (int i = lane; i < k / 16; i += 32) dst[i] = src[i];
-    for (int kb = lane; kb < k / fp8_block; kb += 32) as[kb * a_ld + row] = xs[kb * x_ld + t];
-  }
+  scatter_pairs(x, xs, tokens, k, topk_local, top_k, local_experts, fp8_scale_ld(m_capacity), a, as, pair_row, ws, cur, tid / 32,
+                nthreads / 32, [&](int e, int slot) {
+                  const std::int64_t r = static_cast<std::int64_t>(off[e]) + slot;
+                  return r < m_capacity ? static_cast<int>(r) : -1;
+                });
 }
 
 __global__ void permute_masked_kernel(const std::uint8_t* __restrict__ x, const float* __restrict__ xs,
                                       std::int64_t tokens, int k, const int* __restrict__ topk_local, int top_k,
                                       int local_experts, std::int64_t max_m, std::uint8_t* a, float* as, int* pair_row,
                                       int* ws) {
-  int* cur = ws + 1 + 2 * local_experts;
-  const int lane = threadIdx.x % 32;
   const std::int64_t tid = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  const std::int64_t nwarps = static_cast<std::int64_t>(gridDim.x) * blockDim.x / 32;
-  const std::int64_t pairs = tokens * top_k;
-  const std::int64_t x_ld = fp8_scale_ld(tokens), a_ld = fp8_scale_ld(local_experts * max_m);
-  for (std::int64_t p = tid / 32; p < pairs; p += nwarps) {
-    const int e = topk_local[p];
-    int row = -1;
-    if (e >= 0 && e < local_experts && lane == 0) {
-      const int slot = atomicAdd(&cur[e], 1);
-      row = slot < max_m ? static_cast<int>(e * max_m + slot) : -1;
-      if (row < 0) ws[0] = 1;
-    }
-    row = __shfl_sync(0xffffffffu, row, 0);
-    if (lane == 0) pair_row[p] = row;
-    if (row < 0) continue;
-    const std::int64_t t = p / top_k;
-    const uint4* src = reinterpret_cast<const uint4*>(x + t * k);
-    uint4* dst = reinterpret_cast<uint4*>(a + static_cast<std::int64_t>(row) * k);
-    for (int i = lane; i < k / 16; i += 32) dst[i] = src[i];
-    for (int kb = lane; kb < k / fp8_block; kb += 32) as[kb * a_ld + row] = xs[kb * x_ld + t];
-  }
+  scatter_pairs(x, xs, tokens, k, topk_local, top_k, local_experts, fp8_scale_ld(local_experts * max_m), a, as, pair_row, ws,
+                ws + 1 + 2 * local_experts, tid / 32, static_cast<std::int64_t>(gridDim.x) * blockDim.x / 32,
+                [&](int e, int slot) { return slot < max_m ? static_cast<int>(e * max_m + slot) : -1; });
 }
 
 // Decode-sized inputs: count, scatter and publish the counts in one CTA (one launch instead of three).

@@ -2,7 +2,8 @@
 # CUDA kernel checks and benchmarks on the device machine (H100), in two steps.
 #
 #   here (build machine):   tools/device/run_cuda_bench.sh package [build-dir]
-#       copies petrel, test_cuda_gemm and the non-CUDA shared libraries they need that Ubuntu 24.04
+#       copies petrel, the CUDA test suites that are built (test_cuda_gemm, test_cuda_mla, test_cuda_layer_ops,
+#       test_cuda_backend) and the non-CUDA shared libraries they need that Ubuntu 24.04
 #       lacks into device/cuda/ (git-ignored). cuBLASLt (540 MB) stays behind: the device has its own.
 #   device (repo root):     tools/device/run_cuda_bench.sh run [extra bench-kernels flags]
 #       with device/cuda carried; writes logs and bench.json under $OUT.
@@ -22,7 +23,7 @@ if [[ $cmd == package ]]; then
   build=${1:-build-cuda}
   rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
   bins=()
-  for b in petrel test_cuda_gemm test_cuda_backend; do [[ -f $build/$b ]] && bins+=("$build/$b"); done
+  for b in petrel test_cuda_gemm test_cuda_mla test_cuda_layer_ops test_cuda_backend; do [[ -f $build/$b ]] && bins+=("$build/$b"); done
   cp "${bins[@]}" "$here/bin/"
   for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
     case $(basename "$lib") in
