@@ -13,6 +13,7 @@
 
 #include <caf/all.hpp>
 
+#include "kernels/device_memory.hpp"
 #include "runtime/metrics.hpp"
 #include "transport/kv_transfer.hpp"
 
@@ -83,7 +84,29 @@ using transport::kv_transfer_engine;
 struct local_pool {
   uint8_t* base = nullptr;
   uint64_t size = 0;
+  bool device = false; // a GPU pool: base is device memory, read and written through device copies
 };
+
+/// CRC32C of `bytes` at `at`, copied to the host first when the pool is on a GPU.
+uint32_t pool_crc32c(const uint8_t* at, uint64_t bytes, bool device) {
+  if (!device)
+    return kv_page_crc32c(at, bytes);
+  std::vector<uint8_t> host(bytes);
+  device_memory::copy(host.data(), at, bytes);
+  return kv_page_crc32c(host.data(), bytes);
+}
+
+/// Inverts the bits of `mask` in the byte at `at` (injected corruption and its undo), on the GPU when there.
+void flip_pool_byte(uint8_t* at, uint8_t mask, bool device) {
+  if (!device) {
+    *at ^= mask;
+    return;
+  }
+  uint8_t b = 0;
+  device_memory::copy(&b, at, 1);
+  b ^= mask;
+  device_memory::copy(at, &b, 1);
+}
 
 metrics::counter& kv_corrupt_counter() {
   static auto& c = metrics::global_registry()
@@ -103,6 +126,7 @@ struct kv_agent_state {
   struct flipped_byte {
     uint8_t* at;
     uint8_t mask;
+    bool device;
   };
   std::map<uint64_t, std::vector<flipped_byte>> flips; // transfer id -> injected corruption to undo
   std::map<std::vector<uint8_t>, transport::kv_peer_id> peers; // by worker address
@@ -176,8 +200,8 @@ void with_local_pool(agent_pointer self, uint64_t pool_id, std::function<void(co
                                   auto desc = transport::kv_pool_descriptor::from_bytes(info.pool);
                                   // Only a pool registered with this process's engine is memory we may read.
                                   if (desc && desc->engine_id == self->state.engine->engine_id())
-                                    (*found)[desc->pool_id] = {reinterpret_cast<uint8_t*>(desc->remote_base),
-                                                               desc->size};
+                                    (*found)[desc->pool_id] = {reinterpret_cast<uint8_t*>(desc->data_base()),
+                                                               desc->size, desc->on_device()};
                                   done();
                                 },
                                 [done](caf::error&) { done(); });
@@ -225,7 +249,7 @@ void start_shipment(agent_pointer self, kv_shipment job, caf::response_promise r
     for (size_t i = 0; i < job.src_pages.size(); ++i) {
       digest.pages.push_back(job.destination.pages[i]);
       digest.crc.push_back(
-          kv_page_crc32c(pool->base + uint64_t(job.src_pages[i]) * job.page_bytes, job.page_bytes));
+          pool_crc32c(pool->base + uint64_t(job.src_pages[i]) * job.page_bytes, job.page_bytes, pool->device));
     }
     self->send(caf::actor_cast<decode_scheduler_actor>(job.destination.decode_scheduler), digest_atom::value,
                std::move(digest));
@@ -242,8 +266,8 @@ void start_shipment(agent_pointer self, kv_shipment job, caf::response_promise r
       for (int i = 0; i < 8; ++i) {
         auto off = std::uniform_int_distribution<uint64_t>(0, job.page_bytes - 1)(st.rng);
         uint8_t* at = pool->base + uint64_t(page) * job.page_bytes + off;
-        *at ^= 0xff;
-        flips.push_back({at, 0xff});
+        flip_pool_byte(at, 0xff, pool->device);
+        flips.push_back({at, 0xff, pool->device});
       }
     std::cerr << "petrel kv_agent: injected corruption into transfer " << job.transfer_id << " to node "
               << job.destination.node << " (" << flips.size() << " bytes in " << job.src_pages.size()
@@ -257,7 +281,7 @@ void start_shipment(agent_pointer self, kv_shipment job, caf::response_promise r
     if (!peer) {
       if (auto f = st.flips.find(job.transfer_id); f != st.flips.end()) {
         for (auto& b : f->second)
-          *b.at ^= b.mask;
+          flip_pool_byte(b.at, b.mask, b.device);
         st.flips.erase(f);
       }
       return rp.deliver(
@@ -281,7 +305,8 @@ void start_shipment(agent_pointer self, kv_shipment job, caf::response_promise r
   auto me = caf::actor_cast<kv_agent_actor>(self);
   st.engine->transfer(std::move(req), [me, bootstrap](const transport::kv_transfer_result& r) {
     kv_receipt receipt{r.transfer_id, r.bytes, bootstrap, std::chrono::duration<double>(r.timing.total()).count(),
-                       r.local_copy};
+                       r.local_copy,
+                       r.local_copy ? "local" : r.cuda_ipc ? "cuda_ipc" : r.staged ? "staged" : "ucx"};
     std::string error = r.ok() ? std::string{} : std::string(to_string(r.status)) + ": " + r.error;
     caf::anon_send(me, ship_atom::value, r.transfer_id, receipt, error);
   });
@@ -312,7 +337,7 @@ kv_agent_actor::behavior_type kv_agent_impl(agent_pointer self, std::shared_ptr<
         auto& st = self->state;
         if (auto f = st.flips.find(id); f != st.flips.end()) {
           for (auto& b : f->second) // the bytes have left: give the prefill rank its pages back intact
-            *b.at ^= b.mask;
+            flip_pool_byte(b.at, b.mask, b.device);
           st.flips.erase(f);
         }
         auto it = st.pending.find(id);
@@ -344,12 +369,12 @@ kv_agent_actor::behavior_type kv_agent_impl(agent_pointer self, std::shared_ptr<
           return make_error(petrel_errc::bad_request, "the pool to check is not on this node");
         if (check.pages.size() != check.crc.size() || check.page_bytes == 0)
           return make_error(petrel_errc::bad_request, "a check needs one CRC per page and a page size");
-        auto* base = reinterpret_cast<const uint8_t*>(desc->remote_base);
+        auto* base = reinterpret_cast<const uint8_t*>(desc->data_base());
         for (size_t i = 0; i < check.pages.size(); ++i) {
           auto page = check.pages[i];
           if (page < 0 || (uint64_t(page) + 1) * check.page_bytes > desc->size)
             return make_error(petrel_errc::bad_request, "page " + std::to_string(page) + " lies outside the pool");
-          auto crc = kv_page_crc32c(base + uint64_t(page) * check.page_bytes, check.page_bytes);
+          auto crc = pool_crc32c(base + uint64_t(page) * check.page_bytes, check.page_bytes, desc->on_device());
           if (crc != check.crc[i]) {
             kv_corrupt_counter().inc();
             auto what = "KV page " + std::to_string(page) + " (" + std::to_string(i + 1) + " of " +

@@ -282,12 +282,13 @@ struct kv_receipt {
   double bootstrap = 0;  // connecting to the destination engine (0 when already connected)
   double transfer = 0;   // puts + flush + notify
   bool local_copy = false;
+  std::string path; // ucx | local | cuda_ipc | staged (see petrel_kv_transfers_total)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_receipt& x) {
   return f(caf::meta::type_name("petrel.kv_receipt"), x.transfer_id, x.bytes, x.bootstrap, x.transfer,
-           x.local_copy);
+           x.local_copy, x.path);
 }
 
 /// prefill_scheduler -> decode_scheduler: the KV of `rid` is in place; `first_token` was sampled.

@@ -135,6 +135,7 @@ void ship(prefill_pointer self, uint64_t rid, int32_t token) {
             m.kv_transfer.with({"bootstrap"}).observe(receipt.bootstrap);
             m.kv_transfer.with({"transfer"}).observe(receipt.transfer);
             m.kv_transfer_bytes.get().inc(static_cast<double>(receipt.bytes));
+            m.kv_transfers.with({receipt.path.empty() ? "ucx" : receipt.path}).inc();
             count_group_tokens(st.group.name, "input", static_cast<double>(it->second.job.tokens.size()));
             auto dest = it->second.job.destination;
             bool aborted = it->second.aborted;

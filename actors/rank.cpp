@@ -236,7 +236,8 @@ void load(rank_pointer self) {
   release_expired_pools();
   auto& st = self->state;
   auto& cfg = st.config;
-  st.be = make_backend(cfg.backend);
+  // A GPU rank runs on its own device (cuda:N from cluster.yaml), with its own streams and allocator.
+  st.be = make_backend(cfg.backend == "cuda" ? cfg.device : cfg.backend);
   st.be->set_num_threads(cfg.threads);
   st.model = deepseek_model::load(cfg.model_path, *st.be, cfg.dummy, /*seed=*/1);
   st.kv = std::make_unique<kv_pool>(*st.be, st.model->config(), cfg.kv_pages, cfg.page_size);

@@ -234,12 +234,15 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   auto m = root["model"];
   if (!m.IsDefined())
     r.fail_line(1, "missing section 'model' (add e.g. `model: {path: tests/data/fortune-moe}`)");
-  r.only_keys(m, "model", {"path", "dummy_config", "name", "backend", "max_context"}, section_line("model"));
+  r.only_keys(m, "model", {"path", "dummy_config", "name", "backend", "max_context", "share_gpus"},
+              section_line("model"));
   r.opt_string(m, "path", cfg.model.path, "model");
   r.opt_string(m, "dummy_config", cfg.model.dummy_config, "model");
   r.opt_string(m, "name", cfg.model.served_name, "model");
   r.opt_choice(m, "backend", cfg.model.backend, "model", {"cpu", "cuda"});
   r.opt_int(m, "max_context", cfg.model.max_context, "model", 0);
+  if (auto sg = m["share_gpus"]; sg.IsDefined() && !sg.IsNull())
+    cfg.model.share_gpus = r.scalar<bool>(sg, "model.share_gpus");
   if (cfg.model.path.empty())
     r.fail_line(section_line("model"),
                 "model.path is required: a checkpoint directory, or 'dummy' with model.dummy_config");
@@ -314,9 +317,10 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   // transport
   if (auto t = root["transport"]; t.IsDefined() && !t.IsNull()) {
     r.only_keys(t, "transport", {"kv_tls", "kv_timeout", "expert_exchange", "head_host", "head_port", "kv_checksum",
-                 "kv_net_devices"},
+                 "kv_net_devices", "kv_gpu_path"},
                 section_line("transport"));
     r.opt_string(t, "kv_tls", cfg.transport.kv_tls, "transport");
+    r.opt_choice(t, "kv_gpu_path", cfg.transport.kv_gpu_path, "transport", {"auto", "staged"});
     {
       // UCX_TLS syntax: a comma-separated list, optionally led by '^' (= every transport but these).
       std::string list = cfg.transport.kv_tls;
@@ -353,10 +357,8 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     std::string checksum = "auto";
     if (auto t = root["transport"]; t.IsDefined() && !t.IsNull())
       r.opt_choice(t, "kv_checksum", checksum, "transport", {"auto", "on", "off"});
-    if (checksum == "on" && cuda)
-      r.fail(root["transport"]["kv_checksum"],
-             "transport.kv_checksum 'on' needs model.backend: cpu (the check reads KV pools from the host; cuda "
-             "pools have no device-side checksum yet); use auto or off");
+    // auto: on with the cpu backend; off with cuda, where both ends would copy every page to the host to
+    // checksum it (no device-side CRC32C yet). `on` works with either.
     cfg.transport.kv_checksum = checksum == "on" || (checksum == "auto" && !cuda);
   }
   std::string net_devices = "auto";
@@ -437,10 +439,10 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
         if (!spec.is_cuda() && cuda)
           r.fail(item, where + " rank " + std::to_string(i) +
                            " is on cpu but model.backend is 'cuda'; give it a GPU (cuda:N)");
-        if (spec.is_cuda() && seen_devices.count(spec.device))
+        if (spec.is_cuda() && seen_devices.count(spec.device) && !cfg.model.share_gpus)
           r.fail(item, where + " lists " + spec.device + " twice (ranks " +
                            std::to_string(seen_devices[spec.device]) + " and " + std::to_string(i) +
-                           "); one rank per GPU");
+                           "); one rank per GPU (or set model.share_gpus: true)");
         seen_devices[spec.device] = static_cast<int>(i);
         node.ranks.push_back(spec);
       }
@@ -452,11 +454,11 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
         continue;
       auto host = node.address.host == "localhost" ? "127.0.0.1" : node.address.host;
       auto key = std::make_pair(host, node.ranks[i].device);
-      if (auto it = gpu_owner.find(key); it != gpu_owner.end())
+      if (auto it = gpu_owner.find(key); it != gpu_owner.end() && !cfg.model.share_gpus)
         r.fail_key(n, "ranks", where + " rank " + std::to_string(i) + " uses " + node.ranks[i].device + " on host " +
                                    host + ", which " + it->second +
                                    " already uses; nodes on one host need different GPUs (list them: "
-                                   "`ranks: [cuda:4, cuda:5]`)");
+                                   "`ranks: [cuda:4, cuda:5]`, or set model.share_gpus: true)");
       gpu_owner[key] = where;
     }
     if (auto owner = ports.clash(node.address.host, node.address.port); !owner.empty())

@@ -35,6 +35,7 @@ struct model_section {
   std::string served_name;       // the model name clients ask for (defaults to the directory name)
   std::string backend = "cpu";   // cpu | cuda
   int max_context = 0;           // 0: the model's max_position_embeddings
+  bool share_gpus = false;       // several ranks may use one GPU (each with its own streams and memory)
   bool is_dummy() const { return path == "dummy"; }
 };
 
@@ -115,6 +116,9 @@ struct transport_section {
   /// Resolved at load: "auto" is "lo" when every node runs on a loopback address and kv_tls uses tcp
   /// (so the unauthenticated UCX listener is not reachable from the network), else UCX's default (empty: all).
   std::string kv_net_devices;
+  /// How KV pages move between GPU pools: "auto" copies GPU to GPU through CUDA IPC when both nodes are on one
+  /// host (NVLink between GPUs) and stages through pinned host memory and UCX otherwise; "staged" always stages.
+  std::string kv_gpu_path = "auto";
 };
 
 /// Who may join the cluster (docs/reliability.md, "Who may join").

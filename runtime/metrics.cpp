@@ -380,6 +380,10 @@ serving_metrics::serving_metrics(registry& r)
                                 latency_buckets_kv_transfer())),
     kv_transfer_bytes(r.add_counter("petrel_kv_transfer_bytes_total",
                                     "Bytes of KV cache moved from prefill to decode.")),
+    kv_transfers(r.add_counter("petrel_kv_transfers_total",
+                               "Completed KV transfers by path: ucx (host pools), local (one process), cuda_ipc "
+                               "(GPU to GPU on one host), staged (GPU pools through pinned host memory and UCX).",
+                               {"path"})),
     actor_restarts(r.add_counter("petrel_actor_restarts_total",
                                  "Actor restarts by supervisors.", {"actor"})),
     requests(r.add_counter("petrel_requests_total",

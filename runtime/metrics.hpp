@@ -161,6 +161,7 @@ struct serving_metrics {
   counter_family& output_tokens;       // petrel_output_tokens_total
   histogram_family& kv_transfer;       // petrel_kv_transfer_seconds{phase=bootstrap|allocation|transfer}
   counter_family& kv_transfer_bytes;   // petrel_kv_transfer_bytes_total
+  counter_family& kv_transfers;        // petrel_kv_transfers_total{path=ucx|local|cuda_ipc|staged}
   counter_family& actor_restarts;      // petrel_actor_restarts_total{actor}
   counter_family& requests;            // petrel_requests_total{status}
 };

@@ -2,6 +2,7 @@
 //   petrel bench-kv --pages 64 --page-bytes 73728 --tls tcp            (two processes, UCX over loopback tcp)
 //   petrel bench-kv --pages 64 --page-bytes 73728 --tls shm            (two processes, UCX shared memory)
 //   petrel bench-kv --mode thread | --mode memcpy                      (two engines in one process)
+//   petrel bench-kv --memory cuda [--gpu-path staged]                  (GPU pools: CUDA IPC or staged via host)
 // Every transfer moves --pages scattered pages (no two adjacent, so one put per page) unless --contiguous.
 // Latency: one transfer at a time (put -> flush -> notify, callback on the sender). Bandwidth: --inflight at once.
 #include <algorithm>
@@ -24,6 +25,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "kernels/device_memory.hpp"
 #include "tools/command.hpp"
 #include "transport/kv_transfer.hpp"
 
@@ -48,6 +50,9 @@ struct bench_kv_options {
   bool contiguous = false;
   bool busy_poll = false;
   bool json = false;
+  std::string memory = "host";  // host | cuda: where both pools live
+  std::string gpu_path = "auto"; // auto (CUDA IPC on one host) | staged (pinned host mirrors + UCX)
+  int device = 0;
   std::string role;       // "receiver": internal, the child process of --mode process
   uint64_t pool_bytes = 0; // receiver role
 };
@@ -67,6 +72,7 @@ kv_transfer_options engine_options(const bench_kv_options& o, bool local_copy) {
   e.transports = o.tls;
   e.net_devices = o.tls.find("tcp") != std::string::npos ? o.net_devices : "";
   e.allow_local_copy = local_copy;
+  e.allow_cuda_ipc = o.gpu_path == "auto";
   e.busy_poll = o.busy_poll;
   e.tcp_segment_bytes = o.tcp_seg_bytes;
   e.idle_wakeup = std::chrono::milliseconds(o.idle_wakeup_ms);
@@ -75,18 +81,67 @@ kv_transfer_options engine_options(const bench_kv_options& o, bool local_copy) {
   return e;
 }
 
-/// The receiving process: registers a zeroed pool, prints "desc <hex>", serves until stdin closes.
+/// A pool of the benchmark, in host memory or on a GPU (--memory cuda), zeroed.
+class bench_pool {
+public:
+  bench_pool(size_t bytes, const bench_kv_options& o) : bytes_(bytes) {
+    if (o.memory == "cuda")
+      dev_ = static_cast<uint8_t*>(petrel::device_memory::alloc_device(bytes, o.device));
+    else
+      host_.assign(bytes, 0);
+  }
+  ~bench_pool() { petrel::device_memory::free_device(dev_); }
+  bench_pool(const bench_pool&) = delete;
+  bench_pool& operator=(const bench_pool&) = delete;
+  uint8_t* data() { return dev_ ? dev_ : host_.data(); }
+  size_t size() const { return bytes_; }
+  void write(const std::vector<uint8_t>& bytes) {
+    if (dev_)
+      petrel::device_memory::copy(dev_, bytes.data(), bytes.size());
+    else
+      host_ = bytes;
+  }
+  std::vector<uint8_t> read() const {
+    if (!dev_) return host_;
+    std::vector<uint8_t> out(bytes_);
+    petrel::device_memory::copy(out.data(), dev_, bytes_);
+    return out;
+  }
+
+private:
+  size_t bytes_;
+  std::vector<uint8_t> host_;
+  uint8_t* dev_ = nullptr;
+};
+
+uint64_t fnv1a(const std::vector<uint8_t>& v) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (uint8_t b : v) h = (h ^ b) * 0x100000001b3ull;
+  return h;
+}
+
+/// The receiving process: registers a zeroed pool, prints "desc <hex>", answers each 'c' on stdin with
+/// "sum <FNV-1a of the pool>", and serves until stdin closes.
 int run_receiver(const bench_kv_options& o) {
   if (o.pool_bytes == 0) return bad_input("--role receiver needs --pool-bytes");
-  std::vector<uint8_t> pool(o.pool_bytes, 0);
+  std::unique_ptr<bench_pool> pool;
+  try {
+    pool = std::make_unique<bench_pool>(o.pool_bytes, o);
+  } catch (const std::exception& e) {
+    return failure(e.what());
+  }
   auto e = kv_transfer_engine::create(engine_options(o, false));
   if (!e) return failure(e.error());
-  auto d = (*e)->register_pool(pool.data(), pool.size());
+  auto d = (*e)->register_pool(pool->data(), pool->size());
   if (!d) return failure(d.error());
   std::printf("desc %s\n", to_hex(d->to_bytes()).c_str());
   std::fflush(stdout);
   char c;
   while (::read(0, &c, 1) > 0) {
+    if (c == 'c') {
+      std::printf("sum %016llx\n", (unsigned long long)fnv1a(pool->read()));
+      std::fflush(stdout);
+    }
   }
   return petrel::cli::exit_ok;
 }
@@ -120,7 +175,8 @@ kv_expected<kv_pool_descriptor> spawn_receiver(const bench_kv_options& o, uint64
                                    "--pool-bytes",  std::to_string(pool_bytes), "--tls", o.tls,
                                    "--net-devices", o.net_devices, "--tcp-seg-bytes",
                                    std::to_string(o.tcp_seg_bytes), "--idle-wakeup-ms",
-                                   std::to_string(o.idle_wakeup_ms)};
+                                   std::to_string(o.idle_wakeup_ms), "--memory", o.memory, "--gpu-path",
+                                   o.gpu_path, "--device", std::to_string(o.device)};
   if (o.busy_poll) args.push_back("--busy-poll");
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
@@ -171,6 +227,12 @@ int run_sender(const bench_kv_options& o) {
     return bad_input("--transfers, --inflight and --repeat must be > 0");
   if (o.mode != "process" && o.mode != "thread" && o.mode != "memcpy")
     return bad_input("--mode must be process, thread or memcpy (got '" + o.mode + "')");
+  if (o.memory != "host" && o.memory != "cuda")
+    return bad_input("--memory must be host or cuda (got '" + o.memory + "')");
+  if (o.gpu_path != "auto" && o.gpu_path != "staged")
+    return bad_input("--gpu-path must be auto or staged (got '" + o.gpu_path + "')");
+  if (o.memory == "cuda" && !petrel::device_memory::built_with_cuda())
+    return bad_input("--memory cuda: this build has no CUDA");
   // Pools hold 2x the pages so that the scattered layout never puts two pages side by side.
   const uint64_t slots = o.contiguous ? o.pages : 2 * o.pages;
   const uint64_t pool_bytes = slots * o.page_bytes;
@@ -183,8 +245,16 @@ int run_sender(const bench_kv_options& o) {
     ranges.push_back({src * o.page_bytes, dst * o.page_bytes, o.page_bytes});
   }
 
-  std::vector<uint8_t> src_pool(pool_bytes), local_dst;
-  for (size_t i = 0; i < src_pool.size(); ++i) src_pool[i] = uint8_t(i * 131 + 7);
+  std::vector<uint8_t> src_bytes(pool_bytes), expected(pool_bytes, 0);
+  for (size_t i = 0; i < src_bytes.size(); ++i) src_bytes[i] = uint8_t(i * 131 + 7);
+  for (auto& r : ranges) std::memcpy(expected.data() + r.dst_offset, src_bytes.data() + r.src_offset, r.length);
+  std::unique_ptr<bench_pool> src_pool, local_dst;
+  try {
+    src_pool = std::make_unique<bench_pool>(pool_bytes, o);
+    src_pool->write(src_bytes);
+  } catch (const std::exception& e) {
+    return failure(e.what());
+  }
 
   child_process child;
   std::unique_ptr<kv_transfer_engine> receiver;
@@ -198,15 +268,15 @@ int run_sender(const bench_kv_options& o) {
     auto e = kv_transfer_engine::create(engine_options(o, local_copy));
     if (!e) return failure(e.error());
     receiver = std::move(*e);
-    local_dst.assign(pool_bytes, 0);
-    auto d = receiver->register_pool(local_dst.data(), local_dst.size());
+    local_dst = std::make_unique<bench_pool>(pool_bytes, o);
+    auto d = receiver->register_pool(local_dst->data(), local_dst->size());
     if (!d) return failure(d.error());
     remote = *d;
   }
   auto e = kv_transfer_engine::create(engine_options(o, local_copy));
   if (!e) return failure(e.error());
   auto& sender = *e;
-  auto sd = sender->register_pool(src_pool.data(), src_pool.size());
+  auto sd = sender->register_pool(src_pool->data(), src_pool->size());
   if (!sd) return failure(sd.error());
   auto peer = sender->connect(remote.worker_address);
   if (!peer) return failure(peer.error());
@@ -272,30 +342,67 @@ int run_sender(const bench_kv_options& o) {
   double gbps = *std::max_element(rounds.begin(), rounds.end());
   double gbps_median = percentile(rounds, 0.5);
 
-  // Reference on this machine: one memcpy of the same pages, same layout.
-  std::vector<uint8_t> ref_dst(pool_bytes);
-  for (auto& r : ranges) std::memcpy(ref_dst.data() + r.dst_offset, src_pool.data() + r.src_offset, r.length);
-  auto m0 = steady::now();
-  int reps = std::max(1, int(2e9 / double(std::max<uint64_t>(transfer_bytes, 1)))) ;
+  // Reference on this machine: a copy of the same pages, same layout, in one process (memcpy for host pools; the
+  // same device-to-device copies on the GPU for cuda pools).
+  int reps = std::max(1, int(2e9 / double(std::max<uint64_t>(transfer_bytes, 1))));
   reps = std::min(reps, 200);
-  for (int k = 0; k < reps; ++k)
-    for (auto& r : ranges) std::memcpy(ref_dst.data() + r.dst_offset, src_pool.data() + r.src_offset, r.length);
-  double memcpy_gbps = double(transfer_bytes) * reps / std::chrono::duration<double>(steady::now() - m0).count() / 1e9;
-
-  // Spot check: the last transfer's bytes, where the destination is visible here.
-  bool verified = false;
-  if (!local_dst.empty()) {
-    for (auto& r : ranges)
-      if (std::memcmp(local_dst.data() + r.dst_offset, src_pool.data() + r.src_offset, r.length) != 0)
-        return failure("destination bytes differ from the source after the benchmark");
-    verified = true;
+  double memcpy_gbps = 0;
+  if (o.memory == "cuda") {
+    bench_pool ref_dst(pool_bytes, o);
+    std::vector<petrel::device_memory::copy_range> copies;
+    for (auto& r : ranges) copies.push_back({r.src_offset, r.dst_offset, r.length});
+    petrel::device_memory::copy_ranges(ref_dst.data(), src_pool->data(), copies);
+    auto m0 = steady::now();
+    for (int k = 0; k < reps; ++k) petrel::device_memory::copy_ranges(ref_dst.data(), src_pool->data(), copies);
+    memcpy_gbps = double(transfer_bytes) * reps / std::chrono::duration<double>(steady::now() - m0).count() / 1e9;
+  } else {
+    std::vector<uint8_t> ref_dst(pool_bytes);
+    for (auto& r : ranges) std::memcpy(ref_dst.data() + r.dst_offset, src_bytes.data() + r.src_offset, r.length);
+    auto m0 = steady::now();
+    for (int k = 0; k < reps; ++k)
+      for (auto& r : ranges) std::memcpy(ref_dst.data() + r.dst_offset, src_bytes.data() + r.src_offset, r.length);
+    memcpy_gbps = double(transfer_bytes) * reps / std::chrono::duration<double>(steady::now() - m0).count() / 1e9;
   }
+
+  // Every byte of the destination pool: the pages moved, the rest still zero (asked of the receiving process
+  // in --mode process).
+  uint64_t want = fnv1a(expected), got = 0;
+  if (local_dst) {
+    got = fnv1a(local_dst->read());
+  } else {
+    if (::write(child.to_child, "c", 1) != 1) return failure("cannot ask the receiver for its pool's checksum");
+    std::string line;
+    char ch;
+    auto until = steady::now() + std::chrono::seconds(30);
+    while (steady::now() < until) {
+      pollfd p{child.from_child, POLLIN, 100};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      if (::read(child.from_child, &ch, 1) != 1) break;
+      if (ch != '\n') {
+        line += ch;
+        continue;
+      }
+      if (line.rfind("sum ", 0) == 0) break;
+      line.clear();
+    }
+    if (line.rfind("sum ", 0) != 0) return failure("the receiver did not report its pool's checksum");
+    got = std::stoull(line.substr(4), nullptr, 16);
+  }
+  if (got != want)
+    return failure("destination pool differs from the expected bytes after the benchmark (FNV-1a " +
+                   std::to_string(got) + ", want " + std::to_string(want) + ")");
+  const bool verified = true;
 
   auto c = sender->counters();
   std::string path = o.mode == "process" ? "two processes" : (o.mode == "thread" ? "two engines, one process" : "memcpy path");
+  if (o.memory == "cuda")
+    path += c.cuda_ipc_copies ? ", GPU pools via CUDA IPC" : (c.staged_bytes ? ", GPU pools staged via host" : ", GPU pools");
   if (o.json) {
     nlohmann::ordered_json j = {
-        {"mode", o.mode}, {"tls", o.tls}, {"pages", o.pages}, {"page_bytes", o.page_bytes},
+        {"mode", o.mode}, {"tls", o.tls}, {"memory", o.memory}, {"gpu_path", o.gpu_path},
+        {"pages", o.pages}, {"page_bytes", o.page_bytes}, {"verified", verified},
+        {"cuda_ipc_copies", c.cuda_ipc_copies}, {"staged_bytes", c.staged_bytes},
+        {"local_copies", c.local_copies},
         {"transfer_bytes", transfer_bytes}, {"puts_per_transfer", done.empty() ? 0 : done[0].puts},
         {"transfers", o.transfers}, {"inflight", o.inflight}, {"gbps", gbps}, {"gbps_median", gbps_median}, {"rounds", o.repeat},
         {"latency_us", {{"p50", percentile(total_us, 0.5)}, {"p99", percentile(total_us, 0.99)},
@@ -317,10 +424,12 @@ int run_sender(const bench_kv_options& o) {
                 percentile(notify_us, 0.5));
     std::printf("  bandwidth (%d in flight): best %.3f GB/s, median %.3f GB/s of %d rounds\n", o.inflight, gbps,
                 gbps_median, o.repeat);
-    std::printf("  this machine's memcpy of the same pages (cache-warm, one thread): %.3f GB/s -> ratio %.3f\n", memcpy_gbps, gbps / memcpy_gbps);
+    std::printf("  this machine's copy of the same pages in one process (memcpy, or device copies for GPU pools): %.3f GB/s -> ratio %.3f\n", memcpy_gbps, gbps / memcpy_gbps);
     std::printf("  anchor: none directly (SGLang moves KV over RDMA on InfiniBand; no per-transfer figure published)\n");
-    std::printf("  counters: %llu ok, %llu failed, %.1f MiB sent\n", (unsigned long long)c.transfers_ok,
-                (unsigned long long)c.transfers_failed, double(c.bytes_sent) / (1 << 20));
+    std::printf("  counters: %llu ok, %llu failed, %.1f MiB sent, %llu CUDA IPC copies, %.1f MiB staged\n",
+                (unsigned long long)c.transfers_ok, (unsigned long long)c.transfers_failed,
+                double(c.bytes_sent) / (1 << 20), (unsigned long long)c.cuda_ipc_copies,
+                double(c.staged_bytes) / (1 << 20));
   }
   return petrel::cli::exit_ok;
 }
@@ -335,6 +444,9 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--net-devices", o->net_devices, "UCX_NET_DEVICES for tcp (default lo)");
       sub.add_option("--tcp-seg-bytes", o->tcp_seg_bytes, "UCX tcp segment size (default 262144; 0 = UCX's 8 KiB)");
       sub.add_option("--mode", o->mode, "process (default), thread (two engines in one process), memcpy");
+      sub.add_option("--memory", o->memory, "host (default) or cuda: where both pools live");
+      sub.add_option("--gpu-path", o->gpu_path, "with --memory cuda: auto (CUDA IPC between processes) or staged");
+      sub.add_option("--device", o->device, "with --memory cuda: the GPU (default 0)");
       sub.add_option("--transfers", o->transfers, "timed transfers per phase (default 200)");
       sub.add_option("--inflight", o->inflight, "transfers in flight in the bandwidth phase (default 8)");
       sub.add_option("--repeat", o->repeat, "bandwidth rounds; best and median are reported (default 3)");

@@ -6,6 +6,8 @@
 // runs the user's callbacks after ucp_worker_progress returns, so a callback may call back into the engine.
 #include "transport/kv_transfer.hpp"
 
+#include "kernels/device_memory.hpp"
+
 #include <ucp/api/ucp.h>
 
 #include <algorithm>
@@ -38,9 +40,10 @@ using clock_type = std::chrono::steady_clock;
 constexpr uint32_t address_magic = 0x41564B50;    // "PKVA"
 constexpr uint32_t descriptor_magic = 0x44564B50; // "PKVD"
 constexpr uint32_t notice_magic = 0x4E564B50;     // "PKVN"
-constexpr uint16_t wire_version = 1;
+constexpr uint16_t wire_version = 2; // 2: GPU pool fields in descriptors, staged ranges in notices
 /// Active-message id of the transfer notice. Petrel owns the worker, so any fixed id works.
 constexpr unsigned notice_am_id = 0x4b56;
+constexpr unsigned ack_am_id = 0x4b57; // stage-in done: the receiver's answer to a staged notice
 
 uint64_t fnv1a(const uint8_t* p, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
   for (size_t i = 0; i < n; ++i) {
@@ -144,8 +147,17 @@ std::vector<uint8_t> descriptor_fields(const kv_pool_descriptor& d) {
   w.put<uint64_t>(d.size);
   w.put_bytes(d.worker_address);
   w.put_bytes(d.rkey);
+  w.put<uint8_t>(d.memory);
+  w.put<uint64_t>(d.device_base);
+  w.put<int32_t>(d.device);
+  w.put_bytes(d.ipc_handle);
+  w.put<uint64_t>(d.host_id);
   return std::move(w.out);
 }
+
+/// notice_wire.flags: the payload lists (dst_offset, length) pairs that landed in the target's host mirror and
+/// must be copied into its GPU pool before the notice is reported.
+constexpr uint16_t notice_flag_stage_in = 1;
 
 struct notice_wire {
   uint32_t magic;
@@ -156,6 +168,16 @@ struct notice_wire {
   uint64_t bytes;
   uint64_t pool_id;
   uint64_t sender_engine_id;
+  uint64_t sender_seq; // echoed in the ack of a staged notice
+};
+
+/// The receiver's answer to a notice with notice_flag_stage_in: the pages are (ok = 1) or are not in its GPU pool.
+struct ack_wire {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t ok;
+  uint64_t sender_seq;
+  uint64_t receiver_engine_id;
 };
 
 uint64_t random_u64() {
@@ -187,8 +209,8 @@ struct local_registry {
   }
 };
 
-/// Issue 4: say once per process which memory UCX can handle and which path KV pages take. Pools are registered as
-/// host memory (register_pool), so the path is host memory whatever UCX reports; a GPU pool would be staged.
+/// Issue 4: say once per process which memory UCX can handle and which path KV pages take. UCX only ever sees host
+/// memory (GPU pools register a pinned host mirror), whatever it reports.
 void log_kv_memory_path_once(ucp_context_h context) {
   static std::once_flag once;
   std::call_once(once, [context] {
@@ -200,7 +222,9 @@ void log_kv_memory_path_once(ucp_context_h context) {
       for (int t = 0; t < int(sizeof(names) / sizeof(names[0])); ++t)
         if (attr.memory_types & (uint64_t(1) << t)) types += (types.empty() ? "" : ", ") + std::string(names[t]);
     }
-    std::fprintf(stderr, "KV path: host memory (UCX memory types: %s)\n", types.empty() ? "unknown" : types.c_str());
+    std::fprintf(stderr, "KV path: host pools through UCX; GPU pools through CUDA IPC on one host, else staged "
+                         "through pinned host mirrors (UCX memory types: %s)\n",
+                 types.empty() ? "unknown" : types.c_str());
   });
 }
 
@@ -219,6 +243,8 @@ kv_expected<bool> kv_pool_descriptor::validate() const {
   if (rkey.empty()) return R::failure("kv pool descriptor: empty rkey");
   if (size == 0) return R::failure("kv pool descriptor: size is 0");
   if (remote_base + size < remote_base) return R::failure("kv pool descriptor: remote_base + size overflows");
+  if (memory > 1) return R::failure("kv pool descriptor: unknown memory kind " + std::to_string(memory));
+  if (memory == 1 && device_base == 0) return R::failure("kv pool descriptor: a GPU pool without its device address");
   auto f = descriptor_fields(*this);
   if (checksum != fnv1a(f.data(), f.size()))
     return R::failure("kv pool descriptor: checksum mismatch (corrupted or hand-built; call seal())");
@@ -252,7 +278,8 @@ kv_expected<kv_pool_descriptor> kv_pool_descriptor::from_bytes(const std::vector
   kv_pool_descriptor d;
   if (!r.get(d.engine_id) || !r.get(d.pool_id) || !r.get(d.process_token) || !r.get(d.remote_base) ||
       !r.get(d.size) || !r.get_bytes(d.worker_address, max_blob) || !r.get_bytes(d.rkey, max_blob) ||
-      !r.get(d.checksum))
+      !r.get(d.memory) || !r.get(d.device_base) || !r.get(d.device) || !r.get_bytes(d.ipc_handle, max_blob) ||
+      !r.get(d.host_id) || !r.get(d.checksum))
     return R::failure("kv pool descriptor: truncated (" + std::to_string(bytes.size()) + " bytes)");
   if (r.remaining() != 0) return R::failure("kv pool descriptor: trailing bytes");
   auto v = d.validate();
@@ -338,9 +365,11 @@ public:
 
   struct pool_record {
     uint64_t id = 0;
-    uint8_t* base = nullptr;
+    uint8_t* base = nullptr;        // what UCX reads and writes: the pool, or a GPU pool's pinned host mirror
     uint64_t size = 0;
     ucp_mem_h memh = nullptr;
+    uint8_t* device_base = nullptr; // a GPU pool's device memory (null for host pools)
+    uint8_t* data() const { return device_base ? device_base : base; }
   };
 
   struct peer_record {
@@ -353,9 +382,10 @@ public:
     bool lost_handled = false;
     std::string lost_reason;
     std::map<std::pair<uint64_t, uint64_t>, ucp_rkey_h> rkeys; // (pool_id, descriptor checksum) -> unpacked rkey
+    std::map<std::pair<uint64_t, uint64_t>, void*> ipc_maps;    // (pool_id, descriptor checksum) -> mapped GPU pool
   };
 
-  enum class stage { flush, notify };
+  enum class stage { flush, notify, ack };
 
   struct transfer_record {
     kv_transfer_request request;
@@ -364,6 +394,7 @@ public:
     clock_type::time_point submitted, started, issued, flushed;
     clock_type::time_point deadline;
     stage at = stage::flush;
+    std::vector<kv_page_range> stage_in; // ranges the receiver copies from its host mirror into its GPU pool
   };
 
   /// What a UCX request callback needs: which engine, which transfer, which stage. Freed by the callback.
@@ -371,7 +402,8 @@ public:
     impl* self;
     uint64_t seq;
     stage kind;
-    notice_wire notice; // the AM header must live until the send completes
+    notice_wire notice;            // the AM header must live until the send completes
+    std::vector<uint64_t> payload; // likewise the staged ranges: (dst_offset, length) pairs
   };
 
   // -- construction --
@@ -437,6 +469,10 @@ public:
     am.arg = this;
     s = ucp_worker_set_am_recv_handler(worker, &am);
     if (s != UCS_OK) return R::failure(ucs_error("ucp_worker_set_am_recv_handler", s));
+    am.id = ack_am_id;
+    am.cb = &impl::on_ack_am;
+    s = ucp_worker_set_am_recv_handler(worker, &am);
+    if (s != UCS_OK) return R::failure(ucs_error("ucp_worker_set_am_recv_handler(ack)", s));
     ucp_address_t* addr = nullptr;
     size_t addr_len = 0;
     s = ucp_worker_get_address(worker, &addr, &addr_len);
@@ -561,21 +597,45 @@ public:
   kv_expected<kv_pool_descriptor> do_register_pool(void* base, size_t bytes) {
     using R = kv_expected<kv_pool_descriptor>;
     if (base == nullptr || bytes == 0) return R::failure("register_pool: null base or zero size");
+    kv_pool_descriptor d;
+    uint8_t* device_base = nullptr;
+    if (device_memory::is_device(base)) {
+      // UCX (Debian's) cannot touch GPU memory: it maps a pinned host mirror instead (the staged path); peers on
+      // this host copy straight into the GPU pool through its IPC handle.
+      try {
+        auto exported = device_memory::export_ipc(base);
+        d.ipc_handle = std::move(exported.handle);
+        d.device = exported.device;
+        device_base = static_cast<uint8_t*>(base);
+        base = device_memory::alloc_pinned(bytes);
+      } catch (const std::exception& e) {
+        return R::failure(std::string("register_pool: GPU pool: ") + e.what());
+      }
+      d.memory = 1;
+      d.device_base = reinterpret_cast<uint64_t>(device_base);
+    }
+    d.host_id = device_memory::host_id();
+    auto undo_mirror = [&] {
+      if (device_base) device_memory::free_pinned(base);
+    };
     ucp_mem_map_params_t mp{};
     mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
     mp.address = base;
     mp.length = bytes;
     ucp_mem_h memh = nullptr;
     ucs_status_t s = ucp_mem_map(context, &mp, &memh);
-    if (s != UCS_OK) return R::failure(ucs_error("register_pool: ucp_mem_map", s));
+    if (s != UCS_OK) {
+      undo_mirror();
+      return R::failure(ucs_error("register_pool: ucp_mem_map", s));
+    }
     void* rkey_buf = nullptr;
     size_t rkey_len = 0;
     s = ucp_rkey_pack(context, memh, &rkey_buf, &rkey_len);
     if (s != UCS_OK) {
       ucp_mem_unmap(context, memh);
+      undo_mirror();
       return R::failure(ucs_error("register_pool: ucp_rkey_pack", s));
     }
-    kv_pool_descriptor d;
     d.worker_address = published_address;
     d.remote_base = reinterpret_cast<uint64_t>(base);
     d.size = bytes;
@@ -585,11 +645,11 @@ public:
     d.pool_id = next_pool_id++;
     d.process_token = process_token();
     d.seal();
-    pools[d.pool_id] = pool_record{d.pool_id, static_cast<uint8_t*>(base), bytes, memh};
+    pools[d.pool_id] = pool_record{d.pool_id, static_cast<uint8_t*>(base), bytes, memh, device_base};
     {
       auto& reg = local_registry::get();
       std::unique_lock lock(reg.mutex);
-      reg.pools[{engine_id, d.pool_id}] = {static_cast<uint8_t*>(base), bytes};
+      reg.pools[{engine_id, d.pool_id}] = {pools[d.pool_id].data(), bytes};
     }
     return d;
   }
@@ -603,6 +663,7 @@ public:
       reg.pools.erase({engine_id, pool_id});
     }
     ucp_mem_unmap(context, it->second.memh);
+    if (it->second.device_base) device_memory::free_pinned(it->second.base);
     pools.erase(it);
     return true;
   }
@@ -651,6 +712,8 @@ public:
   void close_peer_endpoint(peer_record& p) {
     for (auto& [key, rkey] : p.rkeys) ucp_rkey_destroy(rkey); // rkeys go before their endpoint
     p.rkeys.clear();
+    for (auto& [key, mapped] : p.ipc_maps) device_memory::close_ipc(mapped);
+    p.ipc_maps.clear();
     if (!p.ep) return;
     // FORCE needs error mode PEER on both sides (UCX: undefined behaviour otherwise); without it, close by flushing.
     // A flush-close to a dead shm peer may never finish: teardown_ucx bounds the wait.
@@ -797,6 +860,27 @@ public:
 
     if (opts.allow_local_copy && t.request.remote.process_token == process_token() && try_local_copy(seq, *merged))
       return;
+    const bool local_gpu = local.device_base != nullptr;
+    const bool remote_gpu = t.request.remote.on_device();
+    if (local_gpu && remote_gpu && opts.allow_cuda_ipc && !t.request.remote.ipc_handle.empty() &&
+        t.request.remote.host_id == device_memory::host_id() && try_cuda_ipc_copy(seq, peer, *merged))
+      return;
+    if (local_gpu) {
+      // Staged: the pages go device -> this pool's host mirror (same offsets), and UCX puts them from there.
+      std::vector<device_memory::copy_range> out;
+      for (const auto& r : *merged) out.push_back({r.src_offset, r.src_offset, r.length});
+      try {
+        device_memory::copy_ranges(local.base, local.device_base, out);
+      } catch (const std::exception& e) {
+        return finish(seq, kv_transfer_status::transport_error, tag + "staging out of the GPU pool: " + e.what());
+      }
+      counter_staged.fetch_add(bytes, std::memory_order_relaxed);
+      t.result.staged = true;
+    }
+    if (remote_gpu) {
+      t.stage_in = *merged; // the receiver copies them into its GPU pool and acknowledges
+      t.result.staged = true;
+    }
 
     // Remote key: unpacked once per (peer, pool, registration).
     ucp_rkey_h rkey = nullptr;
@@ -840,6 +924,46 @@ public:
     }
   }
 
+  /// Same host, both pools on GPUs: copy straight into the peer's GPU pool through its CUDA IPC handle (mapped
+  /// once per pool registration), then send the notice. False (nothing done) when CUDA refuses the handle: the
+  /// transfer is then staged through the host mirrors.
+  bool try_cuda_ipc_copy(uint64_t seq, peer_record& peer, const std::vector<kv_page_range>& ranges) {
+    transfer_record& t = inflight[seq];
+    const auto& remote = t.request.remote;
+    const pool_record& local = pools[t.request.local_pool];
+    auto key = std::make_pair(remote.pool_id, remote.checksum);
+    void* mapped = nullptr;
+    if (auto it = peer.ipc_maps.find(key); it != peer.ipc_maps.end()) {
+      mapped = it->second;
+    } else {
+      if (ipc_refused.count(remote.engine_id)) return false;
+      try {
+        mapped = device_memory::open_ipc(remote.ipc_handle, remote.device);
+      } catch (const std::exception& e) {
+        ipc_refused.insert(remote.engine_id);
+        std::fprintf(stderr, "petrel kv engine %llu: CUDA IPC to engine %llu refused (%s); its KV is staged through "
+                             "host memory\n",
+                     (unsigned long long)engine_id, (unsigned long long)remote.engine_id, e.what());
+        return false;
+      }
+      peer.ipc_maps[key] = mapped;
+    }
+    std::vector<device_memory::copy_range> copies;
+    for (const auto& r : ranges) copies.push_back({r.src_offset, r.dst_offset, r.length});
+    try {
+      device_memory::copy_ranges(mapped, local.device_base, copies);
+    } catch (const std::exception& e) {
+      finish(seq, kv_transfer_status::transport_error,
+             "transfer " + std::to_string(t.request.transfer_id) + ": CUDA IPC copy failed: " + e.what());
+      return true;
+    }
+    t.result.cuda_ipc = true;
+    counter_cuda_ipc.fetch_add(1, std::memory_order_relaxed);
+    t.issued = clock_type::now();
+    on_flushed(seq, UCS_OK); // the bytes are in the peer's GPU pool: only the notice is left
+    return true;
+  }
+
   bool try_local_copy(uint64_t seq, const std::vector<kv_page_range>& ranges) {
     transfer_record& t = inflight[seq];
     const auto& remote = t.request.remote;
@@ -852,7 +976,20 @@ public:
     if (reinterpret_cast<uint64_t>(pit->second.first) != remote.remote_base || pit->second.second != remote.size)
       return false; // the descriptor is stale (pool re-registered); let UCX report it
     uint8_t* dst = pit->second.first;
-    for (const auto& r : ranges) std::memmove(dst + r.dst_offset, local.base + r.src_offset, r.length);
+    if (local.device_base || remote.on_device()) {
+      std::vector<device_memory::copy_range> copies;
+      for (const auto& r : ranges) copies.push_back({r.src_offset, r.dst_offset, r.length});
+      try {
+        device_memory::copy_ranges(dst, local.data(), copies);
+      } catch (const std::exception& e) {
+        lock.unlock();
+        finish(seq, kv_transfer_status::transport_error,
+               "transfer " + std::to_string(t.request.transfer_id) + ": GPU copy failed: " + e.what());
+        return true;
+      }
+    } else {
+      for (const auto& r : ranges) std::memmove(dst + r.dst_offset, local.base + r.src_offset, r.length);
+    }
     t.issued = t.flushed = clock_type::now();
     t.result.local_copy = true;
     counter_local_copies.fetch_add(1, std::memory_order_relaxed);
@@ -872,6 +1009,8 @@ public:
     ucp_request_free(request);
     if (kind == stage::flush)
       self->on_flushed(seq, status);
+    else if (kind == stage::ack)
+      return; // a stage-in acknowledgement went out; nothing waits for its local completion
     else
       self->on_notice_sent(seq, status);
   }
@@ -908,14 +1047,27 @@ public:
     auto pit = peers.find(t.request.peer);
     if (pit == peers.end() || !pit->second->ep)
       return finish(seq, kv_transfer_status::peer_lost, tag + "peer disconnected before notify");
-    auto* ctx = new op_context{this, seq, stage::notify, {}};
-    ctx->notice = notice_wire{notice_magic, wire_version, 0, t.request.transfer_id, t.request.epoch, t.result.bytes,
-                              t.request.remote.pool_id, engine_id};
+    auto* ctx = new op_context{this, seq, stage::notify, {}, {}};
+    const uint16_t flags = t.stage_in.empty() ? 0 : notice_flag_stage_in;
+    ctx->notice = notice_wire{notice_magic, wire_version, flags, t.request.transfer_id, t.request.epoch, t.result.bytes,
+                              t.request.remote.pool_id, engine_id, seq};
+    for (const auto& r : t.stage_in) {
+      ctx->payload.push_back(r.dst_offset);
+      ctx->payload.push_back(r.length);
+    }
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.send = &impl::on_request_done;
     p.user_data = ctx;
-    void* req = ucp_am_send_nbx(pit->second->ep, notice_am_id, &ctx->notice, sizeof(notice_wire), nullptr, 0, &p);
+    if (flags) {
+      // The ranges travel with the notice (eager: the handler reads them in place) and the receiver answers on
+      // the reply endpoint once they are in its GPU pool.
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
+    }
+    void* req = ucp_am_send_nbx(pit->second->ep, notice_am_id, &ctx->notice, sizeof(notice_wire),
+                                ctx->payload.empty() ? nullptr : ctx->payload.data(),
+                                ctx->payload.size() * sizeof(uint64_t), &p);
     if (req == nullptr) {
       delete ctx;
       return on_notice_sent(seq, UCS_OK);
@@ -930,6 +1082,10 @@ public:
     auto it = inflight.find(seq);
     if (it == inflight.end()) return;
     if (status != UCS_OK) return fail_in_stage(seq, it->second, "notify", status);
+    if (!it->second.stage_in.empty()) {
+      it->second.at = stage::ack; // done when the receiver says the pages are in its GPU pool
+      return;
+    }
     finish(seq, kv_transfer_status::ok, {});
   }
 
@@ -977,15 +1133,15 @@ public:
       finish(seq, kv_transfer_status::timeout,
              "transfer " + std::to_string(t.request.transfer_id) + " (epoch " + std::to_string(t.request.epoch) +
                  ") to peer " + std::to_string(t.request.peer) + ": no completion within " +
-                 std::to_string(limit.count()) + " ms (stuck in " + (t.at == stage::flush ? "flush" : "notify") +
+                 std::to_string(limit.count()) + " ms (stuck in " + (t.at == stage::flush ? "flush" : t.at == stage::notify ? "notify" : "the receiver's stage-in") +
                  "; is the peer progressing?)");
     }
   }
 
   // -- receiving --
 
-  static ucs_status_t on_notice_am(void* arg, const void* header, size_t header_length, void*, size_t,
-                                   const ucp_am_recv_param_t*) {
+  static ucs_status_t on_notice_am(void* arg, const void* header, size_t header_length, void* data,
+                                   size_t data_length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<impl*>(arg);
     notice_wire w{};
     if (header_length != sizeof w) {
@@ -999,7 +1155,80 @@ public:
                    (unsigned long long)self->engine_id);
       return UCS_OK;
     }
+    if (w.flags & notice_flag_stage_in) {
+      self->stage_in(w, data, data_length, param);
+      return UCS_OK;
+    }
     self->deliver_notice(kv_transfer_notice{w.transfer_id, w.epoch, w.bytes, w.pool_id, w.sender_engine_id});
+    return UCS_OK;
+  }
+
+  /// A staged transfer into one of this engine's GPU pools landed in the pool's host mirror: copy its ranges
+  /// into the GPU pool, then acknowledge (the sender's transfer completes only then) and report the notice.
+  void stage_in(const notice_wire& w, const void* data, size_t data_length, const ucp_am_recv_param_t* param) {
+    bool ok = false;
+    std::string why;
+    auto pit = pools.find(w.pool_id);
+    if (pit == pools.end() || !pit->second.device_base) {
+      why = "no GPU pool " + std::to_string(w.pool_id);
+    } else if (data_length % (2 * sizeof(uint64_t)) != 0 || (data_length > 0 && !data)) {
+      why = "malformed range list (" + std::to_string(data_length) + " bytes)";
+    } else {
+      const pool_record& pool = pit->second;
+      std::vector<uint64_t> pairs(data_length / sizeof(uint64_t));
+      if (data_length) std::memcpy(pairs.data(), data, data_length);
+      std::vector<device_memory::copy_range> copies;
+      for (size_t i = 0; i + 1 < pairs.size(); i += 2) {
+        if (!range_fits(pairs[i], pairs[i + 1], pool.size)) {
+          why = "range outside the pool";
+          break;
+        }
+        copies.push_back({pairs[i], pairs[i], pairs[i + 1]});
+      }
+      if (why.empty()) {
+        try {
+          device_memory::copy_ranges(pool.device_base, pool.base, copies);
+          counter_staged.fetch_add(w.bytes, std::memory_order_relaxed);
+          ok = true;
+        } catch (const std::exception& e) {
+          why = e.what();
+        }
+      }
+    }
+    if (!ok)
+      std::fprintf(stderr, "petrel kv engine %llu: staged transfer %llu not copied into its GPU pool: %s\n",
+                   (unsigned long long)engine_id, (unsigned long long)w.transfer_id, why.c_str());
+    if (param && (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) && param->reply_ep) {
+      auto* ack = new ack_wire{notice_magic, wire_version, uint16_t(ok ? 1 : 0), w.sender_seq, engine_id};
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      p.cb.send = [](void* request, ucs_status_t, void* user) {
+        delete static_cast<ack_wire*>(user);
+        ucp_request_free(request);
+      };
+      p.user_data = ack;
+      void* req = ucp_am_send_nbx(param->reply_ep, ack_am_id, ack, sizeof *ack, nullptr, 0, &p);
+      if (req == nullptr || UCS_PTR_IS_ERR(req)) delete ack;
+    }
+    if (ok) deliver_notice(kv_transfer_notice{w.transfer_id, w.epoch, w.bytes, w.pool_id, w.sender_engine_id});
+  }
+
+  static ucs_status_t on_ack_am(void* arg, const void* header, size_t header_length, void*, size_t,
+                                const ucp_am_recv_param_t*) {
+    auto* self = static_cast<impl*>(arg);
+    ack_wire a{};
+    if (header_length != sizeof a) return UCS_OK;
+    std::memcpy(&a, header, sizeof a);
+    if (a.magic != notice_magic || a.version != wire_version) return UCS_OK;
+    auto it = self->inflight.find(a.sender_seq);
+    if (it == self->inflight.end() || it->second.at != stage::ack) return UCS_OK; // ended already (deadline)
+    if (a.ok)
+      self->finish(a.sender_seq, kv_transfer_status::ok, {});
+    else
+      self->finish(a.sender_seq, kv_transfer_status::transport_error,
+                   "transfer " + std::to_string(it->second.request.transfer_id) + ": engine " +
+                       std::to_string(a.receiver_engine_id) +
+                       " could not copy the staged pages into its GPU pool (see its log)");
     return UCS_OK;
   }
 
@@ -1041,12 +1270,13 @@ public:
   std::vector<kv_peer_id> lost_pending;
   std::vector<void*> close_requests;
   std::vector<std::function<void()>> deferred;
+  std::set<uint64_t> ipc_refused; // engines whose GPU pools CUDA would not map here: staged instead
   kv_notice_fn notice_fn;
   kv_peer_lost_fn peer_lost_fn;
 
   std::atomic<size_t> inflight_count{0};
   std::atomic<uint64_t> counter_started{0}, counter_ok{0}, counter_failed{0}, counter_failed_peer_lost{0},
-      counter_failed_timeout{0}, counter_failed_refused{0}, counter_bytes{0}, counter_puts{0}, counter_local_copies{0},
+      counter_failed_timeout{0}, counter_failed_refused{0}, counter_bytes{0}, counter_puts{0}, counter_local_copies{0}, counter_cuda_ipc{0}, counter_staged{0},
       counter_notices{0}, counter_bytes_received{0}, counter_peers_lost{0}, counter_latency{0};
 };
 
@@ -1174,6 +1404,8 @@ kv_transfer_counters kv_transfer_engine::counters() const {
   c.bytes_sent = ld(i.counter_bytes);
   c.puts_issued = ld(i.counter_puts);
   c.local_copies = ld(i.counter_local_copies);
+  c.cuda_ipc_copies = ld(i.counter_cuda_ipc);
+  c.staged_bytes = ld(i.counter_staged);
   c.notices_received = ld(i.counter_notices);
   c.bytes_received = ld(i.counter_bytes_received);
   c.peers_lost = ld(i.counter_peers_lost);

@@ -5,6 +5,14 @@
 // Transport is UCX (ucp). A second path, used when the destination pool lives in this same process, is a plain
 // memcpy with the same semantics (same callbacks, same notice on the target engine).
 //
+// GPU pools (a pointer into CUDA device memory, see kernels/device_memory.hpp) take one of two paths:
+//   cuda_ipc  both pools on GPUs of one host: the sender maps the destination pool through its CUDA IPC handle and
+//             copies device to device (NVLink between GPUs, HBM on one GPU); then the notice, as usual.
+//   staged    otherwise (another host, IPC refused): every GPU pool has a page-locked host mirror that UCX
+//             registers; the sender copies its pages device -> mirror, puts them into the peer's mirror, and the
+//             notice carries the page ranges so that the receiving engine copies them mirror -> device BEFORE it
+//             reports the notice. Debian's UCX has no CUDA transports, so UCX never sees device memory.
+//
 // Threading: every engine owns one ucp context and one ucp worker, and ONE thread (the engine's progress thread)
 // owns the worker. Every public member function is thread-safe: it enqueues a command for the progress thread.
 // Every callback (transfer done, notice, peer lost) runs ON THE PROGRESS THREAD, so a callback must be short and
@@ -80,6 +88,9 @@ struct kv_transfer_options {
   std::chrono::milliseconds transfer_deadline{10'000};
   /// Use a memcpy when the destination pool belongs to an engine of this same process.
   bool allow_local_copy = true;
+  /// Copy GPU pool to GPU pool through CUDA IPC when both are on this host (else they are staged through host
+  /// mirrors and UCX).
+  bool allow_cuda_ipc = true;
   /// Spin on ucp_worker_progress instead of sleeping on the worker's event fd (lower latency, burns a core).
   bool busy_poll = false;
   /// The progress thread sleeps on the worker's event fd; it also wakes after this long when idle (1 ms while
@@ -103,7 +114,17 @@ struct kv_pool_descriptor {
   uint64_t engine_id = 0;              // owning engine
   uint64_t pool_id = 0;                // pool id within the owning engine
   uint64_t process_token = 0;          // random per process: equal tokens mean "same process" (memcpy path)
+  // GPU pools (memory == cuda): remote_base/rkey name the pool's pinned host mirror; these name the pool itself.
+  uint8_t memory = 0;                  // 0: host memory, 1: CUDA device memory
+  uint64_t device_base = 0;            // the pool's device address in its owner's process
+  int32_t device = -1;                 // its GPU ordinal
+  std::vector<uint8_t> ipc_handle;     // CUDA IPC handle of the pool's allocation (empty: none)
+  uint64_t host_id = 0;                // the owner's host (kernel boot id): IPC only between equal ids
   uint64_t checksum = 0;               // FNV-1a over all fields above
+
+  bool on_device() const { return memory == 1; }
+  /// Where the pool's bytes are in its owner's process (the device pool for GPU pools).
+  uint64_t data_base() const { return on_device() ? device_base : remote_base; }
 
   /// Recomputes `checksum` from the other fields.
   void seal();
@@ -173,6 +194,8 @@ struct kv_transfer_result {
   uint64_t bytes = 0;    // bytes requested
   uint32_t puts = 0;     // puts after coalescing (0 on the memcpy path)
   bool local_copy = false;
+  bool cuda_ipc = false; // GPU to GPU through CUDA IPC
+  bool staged = false;   // a GPU pool on either side went through its host mirror
   kv_transfer_timing timing;
   bool ok() const { return status == kv_transfer_status::ok; }
 };
@@ -201,6 +224,8 @@ struct kv_transfer_counters {
   uint64_t bytes_sent = 0;          // by transfers that ended ok
   uint64_t puts_issued = 0;
   uint64_t local_copies = 0;
+  uint64_t cuda_ipc_copies = 0;     // transfers that went GPU to GPU through CUDA IPC
+  uint64_t staged_bytes = 0;        // bytes copied between a GPU pool and its host mirror (both directions)
   uint64_t notices_received = 0;
   uint64_t bytes_received = 0;      // as announced by received notices
   uint64_t peers_lost = 0;
@@ -224,8 +249,9 @@ public:
   const std::vector<uint8_t>& worker_address() const;
   const kv_transfer_options& options() const;
 
-  /// Registers [base, base+bytes) once (ucp_mem_map) and returns its descriptor. Host memory only.
-  /// Blocks until the progress thread has done it.
+  /// Registers [base, base+bytes) once and returns its descriptor; blocks until the progress thread has done it.
+  /// Host memory is mapped for UCX (ucp_mem_map). CUDA device memory (the start of a cudaMalloc allocation) gets
+  /// a pinned host mirror of the same size, which UCX maps, and a CUDA IPC handle for same-host peers.
   kv_expected<kv_pool_descriptor> register_pool(void* base, size_t bytes);
   /// Unmaps a pool. Transfers still using it as a source must have ended.
   kv_expected<bool> deregister_pool(uint64_t pool_id);

@@ -17,7 +17,7 @@
 namespace petrel::test {
 
 /// Where the embedded model lives in the source tree.
-inline std::string fortune_model_dir() { return std::string(PETREL_SOURCE_DIR) + "/tests/data/fortune-moe"; }
+inline std::string fortune_model_dir() { return source_dir() + "/tests/data/fortune-moe"; }
 
 /// Text of a /v1/completions answer (greedy unless `extra` JSON fields say otherwise); REQUIREs a 200.
 inline std::string completion_text(int port, const std::string& prompt, int max_tokens, const std::string& extra = "") {

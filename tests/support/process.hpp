@@ -1,6 +1,8 @@
 // Test support: run the petrel binary as a real process, in the foreground or in the background.
 #pragma once
 
+#include <cstdlib>
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -20,6 +22,17 @@
 
 namespace petrel::test {
 
+/// The petrel binary and the source tree the tests use: the build's, unless PETREL_BINARY / PETREL_SOURCE_DIR in
+/// the environment say otherwise (the GPU machine runs binaries built here from another path).
+inline std::string petrel_binary() {
+  const char* e = std::getenv("PETREL_BINARY");
+  return e && *e ? e : PETREL_BINARY;
+}
+inline std::string source_dir() {
+  const char* e = std::getenv("PETREL_SOURCE_DIR");
+  return e && *e ? e : PETREL_SOURCE_DIR;
+}
+
 struct command_result {
   int exit_code = -1;
   std::string output; // stdout and stderr together
@@ -28,7 +41,7 @@ struct command_result {
 /// Runs `petrel ARGS` to completion and captures its output.
 inline command_result run_petrel(const std::string& args) {
   command_result r;
-  std::string cmd = std::string(PETREL_BINARY) + " " + args + " 2>&1";
+  std::string cmd = petrel_binary() + " " + args + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   if (!p)
     return r;
@@ -45,7 +58,7 @@ inline command_result run_petrel(const std::string& args) {
 class background_process {
 public:
   background_process(const std::vector<std::string>& args, const std::string& log_path) : log_(log_path) {
-    std::vector<std::string> full{PETREL_BINARY};
+    std::vector<std::string> full{petrel_binary()};
     full.insert(full.end(), args.begin(), args.end());
     pid_ = ::fork();
     if (pid_ == 0) {

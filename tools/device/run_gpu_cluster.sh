@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# GPU KV pools on the device machine: the kv engine's CUDA IPC and staged paths, and a served PD cluster on the
+# GPU (tests/unit/test_cuda_kv_transfer, tests/integration/test_cuda_cluster), then bench-kv figures. Two steps:
+#
+#   here (build machine):   tools/device/run_gpu_cluster.sh package [build-dir]
+#       copies petrel, the two test binaries and the non-CUDA shared libraries they need (CAF, yaml-cpp, UCX,
+#       OpenSSL, ...) into device/gpucluster/bundle.tar.xz (git-ignored; name device/gpucluster in `carry`).
+#   device (repo root):     tools/device/run_gpu_cluster.sh run
+#       runs the tests (logs under $OUT) and bench-kv on GPU pools (bench-kv.txt under $OUT).
+set -uo pipefail
+here=device/gpucluster
+cmd=${1:-run}
+shift || true
+
+if [[ $cmd == package ]]; then
+  build=${1:-build-cudabe}
+  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
+  bins=("$build/petrel" "$build/test_cuda_kv_transfer" "$build/test_cuda_cluster")
+  cp "${bins[@]}" "$here/bin/" || exit 1
+  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
+    case $(basename "$lib") in
+      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*|libcudart*) ;;
+      *) cp -L "$lib" "$here/lib/" ;;
+    esac
+  done
+  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
+  tar -C "$here" -cJf /tmp/petrel-gpucluster.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
+  mv /tmp/petrel-gpucluster.tar.xz "$here/bundle.tar.xz"
+  du -sh "$here"
+  exit 0
+fi
+
+out=${OUT:-/tmp/petrel-gpucluster-out}
+mkdir -p "$out" /tmp/petrel-gpucluster
+tar -C /tmp/petrel-gpucluster -xJf "$here/bundle.tar.xz" || exit 1
+bin=/tmp/petrel-gpucluster/bin
+chmod +x "$bin"/*
+cuda_libs=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 /usr/lib/x86_64-linux-gnu /opt/torch/.venv \
+  -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH=/tmp/petrel-gpucluster/lib:$cuda_libs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export PETREL_BINARY=$bin/petrel PETREL_SOURCE_DIR=$PWD
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.log"
+
+rc=0
+for t in test_cuda_kv_transfer test_cuda_cluster; do
+  echo "== $t"
+  timeout 300 "$bin/$t" -s > "$out/$t.log" 2>&1
+  r=$?
+  grep -E '^RESULT|test cases|assertions|ERROR|FAILED' "$out/$t.log" | head -40
+  echo "$t rc=$r"
+  [[ $r == 0 ]] || rc=1
+done
+
+{
+  echo "== bench-kv, GPU pools, 64 pages x 72 KiB (one layer's 64-token MLA page, bf16)"
+  for args in "--mode process" "--mode process --gpu-path staged" "--mode memcpy"; do
+    echo "-- $args"
+    timeout 120 "$bin/petrel" bench-kv --memory cuda $args --transfers 200 --repeat 3 2>&1 | grep -v '^KV path'
+  done
+  echo "== bench-kv, GPU pools, 32 pages x 4.29 MiB (61 layers x 64 tokens: a 2K-token prompt's KV)"
+  for args in "--mode process" "--mode process --gpu-path staged"; do
+    echo "-- $args"
+    timeout 120 "$bin/petrel" bench-kv --memory cuda $args --pages 32 --page-bytes 4497408 --transfers 40 \
+      --inflight 4 --repeat 3 2>&1 | grep -v '^KV path'
+  done
+  echo "== bench-kv, host pools (reference), 64 x 72 KiB over tcp"
+  timeout 120 "$bin/petrel" bench-kv --mode process --transfers 200 --repeat 3 2>&1 | grep -v '^KV path'
+} > "$out/bench-kv.txt" 2>&1
+cat "$out/bench-kv.txt"
+exit $rc
