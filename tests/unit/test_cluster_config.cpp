@@ -458,6 +458,16 @@ TEST_CASE("rank devices: cpu or cuda:N, matching model.backend") {
                      5, "which node 'p0' already uses");
   CHECK_NOTHROW(dir.parse(std::regex_replace(with_ranks("2", "cuda"), std::regex("name: d0"),
                                              "name: d0, host: 10.0.0.2")));
+  // model.share_gpus lets ranks share a GPU, in one node and across the nodes of one host.
+  auto shared = [&](const std::string& ranks) {
+    return std::regex_replace(with_ranks(ranks, "cuda"), std::regex("backend: cuda"), "backend: cuda, share_gpus: true");
+  };
+  auto both = dir.parse(shared("[cuda:0, cuda:0]"));
+  CHECK(both.model.share_gpus);
+  CHECK(both.nodes[0].ranks[1].device == "cuda:0");
+  CHECK(dir.parse(shared("[cuda:0]")).nodes[1].ranks[0].device == "cuda:0"); // d0's one rank is cuda:0 too
+  CHECK_CONFIG_ERROR(dir, std::regex_replace(shared("[cuda:0]"), std::regex("share_gpus: true"), "share_gpus: maybe"),
+                     1, "share_gpus");
 
   auto cfg = dir.parse(with_ranks("[cuda:1, {device: cuda:3}]", "cuda"));
   REQUIRE(cfg.nodes[0].ranks.size() == 2);
