@@ -973,7 +973,7 @@ public:
     auto eit = reg.engines.find(remote.engine_id);
     auto pit = reg.pools.find({remote.engine_id, remote.pool_id});
     if (eit == reg.engines.end() || pit == reg.pools.end()) return false;
-    if (reinterpret_cast<uint64_t>(pit->second.first) != remote.remote_base || pit->second.second != remote.size)
+    if (reinterpret_cast<uint64_t>(pit->second.first) != remote.data_base() || pit->second.second != remote.size)
       return false; // the descriptor is stale (pool re-registered); let UCX report it
     uint8_t* dst = pit->second.first;
     if (local.device_base || remote.on_device()) {
