@@ -555,10 +555,12 @@ TEST_CASE("layer ops refuse bad shapes with a message") {
 #include <string>
 #include <sys/wait.h>
 
+#include "tests/support/process.hpp"
+
 #ifndef PETREL_HAVE_CUDA
 // Without CUDA in the build, bench-rank says so instead of pretending to run.
 TEST_CASE("bench-rank in a build without CUDA exits 1 naming the missing backend") {
-  const std::string cmd = std::string(PETREL_BINARY) + " bench-rank --preset decode-ep72 2>&1";
+  const std::string cmd = petrel::test::petrel_binary() + " bench-rank --preset decode-ep72 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   REQUIRE(p);
   std::string out;
@@ -574,7 +576,7 @@ TEST_CASE("bench-rank in a build without CUDA exits 1 naming the missing backend
 // The benchmark that strings these kernels into a DeepSeek-V3 rank checks its flags before touching a GPU.
 TEST_CASE("bench-rank refuses bad settings with exit code 2 (no GPU needed)") {
   auto rc = [](const std::string& args) {
-    const std::string cmd = std::string(PETREL_BINARY) + " bench-rank " + args + " >/dev/null 2>&1";
+    const std::string cmd = petrel::test::petrel_binary() + " bench-rank " + args + " >/dev/null 2>&1";
     const int status = std::system(cmd.c_str());
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   };
