@@ -8,6 +8,7 @@
 #include <chrono>
 #include <future>
 #include <string>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -97,6 +98,39 @@ TEST_CASE("a GPU cluster with staged KV (pinned host mirrors + UCX) and checksum
   CHECK(metric(c.port, "petrel_kv_transfers_total{path=\"staged\"}") >= 11);
   CHECK(metric(c.port, "petrel_kv_transfers_total{path=\"cuda_ipc\"}") == 0);
   CHECK(metric(c.port, "petrel_kv_checksum_checks_total{result=\"ok\"}") >= 11);
+  CHECK(eventually(30s, [&] { return c.idle(); }));
+}
+TEST_CASE("expert-parallel groups of GPU ranks sharing one GPU serve the cpu model's text, TBO and low-latency included") {
+  if (!gpu_available()) {
+    MESSAGE("skipped: no GPU");
+    return;
+  }
+  // Four GPU ranks on one GPU: an EP2 prefill group with two-batch overlap, an EP2 low-latency decode group; each
+  // rank owns its streams and memory, the experts are split between the two ranks of each group.
+  auto yaml = [](const std::string& run) {
+    return "cluster: {name: gpuep, run_dir: " + run + "}\n" + "model: {path: " + fortune_model_dir() +
+           ", name: fortune-moe, backend: cuda, share_gpus: true}\n" +
+           "gateway: {host: 127.0.0.1, port: 0}\n"
+           "nodes:\n  - {name: p0, ranks: [cuda:0, cuda:0]}\n  - {name: d0, ranks: [cuda:0, cuda:0]}\n"
+           "groups:\n"
+           "  prefill: [{name: prefill0, nodes: [p0], ep_size: 2, redundant_experts: 2, two_batch_overlap: true, "
+           "chunk_tokens: 32, max_batch_tokens: 64}]\n"
+           "  decode: [{name: decode0, nodes: [d0], ep_size: 2, ep_mode: low_latency}]\n"
+           "supervision: {node_intensity: 5, node_period: 60s, intensity: 20, period: 10s}\n";
+  };
+  launched_cluster c("gpuep", yaml, 180s);
+  serve_and_compare(c);
+  // A live rebalance of each group, then a crash of a decode rank mid-request: same text throughout.
+  for (const char* group : {"prefill0", "decode0"}) {
+    auto r = run_petrel("rebalance " + c.cfg + " " + group);
+    CHECK_MESSAGE(r.exit_code == 0, r.output);
+  }
+  CHECK(completion_text(c.port, "The meaning of life is", 40) == reference_text("The meaning of life is", 40));
+  auto fut = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 120); });
+  std::this_thread::sleep_for(300ms);
+  auto r = run_petrel("restart " + c.cfg + " d0/rank1");
+  CHECK_MESSAGE(r.exit_code == 0, r.output);
+  CHECK(fut.get() == reference_text("Once upon a time", 120));
   CHECK(eventually(30s, [&] { return c.idle(); }));
 }
 #else
