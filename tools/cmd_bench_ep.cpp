@@ -190,7 +190,7 @@ std::vector<std::uint8_t> wait_file(const std::string& dir, const std::string& n
 void host_barrier(const std::string& dir, const std::string& name, int rank, int ranks) {
   const char one = 1;
   put_file(dir, "barrier." + name + "." + std::to_string(rank), &one, 1);
-  for (int r = 0; r < ranks; ++r) wait_file(dir, "barrier." + name + "." + std::to_string(r), 300);
+  for (int r = 0; r < ranks; ++r) wait_file(dir, "barrier." + name + "." + std::to_string(r), 120);
 }
 
 // -- NCCL, opened at run time (the device has torch's libnccl; nothing links it) -------------------------------
@@ -251,6 +251,10 @@ struct rank_context {
   int L;
   std::vector<routing> routes; // every rank's routing (deterministic, rebuilt here)
   nlohmann::json result;
+  int phases = 0;
+  // A host barrier between the steps of the check: the host-side verification allocates, frees and launches
+  // kernels for the first time, which (with ranks as threads) must not overlap a peer's spinning receive.
+  void phase() { host_barrier(dir, "phase" + std::to_string(phases++), rank, o.ranks); }
   void log(const std::string& s) const {
     std::printf("[rank %d] %s\n", rank, s.c_str());
     std::fflush(stdout);
@@ -286,8 +290,10 @@ void sync_and_check(ep_buffer& buf, const char* what) {
 bool check_normal(rank_context& c, ep_buffer& buf, const void* x_fp8, const float* x_scales, const int* d_ids,
                   const float* d_w) {
   const int N = c.o.ranks, T = c.o.tokens, H = c.o.hidden, K = c.o.topk, me = c.rank, epr = c.o.experts / N;
+  c.phase();
   ensure(buf.dispatch(x_fp8, x_scales, d_ids, d_w, T));
   sync_and_check(buf, "dispatch");
+  c.phase();
   const ep_normal_recv rv = buf.recv();
   std::vector<int> off(N + 1);
   ensure(cudaMemcpy(off.data(), rv.rank_offsets, (N + 1) * 4, cudaMemcpyDeviceToHost), "download offsets");
@@ -355,8 +361,11 @@ bool check_normal(rank_context& c, ep_buffer& buf, const void* x_fp8, const floa
   device_array<std::uint16_t> dy(y.size()), dout(std::size_t(T) * H);
   ensure(cudaMemcpy(dy.ptr, y.data(), y.size() * 2, cudaMemcpyHostToDevice), "upload y");
   ensure(cudaMemset(dout.ptr, 0xFF, std::size_t(T) * H * 2), "poison out");
+  ensure(cudaStreamSynchronize(nullptr), "poison out");
+  c.phase();
   ensure(buf.combine(dy.ptr, dout.ptr));
   sync_and_check(buf, "combine");
+  c.phase();
   std::vector<std::uint16_t> out(std::size_t(T) * H);
   ensure(cudaMemcpy(out.data(), dout.ptr, out.size() * 2, cudaMemcpyDeviceToHost), "download out");
   int bad_combine = 0;
@@ -420,9 +429,11 @@ bool check_ll(rank_context& c, ep_buffer& buf, const std::uint16_t* d_x, const i
               std::uint16_t* d_yconst) {
   const int N = c.o.ranks, T = c.o.tokens, H = c.o.hidden, K = c.o.topk, me = c.rank;
   const ll_expect ex = expected_ll(c);
+  c.phase();
   ensure(buf.ll_dispatch_send(d_x, d_ids, T));
   ensure(buf.ll_dispatch_recv());
   sync_and_check(buf, "low-latency dispatch");
+  c.phase();
   const ep_ll_recv rv = buf.ll_recv();
   const std::int64_t rows = rv.max_m * c.L, ld = fp8_scale_ld(rows);
   std::vector<int> masked(c.L), info(rows);
@@ -475,9 +486,12 @@ bool check_ll(rank_context& c, ep_buffer& buf, const std::uint16_t* d_x, const i
       ensure(cudaMemcpy(dy.ptr + (el * rv.max_m + i) * H, row.data(), H * 2, cudaMemcpyHostToDevice), "upload y");
     }
   ensure(cudaMemset(dout.ptr, 0xFF, std::size_t(T) * H * 2), "poison out");
+  ensure(cudaStreamSynchronize(nullptr), "poison out");
+  c.phase();
   ensure(buf.ll_combine_send(dy.ptr));
   ensure(buf.ll_combine_recv(d_ids, d_w, T, dout.ptr));
   sync_and_check(buf, "low-latency combine");
+  c.phase();
   std::vector<std::uint16_t> out(std::size_t(T) * H);
   ensure(cudaMemcpy(out.data(), dout.ptr, out.size() * 2, cudaMemcpyDeviceToHost), "download out");
   auto expected_out = [&](bool constant_rows) {
@@ -515,6 +529,8 @@ bool check_ll(rank_context& c, ep_buffer& buf, const std::uint16_t* d_x, const i
     ensure(buf.ll_combine_send(d_yconst));
     ensure(buf.ll_combine_recv(d_ids, d_w, T, o));
   };
+  ensure(cudaStreamSynchronize(nullptr), "y rows");
+  c.phase();
   ensure(cudaMemsetAsync(dout.ptr, 0xFF, std::size_t(T) * H * 2, buf.stream()), "poison out");
   round(dout.ptr);
   sync_and_check(buf, "low-latency eager round");
@@ -526,6 +542,7 @@ bool check_ll(rank_context& c, ep_buffer& buf, const std::uint16_t* d_x, const i
   round(dout.ptr);
   ensure(cudaStreamEndCapture(buf.stream(), &graph), "end capture");
   ensure(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  c.phase();
   for (int rep = 0; rep < 2; ++rep) {
     ensure(cudaMemsetAsync(dout.ptr, 0xFF, std::size_t(T) * H * 2, buf.stream()), "poison out");
     ensure(cudaGraphLaunch(exec, buf.stream()), "graph launch");
@@ -619,6 +636,7 @@ nlohmann::json run_nccl_baseline(rank_context& c, ep_buffer& buf, int devices) {
   for (int d = 0; d < N; ++d) send_total += bytes[me][d];
   for (int s = 0; s < N; ++s) recv_total += bytes[s][me];
   device_array<std::uint8_t> sbuf{std::size_t(send_total)}, rbuf{std::size_t(recv_total)};
+  c.phase();
   auto a2a = [&] {
     api.check(api.group_start(), "ncclGroupStart");
     std::size_t so = 0, ro = 0;
@@ -688,6 +706,7 @@ int run_rank(const ep_bench_options& o, int rank, const std::string& dir) {
     if (!o.no_check) ok = c.normal ? check_normal(c, buf, d_q.ptr, d_s.ptr, d_ids.ptr, d_w.ptr)
                                    : check_ll(c, buf, d_x.ptr, d_ids.ptr, d_w.ptr, d_y.ptr);
     c.result["check_passed"] = ok;
+    c.phase(); // the check's temporaries are freed on every rank before anyone spins again
     if (!o.check_only && ok) {
       std::vector<std::vector<double>> rows;
       dispatch_bytes(c, &rows);
@@ -934,9 +953,13 @@ const bool registered = petrel::cli::register_command(
           std::fprintf(stderr, "bench-ep: %s\n", bad.c_str());
           return petrel::cli::exit_bad_input;
         }
-        // Ranks as threads put one stream each on the GPU; with the default 8 hardware queues two of them could
-        // share a queue, and a rank's spinning receive would then block the peer's send behind it.
-        setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+        // Ranks as threads put one stream each on the GPU. Streams that share a hardware queue are serialised, so
+        // a rank's spinning receive would block its peer's send queued behind it until the timeout. Some images
+        // export CUDA_DEVICE_MAX_CONNECTIONS=1 (seen on the device): override it before the context exists.
+        setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 1);
+        // Lazy loading may make a kernel's first launch wait for the context to go idle, which a peer thread's
+        // spinning receive prevents (see ep_buffer's constructor, which preloads its own kernels).
+        setenv("CUDA_MODULE_LOADING", "EAGER", 1);
         if (opt->child_rank >= 0) return run_rank(*opt, opt->child_rank, opt->rendezvous);
         return run_parent(*opt);
 #else

@@ -599,6 +599,22 @@ ep_buffer::ep_buffer(const ep_buffer_config& cfg) : cfg_(cfg), peers_(std::make_
     std::memset(error_host_, 0, 4 * sizeof(int));
     check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_dev_), error_host_, 0), "cudaHostGetDevicePointer");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    // Load every kernel now. With lazy loading (CUDA's default) the first launch of a kernel may wait for the
+    // whole context to go idle; when ranks are threads of one process, that idle never comes while a peer
+    // spins in a receive waiting for this very launch.
+    const void* kernels[] = {reinterpret_cast<const void*>(&wait_kernel), reinterpret_cast<const void*>(&normal_layout_kernel),
+                             reinterpret_cast<const void*>(&normal_notify_kernel), reinterpret_cast<const void*>(&normal_clear_tail_kernel),
+                             reinterpret_cast<const void*>(&normal_dispatch_send_kernel),
+                             reinterpret_cast<const void*>(&normal_combine_send_kernel),
+                             reinterpret_cast<const void*>(&normal_combine_reduce_kernel),
+                             reinterpret_cast<const void*>(&ll_dispatch_send_kernel),
+                             reinterpret_cast<const void*>(&ll_finish_dispatch_kernel),
+                             reinterpret_cast<const void*>(&ll_combine_send_kernel),
+                             reinterpret_cast<const void*>(&ll_combine_reduce_kernel), reinterpret_cast<const void*>(&barrier_kernel)};
+    for (const void* f : kernels) {
+      cudaFuncAttributes attr;
+      check(cudaFuncGetAttributes(&attr, f), "cudaFuncGetAttributes (kernel preload)");
+    }
     check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize"); // the memsets, before any peer sees the handle
   } catch (...) {
     if (stream_) cudaStreamDestroy(stream_);

@@ -42,12 +42,15 @@ if [[ -f $here/bundle.tar.xz ]]; then
 fi
 mkdir -p "$out"
 blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
-nccl_dir=$(dirname "$(find / -name 'libnccl.so*' -not -path '/proc/*' 2>/dev/null | head -1)")
+nccl_lib=$(find /opt /usr/local /usr/lib -name 'libnccl.so*' 2>/dev/null | head -1)
+[[ -z $nccl_lib ]] && nccl_lib=$(find / -xdev -name 'libnccl.so*' 2>/dev/null | head -1)
+nccl_dir=$(dirname "${nccl_lib:-/nonexistent/x}")
 export LD_LIBRARY_PATH=$here/lib:$blas_dir:$nccl_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total,compute_mode --format=csv
   echo "nccl from: $nccl_dir"
   nvidia-smi -q | grep -iE 'MPS|Compute Mode' | head -5
+  env | grep -E '^CUDA_' || true
 } 2>&1 | tee "$out/env.log"
 
 if [[ $cmd == run || $cmd == tests ]]; then
@@ -62,19 +65,25 @@ bench() { # name, flags...
   local name=$1
   shift
   echo "== bench-ep $*"
-  timeout "${BENCH_TIMEOUT:-150}" "$here/bin/petrel" bench-ep "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1
+  # few files come back from the device: every run appends to all.log and results.jsonl
+  timeout "${BENCH_TIMEOUT:-150}" "$here/bin/petrel" bench-ep "$@" --json "/tmp/$name.json" > "/tmp/$name.log" 2>&1
   local rc=$?
-  grep -vE '^\[rank' "$out/$name.log" | tail -8
-  grep -E 'MISMATCH|FAILED' "$out/$name.log" | head -5
+  { echo "== $name: bench-ep $* (rc=$rc)"; cat "/tmp/$name.log"; } >> "$out/all.log"
+  [[ -f /tmp/$name.json ]] && { tr -d '\n' < "/tmp/$name.json"; echo; } >> "$out/results.jsonl"
+  grep -vE '^\[rank' "/tmp/$name.log" | tail -8
+  grep -E 'MISMATCH|FAILED' "/tmp/$name.log" | head -5
   echo "rc=$rc"
 }
-launches=${LAUNCHES:-"threads processes"}
-for launch in $launches; do
+# threads: the kernels run side by side (the figures); processes: real IPC handles, but the GPU time-slices
+# between the processes' contexts, so their timings are mostly context switches (fewer iterations)
+for launch in ${LAUNCHES:-threads processes}; do
+  iters=${ITERS:-20}
+  [[ $launch == processes ]] && iters=${PROCESS_ITERS:-5}
   for n in ${RANKS:-2 4 8}; do
     bench "normal_n${n}_${launch}" --ranks "$n" --launch "$launch" --mode normal --tokens 4096 --hidden 7168 --topk 8 \
-      --experts 256 --iters "${ITERS:-20}"
+      --experts 256 --iters "$iters"
     bench "ll_n${n}_${launch}" --ranks "$n" --launch "$launch" --mode low_latency --tokens 128 --hidden 7168 --topk 8 \
-      --experts 256 --iters "${ITERS:-20}"
+      --experts 256 --iters "$iters"
   done
 done
 # one rank: the NCCL path runs (a self send/receive), the only NCCL case one GPU allows
