@@ -542,6 +542,8 @@ bool check_ll(rank_context& c, ep_buffer& buf, const std::uint16_t* d_x, const i
   round(dout.ptr);
   ensure(cudaStreamEndCapture(buf.stream(), &graph), "end capture");
   ensure(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  ensure(cudaGraphUpload(exec, buf.stream()), "graph upload"); // not inside the first launch, while peers spin
+  ensure(cudaStreamSynchronize(buf.stream()), "graph upload");
   c.phase();
   for (int rep = 0; rep < 2; ++rep) {
     ensure(cudaMemsetAsync(dout.ptr, 0xFF, std::size_t(T) * H * 2, buf.stream()), "poison out");
@@ -620,6 +622,7 @@ nlohmann::json run_nccl_baseline(rank_context& c, ep_buffer& buf, int devices) {
             {"reason", "NCCL refuses two ranks on one GPU: " + std::to_string(N) + " ranks, " + std::to_string(devices) + " GPU(s)"}};
   static nccl_api api; // one dlopen per process
   if (!api.ok()) return {{"skipped", true}, {"reason", api.load_error}};
+  c.phase(); // every rank is out of its timed rounds before NCCL sets up
   ncclUniqueId id{};
   if (me == 0) {
     api.check(api.get_unique_id(&id), "ncclGetUniqueId");
