@@ -96,6 +96,19 @@ uint32_t pool_crc32c(const uint8_t* at, uint64_t bytes, bool device) {
   return kv_page_crc32c(host.data(), bytes);
 }
 
+/// CRC32C of each of `pages` of a pool: on the GPU for GPU pools (kernels/cuda/kv_crc32c.cu), else on the host.
+/// Throws std::exception on a CUDA error.
+std::vector<uint32_t> pool_page_crcs(const uint8_t* base, bool device, const std::vector<int32_t>& pages,
+                                     uint64_t page_bytes) {
+  if (device && device_memory::crc32c_on_device_fits(page_bytes))
+    return device_memory::crc32c_pages(base, pages, page_bytes);
+  std::vector<uint32_t> out;
+  out.reserve(pages.size());
+  for (auto p : pages)
+    out.push_back(pool_crc32c(base + uint64_t(p) * page_bytes, page_bytes, device));
+  return out;
+}
+
 /// Inverts the bits of `mask` in the byte at `at` (injected corruption and its undo), on the GPU when there.
 void flip_pool_byte(uint8_t* at, uint8_t mask, bool device) {
   if (!device) {
@@ -246,10 +259,12 @@ void start_shipment(agent_pointer self, kv_shipment job, caf::response_promise r
     // The digest leaves before the transfer starts, on the link that later carries the receipt, so
     // the decode scheduler has it before the kv_ready that the receipt triggers.
     kv_digest digest{job.destination.rid, job.destination.rank_epoch, {}, job.page_bytes, {}};
-    for (size_t i = 0; i < job.src_pages.size(); ++i) {
-      digest.pages.push_back(job.destination.pages[i]);
-      digest.crc.push_back(
-          pool_crc32c(pool->base + uint64_t(job.src_pages[i]) * job.page_bytes, job.page_bytes, pool->device));
+    digest.pages.assign(job.destination.pages.begin(), job.destination.pages.begin() + long(job.src_pages.size()));
+    try {
+      digest.crc = pool_page_crcs(pool->base, pool->device, job.src_pages, job.page_bytes);
+    } catch (const std::exception& e) {
+      return rp.deliver(make_error(petrel_errc::kv_transfer_failed, std::string("checksum of the source pages: ") +
+                                                                        e.what()));
     }
     self->send(caf::actor_cast<decode_scheduler_actor>(job.destination.decode_scheduler), digest_atom::value,
                std::move(digest));
@@ -370,11 +385,18 @@ kv_agent_actor::behavior_type kv_agent_impl(agent_pointer self, std::shared_ptr<
         if (check.pages.size() != check.crc.size() || check.page_bytes == 0)
           return make_error(petrel_errc::bad_request, "a check needs one CRC per page and a page size");
         auto* base = reinterpret_cast<const uint8_t*>(desc->data_base());
-        for (size_t i = 0; i < check.pages.size(); ++i) {
-          auto page = check.pages[i];
+        for (auto page : check.pages)
           if (page < 0 || (uint64_t(page) + 1) * check.page_bytes > desc->size)
             return make_error(petrel_errc::bad_request, "page " + std::to_string(page) + " lies outside the pool");
-          auto crc = pool_crc32c(base + uint64_t(page) * check.page_bytes, check.page_bytes, desc->on_device());
+        std::vector<uint32_t> crcs;
+        try {
+          crcs = pool_page_crcs(base, desc->on_device(), check.pages, check.page_bytes);
+        } catch (const std::exception& e) {
+          return make_error(petrel_errc::kv_corrupt, std::string("cannot checksum the arrived pages: ") + e.what());
+        }
+        for (size_t i = 0; i < check.pages.size(); ++i) {
+          auto page = check.pages[i];
+          auto crc = crcs[i];
           if (crc != check.crc[i]) {
             kv_corrupt_counter().inc();
             auto what = "KV page " + std::to_string(page) + " (" + std::to_string(i + 1) + " of " +

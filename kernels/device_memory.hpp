@@ -56,6 +56,12 @@ ipc_export export_ipc(const void* p);
 void* open_ipc(const std::vector<uint8_t>& handle, int device);
 void close_ipc(void* mapped);
 
+/// CRC32C of pages `pages` (each `page_bytes` long, page p at base + p * page_bytes) of a GPU pool, computed on
+/// its GPU: equal to kv_page_crc32c of the same bytes. Needs crc32c_on_device_fits(page_bytes); throws otherwise
+/// or on a CUDA error.
+bool crc32c_on_device_fits(uint64_t page_bytes);
+std::vector<uint32_t> crc32c_pages(const void* base, const std::vector<int32_t>& pages, uint64_t page_bytes);
+
 /// Identity of this machine's kernel (boot id): equal ids on two processes mean one host, where CUDA IPC may work.
 uint64_t host_id();
 

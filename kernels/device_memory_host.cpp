@@ -43,6 +43,8 @@ void free_pinned(void*) {}
 ipc_export export_ipc(const void*) { no_cuda("CUDA IPC export"); }
 void* open_ipc(const std::vector<uint8_t>&, int) { no_cuda("CUDA IPC open"); }
 void close_ipc(void*) {}
+bool crc32c_on_device_fits(uint64_t) { return false; }
+std::vector<uint32_t> crc32c_pages(const void*, const std::vector<int32_t>&, uint64_t) { no_cuda("GPU CRC32C"); }
 #endif
 
 } // namespace petrel::device_memory

@@ -357,9 +357,8 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     std::string checksum = "auto";
     if (auto t = root["transport"]; t.IsDefined() && !t.IsNull())
       r.opt_choice(t, "kv_checksum", checksum, "transport", {"auto", "on", "off"});
-    // auto: on with the cpu backend; off with cuda, where both ends would copy every page to the host to
-    // checksum it (no device-side CRC32C yet). `on` works with either.
-    cfg.transport.kv_checksum = checksum == "on" || (checksum == "auto" && !cuda);
+    // auto and on: checksums with either backend (GPU pools are checksummed on their GPU).
+    cfg.transport.kv_checksum = checksum != "off";
   }
   std::string net_devices = "auto";
   if (auto t = root["transport"]; t.IsDefined() && !t.IsNull()) {

@@ -109,8 +109,7 @@ struct transport_section {
   std::string expert_exchange = "inproc"; // inproc | ucx | nccl
   endpoint head{"127.0.0.1", 0};     // the head process's CAF port (0: pick a free one)
   /// Every KV page carries a CRC32C from the sender, checked on the decode node before the request
-  /// runs; a mismatch is a retry. Resolved at load: "auto" is on with the cpu backend (the check reads
-  /// pool memory from the host; cuda pools would need a device-side CRC).
+  /// runs; a mismatch is a retry. "auto" and "on" are on (GPU pools are checksummed on their GPU), "off" is off.
   bool kv_checksum = true;
   /// UCX_NET_DEVICES for the KV engines: which interfaces the UCX tcp transport listens and connects on.
   /// Resolved at load: "auto" is "lo" when every node runs on a loopback address and kv_tls uses tcp

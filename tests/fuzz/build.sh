@@ -25,7 +25,7 @@ declare -A SOURCES=(
   [fuzz_cluster_config]="tests/fuzz/fuzz_cluster_config.cpp runtime/cluster_config.cpp runtime/model_config.cpp runtime/ep_placement.cpp runtime/eplb.cpp"
   [fuzz_safetensors]="tests/fuzz/fuzz_safetensors.cpp runtime/safetensors.cpp"
   [fuzz_caf_messages]="tests/fuzz/fuzz_caf_messages.cpp"
-  [fuzz_kv_descriptor]="tests/fuzz/fuzz_kv_descriptor.cpp transport/kv_transfer.cpp"
+  [fuzz_kv_descriptor]="tests/fuzz/fuzz_kv_descriptor.cpp transport/kv_transfer.cpp kernels/device_memory_host.cpp"
 )
 declare -A LIBS=(
   [fuzz_openai_api]=""

@@ -6,6 +6,7 @@
 
 #ifdef PETREL_HAVE_CUDA
 #include <chrono>
+#include <csignal>
 #include <future>
 #include <string>
 #include <thread>
@@ -83,6 +84,25 @@ TEST_CASE("a GPU cluster serves the cpu model's text with KV moved through CUDA 
   CHECK(fut.get() == reference_text("Once upon a time", 120));
   CHECK(completion_text(c.port, "Never trust", 32) == reference_text("Never trust", 32));
   CHECK(eventually(30s, [&] { return c.idle(); }));
+
+  // SIGKILL the decode node's process mid-request, then the prefill node's: the IPC mappings of the dead process
+  // are dropped with its endpoint, the restarted process registers new pools, and the text stays the same.
+  for (const char* node : {"d0", "p0"}) {
+    CAPTURE(node);
+    int pid = 0;
+    auto st = nlohmann::json::parse(run_petrel("status --json " + c.cfg).output);
+    for (auto& n : st["nodes"])
+      if (n["name"] == node)
+        pid = n["pid"];
+    REQUIRE(pid > 0);
+    auto during = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 120); });
+    std::this_thread::sleep_for(400ms);
+    ::kill(pid, SIGKILL);
+    CHECK(during.get() == reference_text("Once upon a time", 120));
+    CHECK(completion_text(c.port, "The meaning of life is", 40) == reference_text("The meaning of life is", 40));
+    CHECK(eventually(60s, [&] { return c.idle() && c.health()["status"] == "ok"; }));
+  }
+  CHECK(metric(c.port, "petrel_kv_transfers_total{path=\"staged\"}") == 0); // every transfer stayed on the GPU
 }
 
 TEST_CASE("a GPU cluster with staged KV (pinned host mirrors + UCX) and checksums serves the same text") {

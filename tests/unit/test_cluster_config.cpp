@@ -400,7 +400,7 @@ TEST_CASE("choices: backend, strategy, expert exchange, UCX transports") {
         "eth0,mlx5_0:1");
   CHECK_CONFIG_ERROR(dir, base + "transport: {kv_net_devices: 'eth0; rm -rf'}\n", 8,
                      "transport.kv_net_devices 'eth0; rm -rf' is not a list of network devices");
-  // KV checksums: auto is on with the cpu backend and off with cuda; on works with both.
+  // KV checksums: auto is on with either backend (GPU pools are checksummed on the GPU).
   CHECK(dir.parse(base).transport.kv_checksum);
   CHECK_FALSE(dir.parse(base + "transport: {kv_checksum: off}\n").transport.kv_checksum);
   CHECK(dir.parse(base + "transport: {kv_checksum: on}\n").transport.kv_checksum);
@@ -409,9 +409,9 @@ TEST_CASE("choices: backend, strategy, expert exchange, UCX transports") {
   auto gpu_rest = rest;
   gpu_rest.replace(gpu_rest.find("[cpu]"), 5, "[cuda:0]");
   gpu_rest.replace(gpu_rest.find("[cpu]"), 5, "[cuda:1]");
-  CHECK_FALSE(dir.parse("model: {path: model, backend: cuda}\n" + gpu_rest).transport.kv_checksum);
-  CHECK(dir.parse("model: {path: model, backend: cuda}\n" + gpu_rest + "transport: {kv_checksum: on}\n")
-            .transport.kv_checksum);
+  CHECK(dir.parse("model: {path: model, backend: cuda}\n" + gpu_rest).transport.kv_checksum);
+  CHECK_FALSE(dir.parse("model: {path: model, backend: cuda}\n" + gpu_rest + "transport: {kv_checksum: off}\n")
+                  .transport.kv_checksum);
   CHECK(dir.parse(base + "supervision: {strategy: rest_for_one}\n").supervision.strategy ==
         restart_strategy::rest_for_one);
 }
