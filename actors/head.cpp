@@ -513,7 +513,7 @@ int inject_fault(const run_file& run, const fault_request& f, std::string& out) 
           .receive([&](int32_t pid) { rc = 0, out = std::to_string(pid); }, on_error);
     } else {
       fault_spec spec{f.kind, f.peer, f.factor, f.prob, f.delay_ms, f.duration_ms, f.seed};
-      auto child = f.kind == "slow" ? f.child : std::string("kv_agent");
+      auto child = f.kind == "slow" || f.kind == "gpu_fault" ? f.child : std::string("kv_agent");
       self->request(head, std::chrono::seconds(5), fault_atom::value, f.node, child, spec)
           .receive([&](caf::ok_atom) { rc = 0, out = "ok"; }, on_error);
     }

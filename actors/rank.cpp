@@ -316,8 +316,25 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
       },
       [self](fault_atom, fault_spec& f) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
+        if (f.kind == "gpu_fault" || f.kind == "gpu_fault_now") {
+          // The device fails like under a faulting kernel: on a GPU the process exits (sticky error) and the
+          // supervisor restarts it; a cpu rank has no device and says so. The fault lands 20 ms after the answer,
+          // so that whoever injected it hears "ok" before the process goes.
+          if (st.be->name().rfind("cuda", 0) != 0)
+            return make_error(petrel_errc::bad_request, "rank on '" + st.be->name() +
+                                                            "' has no device to fault (gpu_fault needs a cuda rank)");
+          if (f.kind == "gpu_fault") {
+            auto now = f;
+            now.kind = "gpu_fault_now";
+            caf::delayed_anon_send(caf::actor_cast<rank_actor>(self), std::chrono::milliseconds(20), fault_atom::value,
+                                   std::move(now));
+            return caf::ok_atom::value;
+          }
+          st.be->inject_device_fault(); // exits the process on a GPU
+          return caf::ok_atom::value;
+        }
         if (f.kind != "slow" || f.factor < 1.0)
-          return make_error(petrel_errc::bad_request, "a rank takes only 'slow' faults with factor >= 1");
+          return make_error(petrel_errc::bad_request, "a rank takes 'slow' faults with factor >= 1 or 'gpu_fault'");
         st.slow_factor = f.factor;
         st.slow_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(f.duration_ms);
         return caf::ok_atom::value;

@@ -150,6 +150,13 @@ public:
   // -- graph-safe decode (no host round trip inside a step) ----------------------------------------
   /// True when run_step_graph captures and replays CUDA graphs (cuda); false: steps run eagerly (cpu).
   virtual bool supports_graphs() const { return false; }
+  /// Fault injection (`petrel chaos`, kind gpu_fault): makes the device fail the way a faulting kernel does, so that
+  /// the backend's handling of a sticky error runs for real (cuda: a kernel traps, the context is lost, the process
+  /// exits with the sticky-error code and its supervisor restarts it). Backends without a device throw
+  /// std::invalid_argument.
+  virtual void inject_device_fault() {
+    throw std::invalid_argument("backend '" + name() + "' has no device to fault (gpu_fault needs a cuda rank)");
+  }
   /// Runs `step` (device work only: no copy_to_host / copy_to_device inside) as a graph keyed by `key` where the
   /// backend supports it (cuda: first call eager, second captures and replays, later calls replay); otherwise
   /// runs it. Returns true when it ran from a graph.

@@ -36,8 +36,8 @@ chaos_event parse_event(const yaml_reader& r, const YAML::Node& n, size_t index)
   if (!n.IsMap())
     r.fail(n, where + " must be a mapping such as {at: 2s, kill: {actor: decode/rank0}}");
   ev.at = need_duration(r, n, "at", where);
-  static const std::vector<std::string> kinds{"kill",      "kill_node", "stall",  "delay",
-                                              "drop",      "partition", "slow",   "corrupt"};
+  static const std::vector<std::string> kinds{"kill",      "kill_node", "stall",  "delay",    "drop",
+                                              "partition", "slow",      "corrupt", "gpu_fault"};
   std::vector<std::string> keys{"at"};
   keys.insert(keys.end(), kinds.begin(), kinds.end());
   r.only_keys(n, where, keys);
@@ -48,10 +48,11 @@ chaos_event parse_event(const yaml_reader& r, const YAML::Node& n, size_t index)
       ev.kind = k;
     }
   if (ev.kind.empty())
-    r.fail(n, where + " names no fault; use one of kill, kill_node, stall, delay, drop, partition, slow, corrupt");
+    r.fail(n, where +
+                  " names no fault; use one of kill, kill_node, stall, delay, drop, partition, slow, corrupt, gpu_fault");
   auto f = n[ev.kind];
   auto fw = where + "." + ev.kind;
-  if (ev.kind == "kill") {
+  if (ev.kind == "kill" || ev.kind == "gpu_fault") {
     r.only_keys(f, fw, {"actor"});
     r.opt_string(f, "actor", ev.actor, fw);
   } else if (ev.kind == "kill_node") {
@@ -102,7 +103,7 @@ chaos_event parse_event(const yaml_reader& r, const YAML::Node& n, size_t index)
       r.fail(f["factor"], fw + ".factor must be within [1, 1000]");
     ev.length = need_duration(r, f, "for", fw);
   }
-  if ((ev.kind == "kill" || ev.kind == "slow") && ev.actor.empty())
+  if ((ev.kind == "kill" || ev.kind == "slow" || ev.kind == "gpu_fault") && ev.actor.empty())
     r.fail(f, fw + " needs 'actor' (e.g. decode/rank0 or d0/rank0)");
   if ((ev.kind == "kill_node" || ev.kind == "stall") && ev.node.empty())
     r.fail(f, fw + " needs 'node'");

@@ -116,7 +116,7 @@ bool healthy(const run_file& run) {
 }
 
 std::string describe_event(const chaos_event& e) {
-  if (e.kind == "kill" || e.kind == "slow")
+  if (e.kind == "kill" || e.kind == "slow" || e.kind == "gpu_fault")
     return e.actor;
   if (e.kind == "kill_node" || e.kind == "stall")
     return e.node;
@@ -130,7 +130,7 @@ bool inject(const cluster_config& cfg, const run_file& run, const chaos_event& e
   fault_request f;
   f.duration_ms = e.length.count();
   f.seed = seed;
-  if (e.kind == "kill" || e.kind == "slow") {
+  if (e.kind == "kill" || e.kind == "slow" || e.kind == "gpu_fault") {
     auto [node, child] = resolve_chaos_actor(cfg, e.actor);
     f.kind = e.kind;
     f.node = node;

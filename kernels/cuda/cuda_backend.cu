@@ -358,6 +358,18 @@ void cuda_backend::fill_zero(void* dst, size_t bytes) {
   check(cudaMemsetAsync(dst, 0, bytes, impl_->compute), "fill_zero");
 }
 
+namespace {
+__global__ void trap_kernel() { __trap(); }
+} // namespace
+
+void cuda_backend::inject_device_fault() {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  trap_kernel<<<1, 1, 0, impl_->compute>>>();
+  check(cudaGetLastError(), "inject_device_fault(launch)");
+  check(cudaStreamSynchronize(impl_->compute), "inject_device_fault");
+  throw std::runtime_error("cuda backend: the injected device fault did not fault"); // not reached on a GPU
+}
+
 void cuda_backend::synchronize() {
   if (capturing_) return; // nothing to wait for: the captured work has not run
   check(cudaStreamSynchronize(impl_->compute), "synchronize");

@@ -115,6 +115,9 @@ public:
   /// capture is abandoned, the key falls back to eager runs, and the error propagates.
   bool run_step_graph(uint64_t key, const std::function<void()>& step) override;
   bool supports_graphs() const override { return true; }
+  /// Launches a kernel that traps on the compute stream and waits for it: a sticky error, so the process exits
+  /// with cuda_sticky_exit_code like after any device fault.
+  void inject_device_fault() override;
   /// Destroys every step graph (after the buffers they use were reallocated, say).
   void clear_step_graphs() override;
 

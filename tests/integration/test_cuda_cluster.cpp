@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "actors/cluster.hpp"
 #include "tests/support/cuda_test_util.hpp"
 #include "tests/support/launched_cluster.hpp"
 
@@ -101,6 +102,33 @@ TEST_CASE("a GPU cluster serves the cpu model's text with KV moved through CUDA 
     CHECK(during.get() == reference_text("Once upon a time", 120));
     CHECK(completion_text(c.port, "The meaning of life is", 40) == reference_text("The meaning of life is", 40));
     CHECK(eventually(60s, [&] { return c.idle() && c.health()["status"] == "ok"; }));
+  }
+
+  // A device fault in the decode rank (a kernel traps: sticky error): its process exits with the sticky-error code,
+  // the head restarts it, and the request in flight finishes with the same text.
+  {
+    auto pid_of = [&](const std::string& node) {
+      auto st = nlohmann::json::parse(run_petrel("status --json " + c.cfg).output);
+      for (auto& n : st["nodes"])
+        if (n["name"] == node)
+          return n["pid"].get<int>();
+      return 0;
+    };
+    const int before = pid_of("d0");
+    auto run = petrel::read_run_file(petrel::run_file_path(petrel::load_cluster_config(c.cfg)));
+    REQUIRE(run);
+    auto during = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 120); });
+    std::this_thread::sleep_for(400ms);
+    petrel::fault_request fault;
+    fault.kind = "gpu_fault", fault.node = "d0", fault.child = "rank0";
+    std::string detail;
+    CHECK_MESSAGE(petrel::inject_fault(*run, fault, detail) == 0, detail);
+    CHECK(during.get() == reference_text("Once upon a time", 120));
+    CHECK(eventually(60s, [&] { return c.idle() && c.health()["status"] == "ok"; }));
+    const int after = pid_of("d0");
+    CHECK(after > 0);
+    CHECK(after != before); // a new process: the old context was lost
+    CHECK(completion_text(c.port, "Never trust", 32) == reference_text("Never trust", 32));
   }
   CHECK(metric(c.port, "petrel_kv_transfers_total{path=\"staged\"}") == 0); // every transfer stayed on the GPU
 }

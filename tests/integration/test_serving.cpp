@@ -252,6 +252,12 @@ TEST_CASE("restarting the router and the schedulers mid-stream: the stream goes 
   slow.kind = "slow", slow.node = "d0", slow.child = "rank0", slow.factor = 50, slow.duration_ms = 120'000;
   std::string detail;
   REQUIRE_MESSAGE(petrel::inject_fault(*run, slow, detail) == 0, detail);
+  // A device fault needs a device: a cpu rank refuses it, names why, and keeps serving.
+  petrel::fault_request gpu = slow;
+  gpu.kind = "gpu_fault";
+  std::string why;
+  CHECK(petrel::inject_fault(*run, gpu, why) != 0);
+  CHECK_MESSAGE(why.find("has no device to fault") != std::string::npos, why);
   for (std::string actor : {"head/router", "head/decode/decode0", "head/prefill/prefill0"}) {
     CAPTURE(actor);
     auto fut = std::async(std::launch::async, [&] { return http_post(c.port, "/v1/completions", body); });
