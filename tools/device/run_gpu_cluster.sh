@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU KV pools on the device machine: the kv engine's CUDA IPC and staged paths, and a served PD cluster on the
-# GPU (tests/unit/test_cuda_kv_transfer, tests/integration/test_cuda_cluster), then bench-kv figures. Two steps:
+# GPU (tests/unit/test_cuda_kv_transfer, tests/integration/test_cuda_cluster), the GPU chaos scenario
+# (tests/chaos/gpu/faults.yaml), then bench-kv figures. Two steps:
 #
 #   here (build machine):   tools/device/run_gpu_cluster.sh package [build-dir]
 #       copies petrel, the two test binaries and the non-CUDA shared libraries they need (CAF, yaml-cpp, UCX,
@@ -50,6 +51,13 @@ for t in test_cuda_kv_transfer test_cuda_cluster; do
   echo "$t rc=$r"
   [[ $r == 0 ]] || rc=1
 done
+
+echo "== petrel chaos tests/chaos/gpu/faults.yaml (GPU device faults, node kill, corrupt KV under load)"
+timeout 300 "$bin/petrel" chaos tests/chaos/gpu/faults.yaml --report "$out/chaos_gpu.json" > "$out/chaos_gpu.log" 2>&1
+r=$?
+tail -25 "$out/chaos_gpu.log"
+echo "chaos rc=$r"
+[[ $r == 0 ]] || rc=1
 
 {
   echo "== bench-kv, GPU pools, 64 pages x 72 KiB (one layer's 64-token MLA page, bf16)"
