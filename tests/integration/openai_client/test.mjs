@@ -48,6 +48,8 @@ const stream = await client.chat.completions.create({
   messages: [{ role: 'user', content: 'Tell me a fortune.' }],
   max_tokens: 24,
   temperature: 0.7,
+  seed: 7, // sampled, but the same every run (an unseeded draw may pick EOS first and stream no text)
+  ignore_eos: true,
   stream: true,
   stream_options: { include_usage: true },
 });
