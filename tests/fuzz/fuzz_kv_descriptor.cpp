@@ -27,12 +27,12 @@ void write_file(const std::string& path, uint8_t sel, const std::vector<uint8_t>
 void write_seeds(const std::string& dir) {
   using namespace petrel::transport;
   kv_pool_descriptor d;
-  // A worker address as an engine publishes it: "PKVA", version 1, reserved, engine id, process token,
+  // A worker address as an engine publishes it: "PKVA", version 2, reserved, engine id, process token,
   // u32-length-prefixed raw UCX address, FNV-1a of everything before (all little endian).
   std::vector<uint8_t> a;
   auto put = [](std::vector<uint8_t>& v, uint64_t x, int n) { for (int i = 0; i < n; ++i) v.push_back(uint8_t(x >> (8 * i))); };
   put(a, 0x41564B50, 4);
-  put(a, 1, 2);
+  put(a, 2, 2);
   put(a, 0, 2);
   put(a, 3, 8);
   put(a, 0x1234567890abcdefULL, 8);
@@ -51,6 +51,17 @@ void write_seeds(const std::string& dir) {
   d.seal();
   if (!d.validate()) std::abort();
   write_file(dir + "/descriptor", 0, d.to_bytes());
+  // A GPU pool: the UCX fields name its pinned host mirror, the others the device pool and its IPC handle.
+  kv_pool_descriptor g = d;
+  g.pool_id = 2;
+  g.memory = 1;
+  g.device_base = 0x7f1000000000;
+  g.device = 0;
+  g.ipc_handle = std::vector<uint8_t>(64, 0x5a);
+  g.host_id = 0xfeedfacecafef00dULL;
+  g.seal();
+  if (!g.validate()) std::abort();
+  write_file(dir + "/descriptor_gpu", 0, g.to_bytes());
   auto hex = to_hex(d.to_bytes());
   write_file(dir + "/hex", 1, std::vector<uint8_t>(hex.begin(), hex.end()));
   std::vector<uint8_t> ranges;
