@@ -48,7 +48,8 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
   kv_opts.transports = cfg.transport.kv_tls;
   kv_opts.net_devices = cfg.transport.kv_net_devices;
   kv_opts.transfer_deadline = cfg.transport.kv_timeout;
-  kv_opts.allow_cuda_ipc = cfg.transport.kv_gpu_path == "auto";
+  kv_opts.allow_cuda_ipc = cfg.transport.kv_gpu_path != "staged";
+  kv_opts.gpu_host_mirror = cfg.transport.kv_gpu_mirror;
   kv_opts.name = "petrel-kv-" + node->name;
   auto engine = transport::kv_transfer_engine::create(kv_opts);
   if (!engine) {

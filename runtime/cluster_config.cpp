@@ -320,7 +320,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
                  "kv_net_devices", "kv_gpu_path"},
                 section_line("transport"));
     r.opt_string(t, "kv_tls", cfg.transport.kv_tls, "transport");
-    r.opt_choice(t, "kv_gpu_path", cfg.transport.kv_gpu_path, "transport", {"auto", "staged"});
+    r.opt_choice(t, "kv_gpu_path", cfg.transport.kv_gpu_path, "transport", {"auto", "staged", "ipc"});
     {
       // UCX_TLS syntax: a comma-separated list, optionally led by '^' (= every transport but these).
       std::string list = cfg.transport.kv_tls;
@@ -590,9 +590,19 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   for (auto& n : cfg.nodes)
     if (!cfg.group_of(n.name))
       r.fail_line(n.line, "node '" + n.name + "' belongs to no group; list it under groups.prefill or groups.decode");
+  auto loopback = [](const std::string& h) { return h == "localhost" || h == "::1" || h.rfind("127.", 0) == 0; };
+  // transport.kv_gpu_path: GPU pools need a pinned host mirror (as large as the pool) only when KV may have to be
+  // staged, i.e. when nodes may sit on different hosts. "auto" pins none when every node is on one host.
+  {
+    bool same_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(), [&](const node_section& n) {
+      return cfg.nodes.empty() || (loopback(n.address.host) && loopback(cfg.nodes[0].address.host)) ||
+             n.address.host == cfg.nodes[0].address.host;
+    });
+    const auto& path = cfg.transport.kv_gpu_path;
+    cfg.transport.kv_gpu_mirror = path == "staged" || (path == "auto" && !same_host);
+  }
   // transport.kv_net_devices: "auto" keeps a one-host cluster's UCX listeners on loopback.
   if (net_devices == "auto") {
-    auto loopback = [](const std::string& h) { return h == "localhost" || h == "::1" || h.rfind("127.", 0) == 0; };
     bool one_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(),
                                 [&](const node_section& n) { return loopback(n.address.host); });
     bool tcp = cfg.transport.kv_tls.find("tcp") != std::string::npos && cfg.transport.kv_tls[0] != '^';

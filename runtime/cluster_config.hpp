@@ -116,8 +116,12 @@ struct transport_section {
   /// (so the unauthenticated UCX listener is not reachable from the network), else UCX's default (empty: all).
   std::string kv_net_devices;
   /// How KV pages move between GPU pools: "auto" copies GPU to GPU through CUDA IPC when both nodes are on one
-  /// host (NVLink between GPUs) and stages through pinned host memory and UCX otherwise; "staged" always stages.
+  /// host (NVLink between GPUs) and stages through pinned host memory and UCX otherwise; "staged" always stages;
+  /// "ipc" only copies through CUDA IPC (no host mirrors).
   std::string kv_gpu_path = "auto";
+  /// Resolved at load: whether GPU pools get a pinned host mirror for the staged path. "staged": yes; "ipc": no
+  /// (a transfer CUDA IPC cannot make fails with a clear error); "auto": only when the nodes are not all on one host.
+  bool kv_gpu_mirror = false;
 };
 
 /// Who may join the cluster (docs/reliability.md, "Who may join").

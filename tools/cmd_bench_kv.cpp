@@ -72,7 +72,8 @@ kv_transfer_options engine_options(const bench_kv_options& o, bool local_copy) {
   e.transports = o.tls;
   e.net_devices = o.tls.find("tcp") != std::string::npos ? o.net_devices : "";
   e.allow_local_copy = local_copy;
-  e.allow_cuda_ipc = o.gpu_path == "auto";
+  e.allow_cuda_ipc = o.gpu_path != "staged";
+  e.gpu_host_mirror = o.gpu_path != "ipc";
   e.busy_poll = o.busy_poll;
   e.tcp_segment_bytes = o.tcp_seg_bytes;
   e.idle_wakeup = std::chrono::milliseconds(o.idle_wakeup_ms);
@@ -229,8 +230,8 @@ int run_sender(const bench_kv_options& o) {
     return bad_input("--mode must be process, thread or memcpy (got '" + o.mode + "')");
   if (o.memory != "host" && o.memory != "cuda")
     return bad_input("--memory must be host or cuda (got '" + o.memory + "')");
-  if (o.gpu_path != "auto" && o.gpu_path != "staged")
-    return bad_input("--gpu-path must be auto or staged (got '" + o.gpu_path + "')");
+  if (o.gpu_path != "auto" && o.gpu_path != "staged" && o.gpu_path != "ipc")
+    return bad_input("--gpu-path must be auto, staged or ipc (got '" + o.gpu_path + "')");
   if (o.memory == "cuda" && !petrel::device_memory::built_with_cuda())
     return bad_input("--memory cuda: this build has no CUDA");
   // Pools hold 2x the pages so that the scattered layout never puts two pages side by side.
@@ -445,7 +446,9 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--tcp-seg-bytes", o->tcp_seg_bytes, "UCX tcp segment size (default 262144; 0 = UCX's 8 KiB)");
       sub.add_option("--mode", o->mode, "process (default), thread (two engines in one process), memcpy");
       sub.add_option("--memory", o->memory, "host (default) or cuda: where both pools live");
-      sub.add_option("--gpu-path", o->gpu_path, "with --memory cuda: auto (CUDA IPC between processes) or staged");
+      sub.add_option("--gpu-path", o->gpu_path,
+                     "with --memory cuda: auto (CUDA IPC between processes, else staged), staged, or ipc (no host "
+                     "mirrors)");
       sub.add_option("--device", o->device, "with --memory cuda: the GPU (default 0)");
       sub.add_option("--transfers", o->transfers, "timed transfers per phase (default 200)");
       sub.add_option("--inflight", o->inflight, "transfers in flight in the bandwidth phase (default 8)");

@@ -152,6 +152,7 @@ std::vector<uint8_t> descriptor_fields(const kv_pool_descriptor& d) {
   w.put<int32_t>(d.device);
   w.put_bytes(d.ipc_handle);
   w.put<uint64_t>(d.host_id);
+  w.put<uint8_t>(d.staging);
   return std::move(w.out);
 }
 
@@ -279,7 +280,7 @@ kv_expected<kv_pool_descriptor> kv_pool_descriptor::from_bytes(const std::vector
   if (!r.get(d.engine_id) || !r.get(d.pool_id) || !r.get(d.process_token) || !r.get(d.remote_base) ||
       !r.get(d.size) || !r.get_bytes(d.worker_address, max_blob) || !r.get_bytes(d.rkey, max_blob) ||
       !r.get(d.memory) || !r.get(d.device_base) || !r.get(d.device) || !r.get_bytes(d.ipc_handle, max_blob) ||
-      !r.get(d.host_id) || !r.get(d.checksum))
+      !r.get(d.host_id) || !r.get(d.staging) || !r.get(d.checksum))
     return R::failure("kv pool descriptor: truncated (" + std::to_string(bytes.size()) + " bytes)");
   if (r.remaining() != 0) return R::failure("kv pool descriptor: trailing bytes");
   auto v = d.validate();
@@ -369,6 +370,7 @@ public:
     uint64_t size = 0;
     ucp_mem_h memh = nullptr;
     uint8_t* device_base = nullptr; // a GPU pool's device memory (null for host pools)
+    bool mirror = false;            // a GPU pool whose `base` is a full host mirror (else a small stub)
     uint8_t* data() const { return device_base ? device_base : base; }
   };
 
@@ -607,7 +609,9 @@ public:
         d.ipc_handle = std::move(exported.handle);
         d.device = exported.device;
         device_base = static_cast<uint8_t*>(base);
-        base = device_memory::alloc_pinned(bytes);
+        // Without a mirror UCX still needs a registered region for the descriptor's rkey: a one-page stub.
+        base = device_memory::alloc_pinned(opts.gpu_host_mirror ? bytes : 4096);
+        d.staging = opts.gpu_host_mirror ? 1 : 0;
       } catch (const std::exception& e) {
         return R::failure(std::string("register_pool: GPU pool: ") + e.what());
       }
@@ -621,7 +625,7 @@ public:
     ucp_mem_map_params_t mp{};
     mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
     mp.address = base;
-    mp.length = bytes;
+    mp.length = device_base && !opts.gpu_host_mirror ? 4096 : bytes;
     ucp_mem_h memh = nullptr;
     ucs_status_t s = ucp_mem_map(context, &mp, &memh);
     if (s != UCS_OK) {
@@ -645,7 +649,8 @@ public:
     d.pool_id = next_pool_id++;
     d.process_token = process_token();
     d.seal();
-    pools[d.pool_id] = pool_record{d.pool_id, static_cast<uint8_t*>(base), bytes, memh, device_base};
+    pools[d.pool_id] =
+        pool_record{d.pool_id, static_cast<uint8_t*>(base), bytes, memh, device_base, device_base && d.staging};
     {
       auto& reg = local_registry::get();
       std::unique_lock lock(reg.mutex);
@@ -865,6 +870,14 @@ public:
     if (local_gpu && remote_gpu && opts.allow_cuda_ipc && !t.request.remote.ipc_handle.empty() &&
         t.request.remote.host_id == device_memory::host_id() && try_cuda_ipc_copy(seq, peer, *merged))
       return;
+    if ((local_gpu && !local.mirror) || (remote_gpu && !t.request.remote.staging))
+      return finish(seq, kv_transfer_status::bad_descriptor,
+                    tag + "GPU pool to GPU pool needs CUDA IPC here (" +
+                        (t.request.remote.host_id != device_memory::host_id() ? std::string("the pools are on two hosts")
+                         : !opts.allow_cuda_ipc                                 ? std::string("IPC is off")
+                                                                                : std::string("CUDA refused the handle")) +
+                        "), and the " + (local_gpu && !local.mirror ? "source" : "destination") +
+                        " pool has no host staging mirror: set transport.kv_gpu_path: staged");
     if (local_gpu) {
       // Staged: the pages go device -> this pool's host mirror (same offsets), and UCX puts them from there.
       std::vector<device_memory::copy_range> out;

@@ -91,6 +91,9 @@ struct kv_transfer_options {
   /// Copy GPU pool to GPU pool through CUDA IPC when both are on this host (else they are staged through host
   /// mirrors and UCX).
   bool allow_cuda_ipc = true;
+  /// Give every GPU pool a pinned host mirror as large as the pool, for the staged path. Without one (a cluster on
+  /// one host), a transfer CUDA IPC cannot make fails with bad_descriptor and says why.
+  bool gpu_host_mirror = true;
   /// Spin on ucp_worker_progress instead of sleeping on the worker's event fd (lower latency, burns a core).
   bool busy_poll = false;
   /// The progress thread sleeps on the worker's event fd; it also wakes after this long when idle (1 ms while
@@ -120,6 +123,7 @@ struct kv_pool_descriptor {
   int32_t device = -1;                 // its GPU ordinal
   std::vector<uint8_t> ipc_handle;     // CUDA IPC handle of the pool's allocation (empty: none)
   uint64_t host_id = 0;                // the owner's host (kernel boot id): IPC only between equal ids
+  uint8_t staging = 0;                 // a GPU pool with a host mirror (remote_base/rkey): staged transfers work
   uint64_t checksum = 0;               // FNV-1a over all fields above
 
   bool on_device() const { return memory == 1; }

@@ -410,6 +410,18 @@ TEST_CASE("choices: backend, strategy, expert exchange, UCX transports") {
   gpu_rest.replace(gpu_rest.find("[cpu]"), 5, "[cuda:0]");
   gpu_rest.replace(gpu_rest.find("[cpu]"), 5, "[cuda:1]");
   CHECK(dir.parse("model: {path: model, backend: cuda}\n" + gpu_rest).transport.kv_checksum);
+  // GPU host mirrors: none on one host under auto, always with staged, never with ipc, and with auto across hosts.
+  auto gpu_path = [&](const std::string& transport, const std::string& rest_text) {
+    return dir.parse("model: {path: model, backend: cuda}\n" + rest_text + transport).transport;
+  };
+  CHECK_FALSE(gpu_path("", gpu_rest).kv_gpu_mirror);
+  CHECK(gpu_path("transport: {kv_gpu_path: staged}\n", gpu_rest).kv_gpu_mirror);
+  CHECK_FALSE(gpu_path("transport: {kv_gpu_path: ipc}\n", gpu_rest).kv_gpu_mirror);
+  auto two_host_gpus = gpu_rest;
+  two_host_gpus.replace(two_host_gpus.find("{name: d0,"), 10, "{name: d0, host: 10.0.0.2,");
+  CHECK(gpu_path("", two_host_gpus).kv_gpu_mirror);
+  CHECK_CONFIG_ERROR(dir, "model: {path: model, backend: cuda}\n" + gpu_rest + "transport: {kv_gpu_path: nvlink}\n",
+                     8, "kv_gpu_path");
   CHECK_FALSE(dir.parse("model: {path: model, backend: cuda}\n" + gpu_rest + "transport: {kv_checksum: off}\n")
                   .transport.kv_checksum);
   CHECK(dir.parse(base + "supervision: {strategy: rest_for_one}\n").supervision.strategy ==

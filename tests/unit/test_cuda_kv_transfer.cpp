@@ -65,11 +65,12 @@ struct test_pool {
 
 /// Moves pages 1 and 3 of `src` to pages 2 and 0 of `dst` between two engines of this process over UCX
 /// (no memcpy shortcut), and checks every byte of the destination.
-void move_pages(bool src_gpu, bool dst_gpu, bool allow_ipc) {
+void move_pages(bool src_gpu, bool dst_gpu, bool allow_ipc, bool mirror = true) {
   const size_t page = 8192, pages = 4;
   kv_transfer_options o;
   o.allow_local_copy = false;
   o.allow_cuda_ipc = allow_ipc;
+  o.gpu_host_mirror = mirror;
   o.net_devices = "lo";
   auto a = kv_transfer_engine::create(o);
   auto b = kv_transfer_engine::create(o);
@@ -102,6 +103,13 @@ void move_pages(bool src_gpu, bool dst_gpu, bool allow_ipc) {
                  });
   std::unique_lock<std::mutex> lock(m);
   REQUIRE(cv.wait_for(lock, std::chrono::seconds(20), [&] { return done; }));
+  if (!mirror) {
+    // No host mirror and no IPC (one process): refused before any byte moves, saying what to set.
+    CHECK(result.status == kv_transfer_status::bad_descriptor);
+    CHECK_MESSAGE(result.error.find("no host staging mirror") != std::string::npos, result.error);
+    CHECK(dst.read() == std::vector<uint8_t>(page * pages, 0));
+    return;
+  }
   REQUIRE_MESSAGE(result.ok(), result.error);
   // One process: CUDA refuses to open its own IPC handles, so GPU pools here are always staged.
   CHECK(result.staged == (src_gpu || dst_gpu));
@@ -125,6 +133,7 @@ TEST_CASE("GPU pools: staged transfers GPU->GPU, GPU->host and host->GPU land ev
   SUBCASE("gpu to gpu, IPC allowed (same process: falls back to staging)") { move_pages(true, true, true); }
   SUBCASE("gpu to host") { move_pages(true, false, true); }
   SUBCASE("host to gpu") { move_pages(false, true, true); }
+  SUBCASE("gpu to gpu without host mirrors or IPC: refused") { move_pages(true, true, true, false); }
 }
 
 TEST_CASE("GPU pools: two processes copy through CUDA IPC, or stage when told to") {
@@ -138,6 +147,9 @@ TEST_CASE("GPU pools: two processes copy through CUDA IPC, or stage when told to
   auto staged = bench_kv("--mode process --gpu-path staged");
   CHECK(staged["cuda_ipc_copies"].get<uint64_t>() == 0);
   CHECK(staged["staged_bytes"].get<uint64_t>() > 0);
+  auto ipc_only = bench_kv("--mode process --gpu-path ipc"); // no host mirrors pinned
+  CHECK(ipc_only["cuda_ipc_copies"].get<uint64_t>() > 0);
+  CHECK(ipc_only["staged_bytes"].get<uint64_t>() == 0);
   auto local = bench_kv("--mode memcpy");
   CHECK(local["local_copies"].get<uint64_t>() > 0);
   MESSAGE("RESULT kv GPU->GPU CUDA IPC " << ipc["gbps"].get<double>() << " GB/s, staged "
