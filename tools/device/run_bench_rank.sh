@@ -12,38 +12,24 @@
 #       table:   prefill at 1K and 2K prompts, prefill at 8,192 tokens, decode at 128 sequences and at 2x imbalance
 #       BENCH_FLAGS="..." adds flags to every bench-rank call. Logs and JSON land under $OUT.
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 here=device/bench-rank
 cmd=${1:-run}
 shift || true
 
 if [[ $cmd == package ]]; then
   build=${1:-build-benchrank}
-  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
   bins=("$build/petrel" "$build/test_cuda_layer_ops")
   [[ -x $build/test_cuda_gemm ]] && bins+=("$build/test_cuda_gemm")
-  cp "${bins[@]}" "$here/bin/"
-  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
-    case $(basename "$lib") in
-      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*) ;;
-      *) cp -L "$lib" "$here/lib/" ;;
-    esac
-  done
-  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
-  # The working tree that travels is capped at 64 MiB: ship one compressed bundle.
-  tar -C "$here" -cJf /tmp/petrel-bench-rank.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
-  mv /tmp/petrel-bench-rank.tar.xz "$here/bundle.tar.xz"
-  du -sh "$here"
-  exit 0
+  bundle_package "$here" "${bins[@]}"
+  exit $?
 fi
 
 mode=${1:-quick}
 out=${OUT:-/tmp/petrel-bench-rank-out}
 mkdir -p "$out"
-if [[ -f $here/bundle.tar.xz ]]; then
-  mkdir -p /tmp/petrel-bench-rank && tar -C /tmp/petrel-bench-rank -xJf "$here/bundle.tar.xz" && here=/tmp/petrel-bench-rank
-fi
-blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=$here/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+bundle_unpack "$here" || exit 1
+here=$BUNDLE_ROOT
 petrel=$here/bin/petrel
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total,memory.used --format=csv 2>&1 | tee "$out/env.log"
 

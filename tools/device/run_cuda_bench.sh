@@ -15,38 +15,23 @@
 #         tools/device/run_cuda_bench.sh package build-cudabe   # here, then the device tool's run with
 #         carry=["device/cuda"], command="bash tools/device/run_cuda_bench.sh backend"
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 here=${PETREL_DEVICE_DIR:-device/cuda} # another folder (device/<name>) keeps parallel packagers apart
 cmd=${1:-run}
 shift || true
 
 if [[ $cmd == package ]]; then
   build=${1:-build-cuda}
-  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
   bins=()
   for b in petrel test_cuda_gemm test_cuda_mla test_cuda_layer_ops test_cuda_backend; do [[ -f $build/$b ]] && bins+=("$build/$b"); done
-  cp "${bins[@]}" "$here/bin/"
-  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
-    case $(basename "$lib") in
-      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*) ;;
-      *) cp -L "$lib" "$here/lib/" ;;
-    esac
-  done
-  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
-  # The working tree that travels is capped at 64 MiB: ship one compressed bundle.
-  tar -C "$here" -cJf /tmp/petrel-cuda-bundle.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
-  mv /tmp/petrel-cuda-bundle.tar.xz "$here/bundle.tar.xz"
-  du -sh "$here"
-  exit 0
+  bundle_package "$here" "${bins[@]}"
+  exit $?
 fi
 
 out=${OUT:-/tmp/petrel-cuda-out}
-if [[ -f $here/bundle.tar.xz ]]; then
-  mkdir -p /tmp/petrel-cuda && tar -C /tmp/petrel-cuda -xJf "$here/bundle.tar.xz" && here=/tmp/petrel-cuda
-  chmod +x "$here"/bin/*
-fi
+bundle_unpack "$here" || exit 1
+here=$BUNDLE_ROOT
 mkdir -p "$out"
-blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=$here/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 
 if [[ $cmd == backend ]]; then
   # The fixtures are read from this checkout, not from the build machine's path compiled into the binary.

@@ -12,40 +12,26 @@
 #   One call from the build machine: package here, then the device tool's run with carry=["device/ep"],
 #   command="bash tools/device/run_ep_bench.sh run".
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 here=${PETREL_DEVICE_DIR:-device/ep}
 cmd=${1:-run}
 shift || true
 
 if [[ $cmd == package ]]; then
   build=${1:-build-epgpu}
-  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
   bins=()
   for b in petrel test_cuda_ep_a2a; do [[ -f $build/$b ]] && bins+=("$build/$b"); done
-  cp "${bins[@]}" "$here/bin/"
-  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
-    case $(basename "$lib") in
-      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*|libnccl*) ;;
-      *) cp -L "$lib" "$here/lib/" ;;
-    esac
-  done
-  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
-  tar -C "$here" -cJf /tmp/petrel-ep-bundle.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
-  mv /tmp/petrel-ep-bundle.tar.xz "$here/bundle.tar.xz"
-  du -sh "$here"
-  exit 0
+  bundle_package "$here" "${bins[@]}"
+  exit $?
 fi
 
 out=${OUT:-/tmp/petrel-ep-out}
-if [[ -f $here/bundle.tar.xz ]]; then
-  mkdir -p /tmp/petrel-ep && tar -C /tmp/petrel-ep -xJf "$here/bundle.tar.xz" && here=/tmp/petrel-ep
-  chmod +x "$here"/bin/*
-fi
 mkdir -p "$out"
-blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
 nccl_lib=$(find /opt /usr/local /usr/lib -name 'libnccl.so*' 2>/dev/null | head -1)
 [[ -z $nccl_lib ]] && nccl_lib=$(find / -xdev -name 'libnccl.so*' 2>/dev/null | head -1)
 nccl_dir=$(dirname "${nccl_lib:-/nonexistent/x}")
-export LD_LIBRARY_PATH=$here/lib:$blas_dir:$nccl_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+bundle_unpack "$here" "$nccl_dir" || exit 1
+here=$BUNDLE_ROOT
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total,compute_mode --format=csv
   echo "nccl from: $nccl_dir"

@@ -9,36 +9,21 @@
 #   device (repo root):     tools/device/run_gpu_cluster.sh run
 #       runs the tests (logs under $OUT) and bench-kv on GPU pools (bench-kv.txt under $OUT).
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 here=device/gpucluster
 cmd=${1:-run}
 shift || true
 
 if [[ $cmd == package ]]; then
   build=${1:-build-cudabe}
-  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
-  bins=("$build/petrel" "$build/test_cuda_kv_transfer" "$build/test_cuda_cluster")
-  cp "${bins[@]}" "$here/bin/" || exit 1
-  for lib in $(ldd "${bins[@]}" | awk '/=>/ {print $3}' | sort -u); do
-    case $(basename "$lib") in
-      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*|libcudart*) ;;
-      *) cp -L "$lib" "$here/lib/" ;;
-    esac
-  done
-  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
-  tar -C "$here" -cJf /tmp/petrel-gpucluster.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
-  mv /tmp/petrel-gpucluster.tar.xz "$here/bundle.tar.xz"
-  du -sh "$here"
-  exit 0
+  bundle_package "$here" "$build/petrel" "$build/test_cuda_kv_transfer" "$build/test_cuda_cluster"
+  exit $?
 fi
 
 out=${OUT:-/tmp/petrel-gpucluster-out}
-mkdir -p "$out" /tmp/petrel-gpucluster
-tar -C /tmp/petrel-gpucluster -xJf "$here/bundle.tar.xz" || exit 1
-bin=/tmp/petrel-gpucluster/bin
-chmod +x "$bin"/*
-cuda_libs=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 /usr/lib/x86_64-linux-gnu /opt/torch/.venv \
-  -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/tmp/petrel-gpucluster/lib:$cuda_libs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+mkdir -p "$out"
+bundle_unpack "$here" || exit 1
+bin=$BUNDLE_BIN
 export PETREL_BINARY=$bin/petrel PETREL_SOURCE_DIR=$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.log"
 

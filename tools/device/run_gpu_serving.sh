@@ -8,16 +8,12 @@
 # Variants: pd (1 prefill rank + 1 decode rank), ep_tbo_off, ep_tbo_on (EP2 prefill + EP2 decode).
 # BACKEND=cpu MODEL=tests/data/fortune-moe/config.json checks the script itself on a machine without a GPU.
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 out=${OUT:-/tmp/petrel-serving-out}
 mkdir -p "$out"
 if [[ -z ${PETREL:-} ]]; then
-  mkdir -p /tmp/petrel-serving
-  tar -C /tmp/petrel-serving -xJf device/gpucluster/bundle.tar.xz || exit 1
-  chmod +x /tmp/petrel-serving/bin/*
-  cuda_libs=$(dirname "$(find /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /opt/torch/.venv \
-    -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
-  export LD_LIBRARY_PATH=/tmp/petrel-serving/lib:$cuda_libs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-  PETREL=/tmp/petrel-serving/bin/petrel
+  bundle_unpack device/gpucluster || exit 1
+  PETREL=$BUNDLE_BIN/petrel
 fi
 backend=${BACKEND:-cuda}
 model=${MODEL:-$PWD/tools/device/dsv3-wide/config.json}

@@ -10,41 +10,29 @@
 #            (NCU=decode: the decode only);
 #            SKIP_TESTS=1 skips the unit tests. Logs, bench JSON and SASS counts land under $OUT.
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 here=device/mla
 cmd=${1:-run}
 shift || true
 
 if [[ $cmd == package ]]; then
   build=${1:-build-mla}
-  rm -rf "$here" && mkdir -p "$here/bin" "$here/lib"
-  cp "$build/petrel" "$build/test_cuda_mla" "$here/bin/" || exit 1
-  for lib in $(ldd "$build/petrel" "$build/test_cuda_mla" | awk '/=>/ {print $3}' | sort -u); do
-    case $(basename "$lib") in
-      libc.so*|libm.so*|libgcc_s*|libstdc++*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcublas*) ;;
-      *) cp -L "$lib" "$here/lib/" ;;
-    esac
-  done
-  strip --strip-debug "$here"/lib/*.so* "$here"/bin/* 2>/dev/null || true
-  tar -C "$here" -cJf /tmp/petrel-mla-bundle.tar.xz bin lib && rm -rf "$here"/bin "$here"/lib
-  mv /tmp/petrel-mla-bundle.tar.xz "$here/bundle.tar.xz"
-  du -sh "$here"
-  exit 0
+  bundle_package "$here" "$build/petrel" "$build/test_cuda_mla"
+  exit $?
 fi
 
 out=${OUT:-/tmp/petrel-mla-out}
-mkdir -p "$out" /tmp/petrel-mla
-tar -C /tmp/petrel-mla -xJf "$here/bundle.tar.xz" || { echo "no bundle: run '$0 package' here first"; exit 1; }
-bin=/tmp/petrel-mla/bin
-blas_dir=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-*/lib64 /opt/torch/.venv -name 'libcublasLt.so.13*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/tmp/petrel-mla/lib:$blas_dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+mkdir -p "$out"
+bundle_unpack "$here" || exit 1
+bin=$BUNDLE_BIN
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
   echo "SASS of the MLA kernels (HGMMA = bf16 wgmma, UTMALDG = TMA load, LDGSTS = cp.async, LDL/STL = local memory):"
-  cuobjdump -sass "$bin/petrel" > /tmp/petrel-mla/petrel.sass 2>&1
-  python3 - <<'PY'
-import collections, re
+  cuobjdump -sass "$bin/petrel" > "$BUNDLE_ROOT/petrel.sass" 2>&1
+  python3 - "$BUNDLE_ROOT/petrel.sass" <<'PY'
+import collections, re, sys
 fn, counts = None, collections.Counter()
-for line in open('/tmp/petrel-mla/petrel.sass', errors='replace'):
+for line in open(sys.argv[1], errors='replace'):
     m = re.search(r'Function : (\S+)', line)
     if m:
         fn = m.group(1)
