@@ -194,6 +194,14 @@ uint64_t process_token() {
 
 bool range_fits(uint64_t offset, uint64_t length, uint64_t size) { return length <= size && offset <= size - length; }
 
+/// `ranges` as device copies; `to_mirror`: each range to its own source offset (a GPU pool into its host mirror).
+std::vector<device_memory::copy_range> device_copies(const std::vector<kv_page_range>& ranges, bool to_mirror = false) {
+  std::vector<device_memory::copy_range> out;
+  out.reserve(ranges.size());
+  for (const auto& r : ranges) out.push_back({r.src_offset, to_mirror ? r.src_offset : r.dst_offset, r.length});
+  return out;
+}
+
 std::string ucs_error(const char* what, ucs_status_t s) {
   return std::string(what) + ": " + ucs_status_string(s);
 }
@@ -880,10 +888,8 @@ public:
                         " pool has no host staging mirror: set transport.kv_gpu_path: staged");
     if (local_gpu) {
       // Staged: the pages go device -> this pool's host mirror (same offsets), and UCX puts them from there.
-      std::vector<device_memory::copy_range> out;
-      for (const auto& r : *merged) out.push_back({r.src_offset, r.src_offset, r.length});
       try {
-        device_memory::copy_ranges(local.base, local.device_base, out);
+        device_memory::copy_ranges(local.base, local.device_base, device_copies(*merged, /*to_mirror=*/true));
       } catch (const std::exception& e) {
         return finish(seq, kv_transfer_status::transport_error, tag + "staging out of the GPU pool: " + e.what());
       }
@@ -961,10 +967,8 @@ public:
       }
       peer.ipc_maps[key] = mapped;
     }
-    std::vector<device_memory::copy_range> copies;
-    for (const auto& r : ranges) copies.push_back({r.src_offset, r.dst_offset, r.length});
     try {
-      device_memory::copy_ranges(mapped, local.device_base, copies);
+      device_memory::copy_ranges(mapped, local.device_base, device_copies(ranges));
     } catch (const std::exception& e) {
       finish(seq, kv_transfer_status::transport_error,
              "transfer " + std::to_string(t.request.transfer_id) + ": CUDA IPC copy failed: " + e.what());
@@ -990,10 +994,8 @@ public:
       return false; // the descriptor is stale (pool re-registered); let UCX report it
     uint8_t* dst = pit->second.first;
     if (local.device_base || remote.on_device()) {
-      std::vector<device_memory::copy_range> copies;
-      for (const auto& r : ranges) copies.push_back({r.src_offset, r.dst_offset, r.length});
       try {
-        device_memory::copy_ranges(dst, local.data(), copies);
+        device_memory::copy_ranges(dst, local.data(), device_copies(ranges));
       } catch (const std::exception& e) {
         lock.unlock();
         finish(seq, kv_transfer_status::transport_error,
