@@ -93,11 +93,7 @@ TEST_CASE("a GPU cluster serves the cpu model's text with KV moved through CUDA 
   // are dropped with its endpoint, the restarted process registers new pools, and the text stays the same.
   for (const char* node : {"d0", "p0"}) {
     CAPTURE(node);
-    int pid = 0;
-    auto st = nlohmann::json::parse(run_petrel("status --json " + c.cfg).output);
-    for (auto& n : st["nodes"])
-      if (n["name"] == node)
-        pid = n["pid"];
+    int pid = node_pid(c.cfg, node);
     REQUIRE(pid > 0);
     auto during = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 120); });
     std::this_thread::sleep_for(400ms);
@@ -110,18 +106,7 @@ TEST_CASE("a GPU cluster serves the cpu model's text with KV moved through CUDA 
   // A device fault in the decode rank (a kernel traps: sticky error): its process exits with the sticky-error code,
   // the head restarts it, and the request in flight finishes with the same text.
   {
-    auto pid_of = [&](const std::string& node) {
-      auto out = run_petrel("status --json " + c.cfg).output;
-      auto brace = out.find('{');
-      auto st = nlohmann::json::parse(brace == std::string::npos ? std::string() : out.substr(brace), nullptr, false);
-      if (st.is_discarded() || !st.contains("nodes"))
-        return 0;
-      for (auto& n : st["nodes"])
-        if (n["name"] == node && n["pid"].is_number_integer())
-          return n["pid"].get<int>();
-      return 0;
-    };
-    const int before = pid_of("d0");
+    const int before = node_pid(c.cfg, "d0");
     auto run = petrel::read_run_file(petrel::run_file_path(petrel::load_cluster_config(c.cfg)));
     REQUIRE(run);
     auto during = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 400); });
@@ -133,7 +118,7 @@ TEST_CASE("a GPU cluster serves the cpu model's text with KV moved through CUDA 
     CHECK(during.get() == reference_text("Once upon a time", 400));
     // A new process (the old context was lost), then serving as before.
     bool replaced = eventually(60s, [&] {
-      int now = pid_of("d0");
+      int now = node_pid(c.cfg, "d0");
       return now > 0 && now != before;
     });
     if (!replaced) { // say what the node process printed

@@ -159,11 +159,7 @@ TEST_CASE("an EP group across node processes exchanges over UCX and survives the
 
   // SIGKILL the process of decode rank 1 mid-request: rank 0 (another process) fails its step through UCX's
   // peer-error detection, the group re-forms with the restarted process, and the request migrates.
-  int pid = 0;
-  auto st = json::parse(run_petrel("status --json " + c.cfg).output);
-  for (auto& n : st["nodes"])
-    if (n["name"] == "d1")
-      pid = n["pid"];
+  int pid = node_pid(c.cfg, "d1");
   REQUIRE(pid > 0);
   auto fut = std::async(std::launch::async, [&] { return complete(c.port, "Once upon a time", 200, sampled); });
   CHECK(eventually(10s, [&] { return group_running(c, "decode0"); }));

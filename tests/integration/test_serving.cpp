@@ -214,11 +214,7 @@ TEST_CASE("killing the decode node mid-stream migrates the request: the output i
   running_cluster c("tmigrate");
   const std::string prompt = "The best way to predict the future is";
   auto expected = reference_text(prompt, 400);
-  int pid = 0;
-  auto st = json::parse(run_petrel("status --json " + c.cfg).output);
-  for (auto& n : st["nodes"])
-    if (n["name"] == "d0")
-      pid = n["pid"];
+  int pid = node_pid(c.cfg, "d0");
   REQUIRE(pid > 0);
   auto fut = std::async(std::launch::async, [&] { return completion(c.port, prompt, 400); });
   // Wait until the request is decoding on d0, then SIGKILL d0's process.

@@ -50,6 +50,20 @@ inline std::string reference_text(const std::string& prompt, int max_tokens) {
   return text;
 }
 
+/// The pid of node `node`'s process as `petrel status --json CFG` reports it; 0 when the cluster does not answer or
+/// lists no such node (a node being restarted, say).
+inline int node_pid(const std::string& cfg, const std::string& node) {
+  auto out = run_petrel("status --json " + cfg).output;
+  auto brace = out.find('{');
+  auto st = nlohmann::json::parse(brace == std::string::npos ? std::string() : out.substr(brace), nullptr, false);
+  if (st.is_discarded() || !st.contains("nodes"))
+    return 0;
+  for (auto& n : st["nodes"])
+    if (n["name"] == node && n["pid"].is_number_integer())
+      return n["pid"].get<int>();
+  return 0;
+}
+
 /// A launched cluster. `yaml_for(run_dir)` returns the cluster.yaml text; it must name the cluster `name`,
 /// use `run_dir` and gateway port 0.
 class launched_cluster {
