@@ -594,9 +594,9 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   // transport.kv_gpu_path: GPU pools need a pinned host mirror (as large as the pool) only when KV may have to be
   // staged, i.e. when nodes may sit on different hosts. "auto" pins none when every node is on one host.
   {
+    auto host_key = [&](const std::string& h) { return loopback(h) ? std::string("127.0.0.1") : h; };
     bool same_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(), [&](const node_section& n) {
-      return cfg.nodes.empty() || (loopback(n.address.host) && loopback(cfg.nodes[0].address.host)) ||
-             n.address.host == cfg.nodes[0].address.host;
+      return host_key(n.address.host) == host_key(cfg.nodes.front().address.host);
     });
     const auto& path = cfg.transport.kv_gpu_path;
     cfg.transport.kv_gpu_mirror = path == "staged" || (path == "auto" && !same_host);
