@@ -421,10 +421,10 @@ permute_masked_fused_kernel(const std::uint8_t* __restrict__ x, const float* __r
   const std::int64_t x_ld = fp8_scale_ld(tokens), a_ld = fp8_scale_ld(local_experts * max_m);
   for (int p0 = warp * 32; p0 < pairs; p0 += warps * 32) {
     const int my_row = p0 + lane < pairs ? pair_row[p0 + lane] : -1;
-    unsigned todo = __ballot_sync(0xffffffffu, my_row >= 0);
-    while (todo) {
-      const int j = __ffs(todo) - 1;
-      todo &= todo - 1;
+    unsigned rows_left = __ballot_sync(0xffffffffu, my_row >= 0);
+    while (rows_left) {
+      const int j = __ffs(rows_left) - 1;
+      rows_left &= rows_left - 1;
       const int row = __shfl_sync(0xffffffffu, my_row, j);
       const std::int64_t t = (p0 + j) / top_k;
       const uint4* src = reinterpret_cast<const uint4*>(x + t * k);
