@@ -32,30 +32,8 @@ std::uint16_t f2bf(float v) { return petrel::test::float_to_bf16(v); }
 float bf2f(std::uint16_t b) { return petrel::test::bf16_to_float(b); }
 float rbf(float v) { return bf2f(f2bf(v)); }
 
-float e4m3_to_float(std::uint8_t code) {
-  const int sign = code >> 7, exponent = (code >> 3) & 0xF, mantissa = code & 7;
-  if (exponent == 0xF && mantissa == 7) return NAN;
-  const float magnitude = exponent == 0 ? std::ldexp(static_cast<float>(mantissa), -9)
-                                        : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
-  return sign ? -magnitude : magnitude;
-}
-std::uint8_t float_to_e4m3(float v) {
-  static const std::vector<float> positive = [] {
-    std::vector<float> t(0x7F);
-    for (int c = 0; c < 0x7F; ++c) t[c] = e4m3_to_float(static_cast<std::uint8_t>(c));
-    return t;
-  }();
-  const std::uint8_t sign = std::signbit(v) ? 0x80 : 0;
-  const float a = std::fabs(v);
-  if (a >= 448.0f) return sign | 0x7E;
-  const auto it = std::lower_bound(positive.begin(), positive.end(), a);
-  const int hi = static_cast<int>(it - positive.begin());
-  if (hi == 0) return sign;
-  const int lo = hi - 1;
-  const float dlo = a - positive[lo], dhi = positive[hi] - a;
-  const int code = dlo < dhi ? lo : dhi < dlo ? hi : (lo % 2 == 0 ? lo : hi);
-  return sign | static_cast<std::uint8_t>(code);
-}
+using petrel::test::e4m3_to_float;
+using petrel::test::float_to_e4m3;
 
 // The 1x128 quantisation of fp8_layout.hpp, on the CPU: bytes [rows, n], scales [n/128][ld(rows)].
 void quantize_cpu(const std::vector<float>& x, std::int64_t rows, int n, std::vector<std::uint8_t>& q,
