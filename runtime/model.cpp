@@ -249,6 +249,17 @@ void deepseek_model::attention(forward_scratch& s, int32_t layer, const mat_view
   }
 }
 
+void deepseek_model::attention_block(forward_scratch& s, int32_t layer, kv_pool& kv, const mat_view& x,
+                                     const mat_view& hn, const mat_view& attn, const mat_view& tmp) {
+  const layer_weights& L = w_.layers[size_t(layer)];
+  const float eps = float(cfg_.rms_norm_eps);
+  be_.rmsnorm(x, L.input_norm.f32(), eps, hn);
+  attention(s, layer, hn, kv, attn);
+  be_.linear(attn, L.o.f32(), tmp);
+  be_.add_inplace(x, tmp);
+  be_.rmsnorm(x, L.post_attn_norm.f32(), eps, hn);
+}
+
 void deepseek_model::plan(forward_scratch& s, std::span<const sequence_step> batch, kv_pool& kv) {
   const int64_t V = cfg_.vocab_size, ps = kv.page_size();
   const int64_t entry = cfg_.kv_lora_rank + cfg_.qk_rope_head_dim;
@@ -394,7 +405,6 @@ forward_task deepseek_model::forward_ops(std::span<const sequence_step> batch, k
   plan(s, batch, kv);
   const int64_t H = cfg_.hidden_size, T = s.tokens, heads = cfg_.num_attention_heads, vd = cfg_.v_head_dim;
   const int64_t rope = cfg_.qk_rope_head_dim;
-  const float eps = float(cfg_.rms_norm_eps);
   co_await std::suspend_always{}; // the plan is made: a partner micro-batch may plan too
 
   // An empty batch only takes part in the experts' all-to-alls (it may still compute other ranks' rows).
@@ -408,13 +418,8 @@ forward_task deepseek_model::forward_ops(std::span<const sequence_step> batch, k
   }
   for (int32_t l = 0; l < int32_t(cfg_.num_hidden_layers); ++l) {
     const layer_weights& L = w_.layers[size_t(l)];
-    if (T > 0) {
-      be_.rmsnorm(x, L.input_norm.f32(), eps, hn);
-      attention(s, l, hn, kv, attn);
-      be_.linear(attn, L.o.f32(), tmp);
-      be_.add_inplace(x, tmp);
-      be_.rmsnorm(x, L.post_attn_norm.f32(), eps, hn);
-    }
+    if (T > 0)
+      attention_block(s, l, kv, x, hn, attn, tmp);
     if (!L.moe) {
       if (T > 0) {
         mlp(s, L.dense, hn, tmp);
@@ -484,11 +489,7 @@ void deepseek_model::graph_step_body(forward_scratch& s, kv_pool& kv) {
   const auto* ptrs = reinterpret_cast<const float* const*>(expert_ptrs_.data());
   for (int32_t l = 0; l < int32_t(cfg_.num_hidden_layers); ++l) {
     const layer_weights& L = w_.layers[size_t(l)];
-    be_.rmsnorm(x, L.input_norm.f32(), eps, hn);
-    attention(s, l, hn, kv, attn);
-    be_.linear(attn, L.o.f32(), tmp);
-    be_.add_inplace(x, tmp);
-    be_.rmsnorm(x, L.post_attn_norm.f32(), eps, hn);
+    attention_block(s, l, kv, x, hn, attn, tmp);
     if (!L.moe) {
       mlp(s, L.dense, hn, tmp);
       be_.add_inplace(x, tmp);

@@ -216,6 +216,10 @@ public:
 private:
   void plan(forward_scratch& s, std::span<const sequence_step> batch, kv_pool& kv);
   void attention(forward_scratch& s, int32_t layer, const mat_view& hn, kv_pool& kv, const mat_view& attn_out);
+  /// A layer's attention half: x += o_proj(attention(rmsnorm(x))), then hn = post-attention rmsnorm(x), which is
+  /// what the MLP or the MoE half reads. attn and tmp are scratch.
+  void attention_block(forward_scratch& s, int32_t layer, kv_pool& kv, const mat_view& x, const mat_view& hn,
+                       const mat_view& attn, const mat_view& tmp);
   void mlp(forward_scratch& s, const mlp_weights& m, const mat_view& x, const mat_view& out);
   void route(forward_scratch& s, int32_t layer, const mat_view& hn, moe_routing& r);
   void logits(forward_scratch& s, std::span<const sequence_step> batch, const mat_view& x, step_result& out);
