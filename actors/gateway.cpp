@@ -53,6 +53,9 @@ struct gateway_state {
 
 using gateway_pointer = gateway_actor::stateful_pointer<gateway_state>;
 
+/// How long a new request may wait for a router (one being restarted) before it is answered 503.
+constexpr auto unrouted_wait = std::chrono::seconds(5);
+
 void count_request(const std::string& status) {
   serving_metrics().requests.with({status}).inc();
 }
@@ -136,12 +139,8 @@ void on_generation(gateway_pointer self, api_endpoint endpoint, http_call& call)
     respond_error(call.out, parsed.error());
     return;
   }
-  if (!st.router) {
-    count_request("unavailable");
-    respond_error(call.out, api_error::unavailable("the router is not running yet; retry shortly"),
-                  {{"Retry-After", "1"}});
-    return;
-  }
+  // No router at this moment (it is being restarted): the request waits, like an orphan, for the next
+  // incarnation instead of failing at once; the tick answers 503 if none appears within unrouted_wait.
   auto& req = parsed.value();
   // A request no decode rank's KV pool can ever hold is refused here, before any stream opens.
   int64_t need = static_cast<int64_t>(req.prompt_ids.size()) + req.sampling.max_tokens, largest = 0;
@@ -187,6 +186,10 @@ void submit(gateway_pointer self, uint64_t rid) {
   auto it = st.open.find(rid);
   if (it == st.open.end())
     return;
+  if (!st.router) { // between incarnations: resolve_router submits it once the next one is found
+    it->second.orphaned = true;
+    return;
+  }
   it->second.orphaned = false;
   auto router = st.router;
   self->request(router, 10s, submit_atom::value, it->second.submission)
@@ -357,6 +360,25 @@ void resolve_router(gateway_pointer self) {
           [](caf::error&) {});
 }
 
+/// A request that arrived while no router ran and still has none after unrouted_wait gets the 503 it
+/// would otherwise have had at once (a router that stays down is an outage, not a restart).
+void fail_unrouted(gateway_pointer self) {
+  auto& st = self->state;
+  auto now = clock_type::now();
+  for (auto it = st.open.begin(); it != st.open.end();) {
+    auto& r = it->second;
+    if (!r.orphaned || r.accepted || now - r.started < unrouted_wait) {
+      ++it;
+      continue;
+    }
+    auto next = std::next(it);
+    respond_error(r.out, api_error::unavailable("the router is not running yet; retry shortly"),
+                  {{"Retry-After", "1"}});
+    close_request(self, it, "unavailable");
+    it = next;
+  }
+}
+
 gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context sc, supervisor_actor services) {
   auto& st = self->state;
   st.sc = std::move(sc);
@@ -415,6 +437,8 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
       // Its request table died with it: every open request goes to the router's next incarnation.
       for (auto& [rid, r] : st.open)
         r.orphaned = true;
+      // Look the next incarnation up now rather than on the next tick (up to 200 ms away).
+      resolve_router(self);
     }
   });
   resolve_router(self);
@@ -433,6 +457,7 @@ gateway_actor::behavior_type gateway_impl(gateway_pointer self, service_context 
       [self](tokens_atom, token_event& ev) { on_tokens(self, ev); },
       [self](tick_atom) {
         resolve_router(self);
+        fail_unrouted(self);
         // Once a second, turn the supervisors' restart counts into the restarts counter: node
         // processes and their actors ("d0", "d0/rank0") and the head's serving actors ("head/router").
         if (++self->state.ticks % 5 == 0) {

@@ -51,6 +51,7 @@ TEST_CASE("chaos: corrupted KV pages are caught by their checksums and re-prefil
   CHECK(j["kv_checksum"]["ok"].get<double>() >= 60);
 }
 TEST_CASE("chaos: the head's router and schedulers crash") { play("kill_head_actors.yaml"); }
+TEST_CASE("chaos: requests that arrive while the router restarts wait for it") { play("kill_router_often.yaml"); }
 
 TEST_CASE("chaos: a bad scenario exits 2 naming the line") {
   temp_dir dir;
