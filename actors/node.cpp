@@ -12,6 +12,7 @@
 #include "actors/process_signals.hpp"
 #include "actors/supervisor.hpp"
 #include "actors/system.hpp"
+#include "runtime/ep_device_plane.hpp"
 #include "transport/kv_transfer.hpp"
 
 namespace petrel {
@@ -20,6 +21,10 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
   auto* node = cfg.find_node(opts.node);
   if (!node)
     throw config_error(cfg.source + ": no node named '" + opts.node + "'");
+  // Ranks of this process that share a GPU through the GPU expert exchange need two CUDA settings made before the
+  // first CUDA call (see prepare_process_for_device_plane).
+  if (cfg.transport.expert_exchange == "cuda_ipc")
+    ep::prepare_process_for_device_plane();
   signal_watcher signals;
   petrel_config sys_cfg;
   // The head and every other peer must show a certificate of the cluster's CA, and so must we.

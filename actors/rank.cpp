@@ -146,7 +146,8 @@ std::vector<uint8_t> open_ep_generation(rank_state& st, uint64_t generation) {
   st.ep_generation = generation;
   if (cfg.expert_exchange == "nccl")
     throw std::runtime_error("transport.expert_exchange 'nccl' is not built yet; use ucx or inproc");
-  if (cfg.expert_exchange == "ucx") {
+  // cuda_ipc moves the rows through the GPU data plane; its control traffic takes ucx between processes.
+  if (cfg.expert_exchange == "ucx" || (cfg.expert_exchange == "cuda_ipc" && cfg.ep_spans_processes)) {
     transport::ep_ucx_options opts;
     opts.net_devices = cfg.net_devices;
     auto t = transport::ep_ucx_transport::create(cfg.ep_index, cfg.ep_size, opts);
@@ -180,6 +181,8 @@ void connect_ep_generation(rank_state& st, const ep_peers& peers) {
   opt.mode = cfg.ep_mode == "low_latency" ? ep::ep_mode::low_latency : ep::ep_mode::normal;
   opt.two_batch_overlap = cfg.two_batch_overlap;
   opt.rebalance_every = cfg.rebalance_every;
+  opt.device_exchange = cfg.expert_exchange == "cuda_ipc";
+  opt.device_max_tokens = std::max(1, cfg.ep_device_max_tokens);
   st.ep = std::make_unique<ep::ep_rank>(std::move(st.model), std::move(placement), *st.ep_transport, opt);
 }
 
@@ -194,6 +197,8 @@ std::string ep_stats_json(const rank_state& st) {
                    {"experts_copied_local", s.experts_copied_local},
                    {"weight_bytes_in", s.weight_bytes_in},
                    {"expert_rows", s.expert_rows},
+                   {"device_steps", s.device_steps},
+                   {"device_tokens_sent", s.device_tokens_sent},
                    {"slots", st.ep->placement().num_slots}};
   if (!s.last_rebalance_note.empty())
     j["note"] = s.last_rebalance_note;

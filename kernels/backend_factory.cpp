@@ -52,3 +52,15 @@ std::unique_ptr<backend> make_backend(const std::string& name) {
 }
 
 } // namespace petrel
+
+#ifndef PETREL_HAVE_CUDA
+#include "runtime/ep_device_plane.hpp"
+
+namespace petrel::ep {
+// Without CUDA there is no device plane (kernels/cuda/ep_device_plane.cu defines it in CUDA builds).
+std::unique_ptr<device_plane> make_device_plane(backend& be, const device_plane_config&) {
+  throw std::invalid_argument("the GPU expert exchange (cuda_ipc) needs the cuda backend; this build has no CUDA and "
+                              "this rank runs '" + be.name() + "'");
+}
+} // namespace petrel::ep
+#endif

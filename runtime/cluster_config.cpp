@@ -340,10 +340,10 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
                                 "' is not a list of UCX transports; use e.g. tcp or tcp,shm");
     }
     r.opt_duration(t, "kv_timeout", cfg.transport.kv_timeout, "transport", true);
-    r.opt_choice(t, "expert_exchange", cfg.transport.expert_exchange, "transport", {"inproc", "ucx", "nccl"});
-    if (cfg.transport.expert_exchange == "nccl" && !cuda)
-      r.fail(t["expert_exchange"],
-             "transport.expert_exchange 'nccl' needs model.backend: cuda; with the cpu backend use inproc or ucx");
+    r.opt_choice(t, "expert_exchange", cfg.transport.expert_exchange, "transport", {"inproc", "ucx", "cuda_ipc", "nccl"});
+    if ((cfg.transport.expert_exchange == "nccl" || cfg.transport.expert_exchange == "cuda_ipc") && !cuda)
+      r.fail(t["expert_exchange"], "transport.expert_exchange '" + cfg.transport.expert_exchange +
+                                       "' needs model.backend: cuda; with the cpu backend use inproc or ucx");
     r.opt_string(t, "head_host", cfg.transport.head.host, "transport");
     int hp = cfg.transport.head.port;
     r.opt_int(t, "head_port", hp, "transport", 0, 65535);
@@ -537,7 +537,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       if (gn.size() > 1 && cfg.transport.expert_exchange == "inproc")
         r.fail(gn, where + " spans " + std::to_string(gn.size()) +
                        " node processes, but transport.expert_exchange 'inproc' stays inside one process; set "
-                       "transport.expert_exchange: " + (cuda ? "nccl" : "ucx"));
+                       "transport.expert_exchange: " + (cuda ? "cuda_ipc" : "ucx"));
       r.opt_int(g, "redundant_experts", grp.redundant_experts, where, 0, 4096);
       r.opt_string(g, "init_expert_location", grp.init_expert_location, where);
       if (!grp.init_expert_location.empty()) {
@@ -600,6 +600,19 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     });
     const auto& path = cfg.transport.kv_gpu_path;
     cfg.transport.kv_gpu_mirror = path == "staged" || (path == "auto" && !same_host);
+    // transport.expert_exchange cuda_ipc: the ranks of an EP group map each other's GPU buffers, so they share a host.
+    if (cfg.transport.expert_exchange == "cuda_ipc")
+      for (const auto& g : cfg.groups) {
+        if (g.ep_size < 2) continue;
+        for (const auto& nn : g.nodes) {
+          const node_section* a = cfg.find_node(nn);
+          const node_section* b = cfg.find_node(g.nodes.front());
+          if (a && b && host_key(a->address.host) != host_key(b->address.host))
+            r.fail_line(g.line, "group '" + g.name + "' has nodes on hosts '" + b->address.host + "' and '" +
+                                    a->address.host + "', but transport.expert_exchange 'cuda_ipc' maps GPU memory "
+                                    "between the ranks of one host; keep an EP group on one host");
+        }
+      }
   }
   // transport.kv_net_devices: "auto" keeps a one-host cluster's UCX listeners on loopback.
   if (net_devices == "auto") {

@@ -88,6 +88,8 @@ struct ep_moe_experts::pending {
   device_buffer rows_dev, gu_dev, act_dev, y_dev, pairs_dev, idx_dev;
   std::vector<float> pairs_host;
   std::vector<int32_t> idx_host;
+  bool on_device = false;   // this layer's rows go through the GPU data plane
+  device_buffer slots_dev;  // [T*K] physical slots (the plane's routing)
 };
 
 ep_moe_experts::ep_moe_experts(ep_rank& rank) : rank_(rank) {
@@ -134,6 +136,16 @@ void ep_moe_experts::dispatch_start(int slot, int32_t layer, const mat_view& hid
       const auto& reps = l2p[size_t(p.ids[size_t(t * K + k)])];
       p.phys[size_t(t * K + k)] = reps[size_t((uint64_t(t) + uint64_t(me)) % reps.size())];
     }
+
+  p.on_device = rank_.step_device_;
+  if (p.on_device) {
+    ensure_buf(be, p.slots_dev, sizeof(int32_t) * size_t(T * K));
+    if (T > 0) be.copy_to_device(p.slots_dev.data(), p.phys.data(), sizeof(int32_t) * size_t(T * K));
+    rank_.plane_->dispatch(slot, rank_.step_mode_ == ep_mode::low_latency, hidden, p.slots_dev.i32(), r.topk_weights,
+                           T);
+    rank_.stats_.device_tokens_sent += T;
+    return;
+  }
 
   p.x_host.resize(size_t(T * H));
   if (T > 0) {
@@ -188,6 +200,12 @@ void ep_moe_experts::expert_compute(int slot) {
   const int N = rank_.size(), me = rank_.rank();
   const int64_t H = m.config().hidden_size, I = m.config().moe_intermediate_size;
   const int K = p.K;
+  if (p.on_device) {
+    const float* const* w = rank_.expert_pointers(p.moe_layer);
+    const int nl = pl.num_local(me);
+    rank_.plane_->compute(slot, w, w + nl, rank_.mb_group_tokens_[slot]);
+    return;
+  }
   rank_.transport_.wait_all_to_all(p.dispatch_tag, p.recv);
 
   // Gather what every source sent, in source order.
@@ -304,6 +322,10 @@ void ep_moe_experts::combine_finish(int slot, const mat_view& out) {
   backend& be = m.be();
   const int N = rank_.size();
   const int64_t H = m.config().hidden_size, T = p.T, K = p.K, n = T * K;
+  if (p.on_device) {
+    rank_.plane_->combine(slot, out);
+    return;
+  }
   rank_.transport_.wait_all_to_all(p.combine_tag, p.back_recv);
   p.pairs_host.resize(size_t(n * H));
   for (int d = 0; d < N; ++d) {
@@ -378,6 +400,55 @@ ep_rank::ep_rank(std::unique_ptr<deepseek_model> model, ep_placement placement, 
   }
   experts_ = std::make_shared<ep_moe_experts>(*this);
   model_->set_moe_experts(experts_);
+
+  if (opt_.device_exchange) {
+    device_plane_config pc;
+    pc.rank = me;
+    pc.ranks = N;
+    pc.hidden = cfg.hidden_size;
+    pc.inter = cfg.moe_intermediate_size;
+    pc.slots = placement_.num_slots;
+    pc.top_k = int(cfg.num_experts_per_tok);
+    pc.max_tokens = opt_.device_max_tokens;
+    pc.ll_max_tokens = opt_.mode == ep_mode::low_latency ? opt_.max_dispatch_tokens : 0;
+    pc.micro_batches = opt_.two_batch_overlap ? 2 : 1;
+    pc.timeout_s = opt_.device_timeout_s;
+    plane_ = make_device_plane(be, pc); // std::invalid_argument naming what does not fit
+  }
+}
+
+void ep_rank::open_plane() {
+  // Every rank's handles to every rank through the transport, once: the planes then map each other's buffers.
+  const std::vector<uint8_t> mine = plane_->export_handle();
+  const std::span<const std::byte> part(reinterpret_cast<const std::byte*>(mine.data()), mine.size());
+  std::vector<std::span<const std::byte>> parts(size_t(size()), part);
+  const uint64_t tag = make_tag(step_, 0, 0, exchange_phase::device_handles);
+  transport_.start_all_to_all(tag, parts);
+  std::vector<byte_buffer> got;
+  transport_.wait_all_to_all(tag, got);
+  std::vector<std::vector<uint8_t>> handles(got.size());
+  for (size_t r = 0; r < got.size(); ++r)
+    handles[r].assign(reinterpret_cast<const uint8_t*>(got[r].data()),
+                      reinterpret_cast<const uint8_t*>(got[r].data()) + got[r].size());
+  plane_->open_peers(handles);
+  plane_open_ = true;
+}
+
+const float* const* ep_rank::expert_pointers(int ml) {
+  if (ptrs_version_ != store_version_) {
+    backend& be = model_->be();
+    expert_ptrs_.clear();
+    for (const auto& layer : store_.slots) {
+      std::vector<const float*> ptrs;
+      for (const auto& w : layer) ptrs.push_back(w.gate_up.f32());
+      for (const auto& w : layer) ptrs.push_back(w.down.f32());
+      device_buffer b = be.allocate(std::max<size_t>(sizeof(float*) * ptrs.size(), 64));
+      if (!ptrs.empty()) be.copy_to_device(b.data(), ptrs.data(), sizeof(float*) * ptrs.size());
+      expert_ptrs_.push_back(std::move(b));
+    }
+    ptrs_version_ = store_version_;
+  }
+  return static_cast<const float* const*>(expert_ptrs_[size_t(ml)].data());
 }
 
 ep_rank::~ep_rank() = default;
@@ -432,6 +503,7 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
     transport_.wait_all_to_all(htag, hr);
     int64_t max_mb = 0, tokens_in_group = 0;
     bool any_rebalance = false;
+    mb_group_tokens_[0] = mb_group_tokens_[1] = 0;
     for (int r = 0; r < N; ++r) {
       int64_t h[5];
       reader{hr[size_t(r)]}.get(h, 5, "step header");
@@ -440,6 +512,8 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
                                  " micro-batches, rank " + std::to_string(rank()) + " " + std::to_string(nmb) +
                                  " (two-batch overlap must be on for all ranks or none)");
       max_mb = std::max({max_mb, h[1], h[2]});
+      mb_group_tokens_[0] += h[1];
+      mb_group_tokens_[1] += h[2];
       any_rebalance |= h[4] != 0;
       tokens_in_group += h[1] + h[2];
     }
@@ -452,6 +526,9 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
 
     step_mode_ = (opt_.mode == ep_mode::low_latency && max_mb <= opt_.max_dispatch_tokens) ? ep_mode::low_latency
                                                                                            : ep_mode::normal;
+    // The GPU data plane carries this step's rows unless a normal-mode micro-batch is too big for its buffers.
+    if (plane_ && !plane_open_) open_plane();
+    step_device_ = plane_ && (step_mode_ == ep_mode::low_latency || max_mb <= opt_.device_max_tokens);
     // -- 4. the forward pass ------------------------------------------------------------------------------
     model_->clear_routing_counts();
     if (nmb == 1) {
@@ -481,6 +558,12 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
             out.row_offset.push_back(base + mb_out_[1].row_offset[i]);
         }
       }
+    }
+    if (step_device_) {
+      // A receive that timed out (a silent peer) is recorded on the device: the step fails like a transport error.
+      model_->be().synchronize();
+      plane_->check();
+      stats_.device_steps++;
     }
     group_had_tokens_ = tokens_in_group > 0;
     recorder_.next_step();
@@ -627,6 +710,7 @@ void ep_rank::finish_rebalance() {
   // The switch: from here on every MoE layer of this rank uses the new placement and store.
   placement_ = std::move(plan->next);
   store_ = std::move(next);
+  store_version_++;
   stats_.rebalances++;
   stats_.last_rebalance_note.clear();
 }

@@ -26,6 +26,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/ep_device_plane.hpp"
 #include "runtime/ep_transport.hpp"
 #include "runtime/eplb.hpp"
 #include "runtime/expert_load.hpp"
@@ -119,6 +120,15 @@ struct ep_options {
   /// [tokens x top_k]) before dispatch, e.g. to impose a Zipf load. Called on the rank's thread. Outputs are
   /// then meaningless.
   std::function<void(int rank, int moe_layer, std::span<int32_t> ids)> routing_override;
+  /// The GPU data plane (cuda backend; every rank of the group on one host): dispatch and combine rows move
+  /// between the ranks' device memory (runtime/ep_device_plane.hpp, fp8 out and bf16 back) instead of through the
+  /// transport as fp32 host bytes. The transport still carries the step header, the load gather and the
+  /// rebalance's weights. A step in which some micro-batch has more than device_max_tokens tokens (normal mode)
+  /// moves its rows through the transport instead; every rank decides the same from the step header.
+  bool device_exchange = false;
+  int device_max_tokens = 512;
+  /// Bounded wait of the GPU exchange's receives: a peer silent this long fails the step.
+  double device_timeout_s = 10;
 };
 
 struct ep_stats {
@@ -128,7 +138,9 @@ struct ep_stats {
   int64_t experts_moved_in = 0;      // expert replicas this rank received through the transport
   int64_t experts_copied_local = 0;  // new replicas this rank already held
   int64_t weight_bytes_in = 0;       // bytes of expert weights received
-  int64_t expert_rows = 0;           // (token, k) rows this rank's experts computed, all layers
+  int64_t expert_rows = 0;           // (token, k) rows this rank's experts computed, all layers (host plane)
+  int64_t device_steps = 0;          // steps whose rows went through the GPU data plane
+  int64_t device_tokens_sent = 0;    // token rows this rank dispatched through it (all MoE layers)
   std::string last_rebalance_note;   // why the last request did nothing, if it did nothing
 };
 
@@ -198,6 +210,9 @@ public:
   ep_transport& transport() { return transport_; }
   /// Slots this rank holds (local index i is global slot slot_begin + i), for tests.
   const ep_expert_store& store() const { return store_; }
+  /// The GPU data plane (nullptr without options().device_exchange) and whether the last step used it.
+  const device_plane* plane() const { return plane_.get(); }
+  bool last_step_on_device() const { return step_device_; }
 
 private:
   friend class ep_moe_experts;
@@ -205,6 +220,9 @@ private:
 
   void prepare_rebalance();
   void finish_rebalance();
+  void open_plane();
+  /// Backend arrays of the local slots' weight pointers of MoE layer `ml`: [gate_up x n_local | down x n_local].
+  const float* const* expert_pointers(int ml);
 
   std::unique_ptr<deepseek_model> model_;
   ep_transport& transport_;
@@ -219,6 +237,12 @@ private:
   bool group_had_tokens_ = true;
   std::unique_ptr<rebalance_plan> pending_rebalance_;
   ep_stats stats_;
+  std::unique_ptr<device_plane> plane_;
+  bool plane_open_ = false;
+  bool step_device_ = false;
+  int64_t mb_group_tokens_[2] = {0, 0}; // tokens of the whole group per micro-batch this step (step header)
+  std::vector<device_buffer> expert_ptrs_; // per MoE layer, see expert_pointers()
+  uint64_t store_version_ = 0, ptrs_version_ = ~uint64_t(0);
   step_result mb_out_[2];
   sequence_step halves_[2]; // a lone prefill sequence split into two micro-batches
 };

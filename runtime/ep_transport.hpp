@@ -7,8 +7,9 @@
 //
 // Implementations:
 //   inprocess_exchange   N ranks as N threads of one process (shared-memory mailboxes), with an injectable delay.
-//   (later) UCX          ranks in different processes on CPU (transport/ep_ucx), tagged sends per destination.
-//   (later) GPU          NCCL / P2P kernels; the byte ranges are then device memory of the rank's backend.
+//   ep_ucx_transport     ranks in different processes (transport/ep_ucx), tagged sends per destination.
+// The token rows themselves may bypass it: with ep_options::device_exchange, runtime/ep_device_plane moves them
+// between the ranks' GPUs and the transport carries only the control traffic.
 #pragma once
 
 #include <chrono>
@@ -39,6 +40,7 @@ enum class exchange_phase : uint8_t {
   combine = 3,     // expert outputs back to the tokens' ranks
   load_gather = 4, // expert-load windows, for EPLB
   weights = 5,     // expert weights moving to their new ranks
+  device_handles = 6, // the GPU data planes' buffer handles, once per group (runtime/ep_device_plane.hpp)
 };
 
 /// step (40 bits) | micro-batch (4 bits) | layer (16 bits) | phase (4 bits).

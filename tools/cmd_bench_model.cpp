@@ -13,6 +13,9 @@
 //                     load) and step time with the initial placement, requests a live EPLB rebalance, and reports
 //                     both again with the new placement;
 //   --tbo, --dispatch-delay-us U, --ep-mode, --redundant R as in petrel generate.
+//   --ep-data host|gpu|both  where the dispatch/combine rows go: through the host transport (fp32), through the GPU
+//                     data plane (runtime/ep_device_plane.hpp, cuda backend), or both groups alternated step by step
+//                     (reports the step time ratio).
 #include <algorithm>
 #include <cmath>
 #include <chrono>
@@ -43,6 +46,7 @@ struct bench_cli {
   bool tbo = false;
   int64_t dispatch_delay_us = 0, steps = 8;
   std::string ep_mode = "normal";
+  std::string ep_data = "host"; // host | gpu | both (alternate the two and compare)
   uint64_t seed = 1;
 };
 
@@ -204,6 +208,7 @@ struct ep_bench_group {
                                 {"balancedness_measured_rows", mx > 0 ? double(sum) / double(r1.size()) / double(mx) : 1.0},
                                 {"expert_rows_per_rank", per_rank}};
     if (modelled_balancedness >= 0) j["balancedness_eplb_model"] = modelled_balancedness;
+    j["steps_on_gpu_plane"] = g->rank(0).stats().device_steps;
     return j;
   }
 };
@@ -233,6 +238,9 @@ int run_ep(const bench_cli& o) {
   if (o.steps < 1 || o.dispatch_delay_us < 0 || o.redundant < 0 || o.prefill_batch < 1 || o.prompt_len < 1)
     return bad("--steps, --prefill-batch, --prompt-len must be >= 1, --dispatch-delay-us and --redundant >= 0");
   if (o.zipf >= 0 && o.tbo) return bad("--zipf and --tbo are separate comparisons: give one of them");
+  if (o.ep_data != "host" && o.ep_data != "gpu" && o.ep_data != "both")
+    return bad("--ep-data must be host, gpu or both, got '" + o.ep_data + "'");
+  if (o.ep_data == "both" && (o.tbo || o.zipf >= 0)) return bad("--ep-data both is its own comparison: drop --tbo/--zipf");
   ep_group_options go;
   go.size = o.ep;
   go.redundant = o.redundant;
@@ -240,6 +248,9 @@ int run_ep(const bench_cli& o) {
   go.dispatch_delay = std::chrono::microseconds(o.dispatch_delay_us);
   go.rank.mode = o.ep_mode == "normal" ? ep_mode::normal : ep_mode::low_latency;
   go.rank.load_window = int(2 * o.steps + 16);
+  go.rank.device_exchange = o.ep_data == "gpu";
+  if (o.ep_data != "host") prepare_process_for_device_plane(); // before the first CUDA call
+  go.rank.device_max_tokens = int(std::max<int64_t>(512, o.prefill_batch * o.prompt_len));
   petrel::model_config cfg;
   try {
     cfg = petrel::model_config::load(o.model);
@@ -275,6 +286,7 @@ int run_ep(const bench_cli& o) {
                               {"ep", o.ep},
                               {"redundant", o.redundant},
                               {"mode", o.ep_mode},
+                              {"ep_data", o.ep_data},
                               {"dispatch_delay_us", o.dispatch_delay_us},
                               {"tokens_per_rank_step", tokens},
                               {"prefill_batch", o.prefill_batch},
@@ -317,6 +329,15 @@ int run_ep(const bench_cli& o) {
           *std::min_element(fixed->ms.begin(), fixed->ms.end()) / *std::min_element(live->ms.begin(), live->ms.end());
       j["busiest_rank_cpu_ratio_before_over_after"] = median(fixed->critical_cpu_ms) / median(live->critical_cpu_ms);
       j["anchor"] = "SGLang on 96 H100s (ANCHORS.md): EPLB gives 1.49x prefill, 2.54x decode throughput";
+    } else if (o.ep_data == "both") {
+      auto gpu_opts = go;
+      gpu_opts.rank.device_exchange = true;
+      auto host = make(go);
+      auto gpu = make(gpu_opts);
+      alternate(*host, *gpu, o.steps);
+      j["host_plane"] = host->report();
+      j["gpu_plane"] = gpu->report();
+      j["step_time_ratio_host_over_gpu"] = median(host->ms) / median(gpu->ms);
     } else {
       auto tbo_opts = go;
       tbo_opts.rank.two_batch_overlap = true;
@@ -441,6 +462,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_flag("--tbo", o->tbo, "EP: two-batch overlap");
       sub.add_option("--dispatch-delay-us", o->dispatch_delay_us, "EP: simulated wire time of every all-to-all");
       sub.add_option("--ep-mode", o->ep_mode, "EP: normal | low_latency");
+      sub.add_option("--ep-data", o->ep_data, "EP: rows through the host transport, the GPU data plane, or both compared");
       sub.add_option("--steps", o->steps, "EP: timed steps per phase (median reported)");
       sub.add_option("--seed", o->seed, "EP: seed of the Zipf routing and dummy weights");
       return [o] { return run(*o); };

@@ -49,6 +49,8 @@ const bool rebalance_registered = register_command(
                       << r.value("rebalances", 0) << ", experts moved in " << r.value("experts_moved_in", 0);
             if (r.contains("balancedness"))
               std::cout << ", balancedness " << r["balancedness"].get<double>();
+            if (r.value("device_steps", 0) > 0)
+              std::cout << ", steps on the GPU expert exchange " << r.value("device_steps", 0);
             std::cout << "\n";
           }
           return 0;

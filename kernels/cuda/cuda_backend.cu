@@ -3,6 +3,7 @@
 #include "kernels/cuda/cuda_backend.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -138,6 +139,16 @@ struct cuda_backend::impl {
     size_t bytes = 0;
   };
   ws_slot ws[4];
+  std::vector<void*> retired_ws; // outgrown workspaces, freed with the backend (see workspace())
+
+  // Host copies go through pinned memory: a pageable copy blocks inside the driver until the stream reaches it,
+  // and other threads' cudaMalloc then wait for the driver lock it holds. With EP ranks as threads sharing a GPU,
+  // the stream may be waiting for exactly that other thread's next launch (a deadlock until the wait times out).
+  // copy_to_device writes into a ring and records `ring_done` after each copy; a wrap waits for it first.
+  static constexpr size_t bounce_bytes = size_t(8) << 20;
+  char* bounce = nullptr;
+  size_t ring_at = 0;
+  cudaEvent_t ring_done = nullptr;
 
   void flush_cache_locked() {
     for (auto& [cls, v] : cache)
@@ -179,6 +190,9 @@ cuda_backend::cuda_backend(int device, cuda_backend_options opt) : device_(devic
   // A fixed workspace keeps cuBLAS from allocating inside a graph capture.
   check(cudaMalloc(&impl_->cublas_ws, opt_.cublas_workspace_bytes), "cudaMalloc(cuBLAS workspace)");
   check_cublas(cublasSetWorkspace(impl_->cublas, impl_->cublas_ws, opt_.cublas_workspace_bytes), "cublasSetWorkspace");
+  check(cudaHostAlloc(reinterpret_cast<void**>(&impl_->bounce), impl::bounce_bytes, cudaHostAllocDefault),
+        "cudaHostAlloc(copy bounce buffer)");
+  check(cudaEventCreateWithFlags(&impl_->ring_done, cudaEventDisableTiming), "cudaEventCreate");
   set_allow_tf32(opt_.allow_tf32);
 }
 
@@ -200,6 +214,9 @@ cuda_backend::~cuda_backend() {
   }
   for (auto& [p, cls] : impl_->freed_in_capture) cudaFree(p);
   for (auto& w : impl_->ws) cudaFree(w.p);
+  for (void* p : impl_->retired_ws) cudaFree(p);
+  if (impl_->bounce) cudaFreeHost(impl_->bounce);
+  if (impl_->ring_done) cudaEventDestroy(impl_->ring_done);
   impl_->flush_cache_locked();
   // Buffers still alive past their backend are freed here too: the device memory must go back.
   for (auto& [p, cls] : impl_->live) cudaFree(p);
@@ -305,8 +322,9 @@ void* cuda_backend::workspace(int slot, size_t bytes) {
     throw cuda_error("cuda backend: an op needs " + std::to_string(bytes) +
                          " bytes of workspace during a graph capture; run the same step once before capturing",
                      int(cudaErrorStreamCaptureUnsupported));
-  check(cudaStreamSynchronize(impl_->compute), "workspace(synchronize)");
-  cudaFree(w.p);
+  // The outgrown block is kept until the backend goes: freeing it now would wait for the whole device (cudaFree
+  // synchronises), which never goes idle while a peer rank of this process spins in a receive.
+  if (w.p) impl_->retired_ws.push_back(w.p);
   w.p = nullptr;
   w.bytes = 0;
   size_t want = size_class(bytes + bytes / 4);
@@ -328,8 +346,25 @@ void cuda_backend::copy_to_device(void* dst, const void* src, size_t bytes) {
     throw cuda_error("cuda backend: copy_to_device cannot be captured in a CUDA graph; fill the input buffers before "
                      "replay_graph",
                      int(cudaErrorStreamCaptureUnsupported));
-  // From pageable memory the call returns once the source is staged, so the caller may reuse it at once.
-  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_->compute), "copy_to_device");
+  // Staged through the pinned ring (see impl::bounce), so the caller may reuse `src` at once.
+  auto* d = static_cast<char*>(dst);
+  auto* s = static_cast<const char*>(src);
+  constexpr size_t ring = impl::bounce_bytes;
+  while (bytes > 0) {
+    const size_t n = std::min(bytes, ring);
+    if (impl_->ring_at + n > ring) {
+      check(cudaEventSynchronize(impl_->ring_done), "copy_to_device(ring)");
+      impl_->ring_at = 0;
+    }
+    char* stage = impl_->bounce + impl_->ring_at;
+    std::memcpy(stage, s, n);
+    check(cudaMemcpyAsync(d, stage, n, cudaMemcpyHostToDevice, impl_->compute), "copy_to_device");
+    check(cudaEventRecord(impl_->ring_done, impl_->compute), "copy_to_device(event)");
+    impl_->ring_at += (n + 255) / 256 * 256;
+    d += n;
+    s += n;
+    bytes -= n;
+  }
 }
 
 void cuda_backend::copy_to_host(void* dst, const void* src, size_t bytes) {
@@ -337,8 +372,20 @@ void cuda_backend::copy_to_host(void* dst, const void* src, size_t bytes) {
   if (capturing_)
     throw cuda_error("cuda backend: copy_to_host cannot be captured in a CUDA graph",
                      int(cudaErrorStreamCaptureUnsupported));
-  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_->compute), "copy_to_host");
-  check(cudaStreamSynchronize(impl_->compute), "copy_to_host(synchronize)");
+  // Through the pinned bounce buffer (see impl::bounce). The stream orders this after every earlier upload that
+  // still reads the ring, and once it is synchronised the whole ring is free again.
+  auto* d = static_cast<char*>(dst);
+  auto* s = static_cast<const char*>(src);
+  while (bytes > 0) {
+    const size_t n = std::min(bytes, impl::bounce_bytes);
+    check(cudaMemcpyAsync(impl_->bounce, s, n, cudaMemcpyDeviceToHost, impl_->compute), "copy_to_host");
+    check(cudaStreamSynchronize(impl_->compute), "copy_to_host(synchronize)");
+    impl_->ring_at = 0;
+    std::memcpy(d, impl_->bounce, n);
+    d += n;
+    s += n;
+    bytes -= n;
+  }
 }
 
 void cuda_backend::copy_device(void* dst, const void* src, size_t bytes) {

@@ -380,8 +380,10 @@ TEST_CASE("choices: backend, strategy, expert exchange, UCX transports") {
   CHECK_CONFIG_ERROR(dir, base + "supervision: {strategy: one_for_none}\n", 8,
                      "supervision.strategy 'one_for_none' is unknown (did you mean 'one_for_one'?)");
   CHECK_CONFIG_ERROR(dir, base + "transport: {expert_exchange: nvlink}\n", 8,
-                     "transport.expert_exchange 'nvlink' is unknown; use inproc, ucx or nccl");
+                     "transport.expert_exchange 'nvlink' is unknown; use inproc, ucx, cuda_ipc or nccl");
   CHECK_CONFIG_ERROR(dir, base + "transport: {expert_exchange: nccl}\n", 8, "'nccl' needs model.backend: cuda");
+  CHECK_CONFIG_ERROR(dir, base + "transport: {expert_exchange: cuda_ipc}\n", 8,
+                     "'cuda_ipc' needs model.backend: cuda; with the cpu backend use inproc or ucx");
   CHECK_CONFIG_ERROR(dir, base + "transport: {kv_tls: tpc}\n", 8,
                      "transport.kv_tls names 'tpc', which is not a UCX transport (did you mean 'tcp'?)");
   CHECK_CONFIG_ERROR(dir, base + "transport: {kv_tls: 'tcp,'}\n", 8, "is not a list of UCX transports");
@@ -564,6 +566,22 @@ TEST_CASE("an EP group over several node processes needs an exchange that crosse
                      "prefill group 'prefill0' spans 2 node processes, but transport.expert_exchange 'inproc' stays "
                      "inside one process; set transport.expert_exchange: ucx");
   CHECK_NOTHROW(dir.parse(yaml + std::string("transport: {expert_exchange: ucx}\n")));
+  // The GPU expert exchange maps device memory between the group's ranks: one host, any number of processes.
+  std::string gpu = yaml;
+  gpu.replace(gpu.find("{path: model}"), 13, "{path: model, backend: cuda}");
+  int device = 0;
+  for (const char* n : {"p0", "p1", "d0"}) {
+    const std::string key = std::string("{name: ") + n + ", ranks: 1}";
+    gpu.replace(gpu.find(key), key.size(),
+                std::string("{name: ") + n + ", ranks: [cuda:" + std::to_string(device++) + "]}");
+  }
+  CHECK_CONFIG_ERROR(dir, gpu, 9, "set transport.expert_exchange: cuda_ipc");
+  CHECK(dir.parse(gpu + "transport: {expert_exchange: cuda_ipc}\n").transport.expert_exchange == "cuda_ipc");
+  std::string two_hosts = gpu;
+  two_hosts.replace(two_hosts.find("{name: p1,"), 10, "{name: p1, host: 10.0.0.2,");
+  CHECK_CONFIG_ERROR(dir, two_hosts + "transport: {expert_exchange: cuda_ipc}\n", 8,
+                     "group 'prefill0' has nodes on hosts '127.0.0.1' and '10.0.0.2', but transport.expert_exchange "
+                     "'cuda_ipc' maps GPU memory between the ranks of one host");
 }
 
 TEST_CASE("fixed ports never collide; port 0 means any free port") {

@@ -1,0 +1,485 @@
+// The GPU data plane of an EP group (runtime/ep_device_plane.hpp): ep_buffer's dispatch/combine kernels, glued to
+// the cuda backend's fp32 activations and grouped expert FFN.
+//
+// Streams: the backend's compute stream runs every conversion and the experts; each micro-batch's ep_buffer has
+// its own stream for the all-to-all kernels (whose waits spin). Events order the two, so the host never waits:
+//   compute: quantise ---ev_in--> ep: dispatch ---ev_recv--> compute: experts ---ev_y--> ep: combine
+//   ---ev_out--> compute: copy into `out`.
+// Buffer reuse across layers is safe because each stage of layer l+1 is ordered after the matching stage of
+// layer l on both streams. Every buffer the ep stream writes or reads is (re)allocated before the hand-off that
+// precedes that use: an allocation zero-fills on the compute stream.
+#include "runtime/ep_device_plane.hpp"
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cuda/cuda_backend.hpp"
+#include "kernels/cuda/ep_a2a.hpp"
+#include "kernels/cuda/fp8_layout.hpp"
+
+namespace petrel::ep {
+namespace {
+
+using petrel::cuda::fp8_block;
+using petrel::cuda::fp8_scale_ld;
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("GPU expert exchange: ") + what + ": " + cudaGetErrorString(e));
+}
+void check_status(const petrel::cuda::kernel_status& s) {
+  if (!s.ok()) throw std::runtime_error("GPU expert exchange: " + s.message);
+}
+void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
+
+unsigned grid_for(int64_t n, int threads, int64_t cap = 4096) {
+  int64_t g = (n + threads - 1) / threads;
+  return unsigned(std::clamp<int64_t>(g, 1, cap));
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// -- conversions --------------------------------------------------------------------------------------------
+
+// One warp per (row, 128-block): the same 1x128 quantisation as kernels/cuda/quant (amax floored, IEEE divide),
+// from fp32 rows with a leading dimension.
+__global__ void quantize_f32_kernel(const float* __restrict__ x, int64_t ld, int64_t rows, int64_t hidden,
+                                    int64_t scale_ld, uint8_t* __restrict__ q, float* __restrict__ scales) {
+  const int lane = threadIdx.x & 31;
+  const int64_t blocks = hidden / fp8_block;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); w < rows * blocks; w += warps) {
+    const int64_t row = w / blocks, kb = w % blocks;
+    const float4 v = *reinterpret_cast<const float4*>(x + row * ld + kb * fp8_block + lane * 4);
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    amax = fmaxf(warp_max(amax), petrel::cuda::fp8_amax_floor);
+    const float scale = amax / petrel::cuda::fp8_e4m3_max;
+    const __nv_fp8x2_storage_t lo =
+        __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.x, scale), __fdiv_rn(v.y, scale)), __NV_SATFINITE, __NV_E4M3);
+    const __nv_fp8x2_storage_t hi =
+        __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.z, scale), __fdiv_rn(v.w, scale)), __NV_SATFINITE, __NV_E4M3);
+    *reinterpret_cast<uint32_t*>(q + row * hidden + kb * fp8_block + lane * 4) = uint32_t(lo) | (uint32_t(hi) << 16);
+    if (lane == 0) scales[kb * scale_ld + row] = scale;
+  }
+}
+
+__global__ void f32_to_bf16_kernel(const float* __restrict__ x, int64_t ld, int64_t rows, int64_t cols,
+                                   __nv_bfloat16* __restrict__ out) {
+  const int64_t n = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[(i / cols) * ld + i % cols]);
+}
+
+__global__ void bf16_to_f32_kernel(const __nv_bfloat16* __restrict__ in, int64_t rows, int64_t cols, float* out,
+                                   int64_t ld) {
+  const int64_t n = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[(i / cols) * ld + i % cols] = __bfloat162float(in[i]);
+}
+
+__device__ __forceinline__ float dequant(const uint8_t* q, const float* scales, int64_t scale_ld, int64_t row,
+                                         int64_t col) {
+  __nv_fp8_e4m3 v;
+  v.__x = q[col];
+  return float(v) * scales[(col / fp8_block) * scale_ld + row];
+}
+
+// -- normal mode: group the received (row, k) pairs by local expert --------------------------------------------
+
+// One block. Pairs of the `total` received rows (rank_offsets[ranks]) whose local expert id is >= 0 get a
+// position: offsets[e] .. offsets[e+1] for expert e; perm_src[p] = the received row, pair_pos[i] = p (or -1).
+// The order inside an expert does not matter: every row's FFN result depends on that row only.
+__global__ void __launch_bounds__(1024) recv_permute_kernel(const int* __restrict__ topk_idx,
+                                                            const int* __restrict__ rank_offsets, int ranks, int k,
+                                                            int experts, int* offsets, int* perm_src, int* pair_pos) {
+  extern __shared__ int cnt[]; // [experts + 1]
+  const int total = rank_offsets[ranks];
+  const int64_t n = int64_t(total) * k;
+  for (int e = threadIdx.x; e <= experts; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int e = topk_idx[i];
+    if (e >= 0 && e < experts) atomicAdd(&cnt[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int e = 0; e < experts; ++e) {
+      const int c = cnt[e];
+      offsets[e] = acc;
+      cnt[e] = acc; // becomes the cursor
+      acc += c;
+    }
+    offsets[experts] = acc;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int e = topk_idx[i];
+    if (e >= 0 && e < experts) {
+      const int p = atomicAdd(&cnt[e], 1);
+      perm_src[p] = int(i / k);
+      pair_pos[i] = p;
+    } else {
+      pair_pos[i] = -1;
+    }
+  }
+}
+
+// xp[p] = dequant(received row perm_src[p]) for p < offsets[experts].
+__global__ void gather_dequant_kernel(const uint8_t* __restrict__ x, const float* __restrict__ scales, int64_t scale_ld,
+                                      const int* __restrict__ perm_src, const int* __restrict__ offsets, int experts,
+                                      int64_t hidden, float* __restrict__ xp) {
+  const int64_t rows = offsets[experts];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t src = perm_src[r];
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x)
+      xp[r * hidden + c] = dequant(x + src * hidden, scales, scale_ld, src, c);
+  }
+}
+
+// y[r] = bf16(sum over k in order with pair_pos >= 0 of w[r, k] * yp[pair_pos[r, k]]) for received rows r.
+__global__ void recv_reduce_kernel(const float* __restrict__ yp, const int* __restrict__ pair_pos,
+                                   const float* __restrict__ w, const int* __restrict__ rank_offsets, int ranks, int k,
+                                   int64_t hidden, __nv_bfloat16* __restrict__ y) {
+  const int total = rank_offsets[ranks];
+  for (int64_t r = blockIdx.x; r < total; r += gridDim.x)
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
+      float acc = 0.0f;
+      for (int j = 0; j < k; ++j) {
+        const int p = pair_pos[r * k + j];
+        if (p >= 0) acc = fmaf(w[r * k + j], yp[int64_t(p) * hidden + c], acc);
+      }
+      y[r * hidden + c] = __float2bfloat16_rn(acc);
+    }
+}
+
+// -- low-latency mode: the masked layout, compacted for the fp32 grouped FFN ------------------------------------
+
+__global__ void masked_offsets_kernel(const int* __restrict__ masked_m, int experts, int* offsets) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) {
+    int acc = 0;
+    for (int e = 0; e < experts; ++e) {
+      offsets[e] = acc;
+      acc += masked_m[e];
+    }
+    offsets[experts] = acc;
+  }
+}
+
+// Block per masked row (e, m): when m < masked_m[e], xp[offsets[e] + m] = dequant(row).
+__global__ void masked_gather_kernel(const uint8_t* __restrict__ x, const float* __restrict__ scales, int64_t scale_ld,
+                                     const int* __restrict__ masked_m, const int* __restrict__ offsets, int experts,
+                                     int64_t max_m, int64_t hidden, float* __restrict__ xp) {
+  for (int64_t row = blockIdx.x; row < int64_t(experts) * max_m; row += gridDim.x) {
+    const int e = int(row / max_m);
+    const int64_t m = row % max_m;
+    if (m >= masked_m[e]) continue;
+    float* dst = xp + (offsets[e] + m) * hidden;
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = dequant(x + row * hidden, scales, scale_ld, row, c);
+  }
+}
+
+// y_masked[e, m] = bf16(yp[offsets[e] + m]) for m < masked_m[e].
+__global__ void masked_scatter_kernel(const float* __restrict__ yp, const int* __restrict__ masked_m,
+                                      const int* __restrict__ offsets, int experts, int64_t max_m, int64_t hidden,
+                                      __nv_bfloat16* __restrict__ y) {
+  for (int64_t row = blockIdx.x; row < int64_t(experts) * max_m; row += gridDim.x) {
+    const int e = int(row / max_m);
+    const int64_t m = row % max_m;
+    if (m >= masked_m[e]) continue;
+    const float* src = yp + (offsets[e] + m) * hidden;
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) y[row * hidden + c] = __float2bfloat16_rn(src[c]);
+  }
+}
+
+// -- the plane ----------------------------------------------------------------------------------------------
+
+class cuda_ipc_plane final : public device_plane {
+public:
+  cuda_ipc_plane(kernels::cuda_backend& be, const device_plane_config& cfg) : be_(be), cfg_(cfg) {
+    local_ = cfg.slots / cfg.ranks;
+    stream_ = static_cast<cudaStream_t>(be.compute_stream());
+    for (int mb = 0; mb < cfg.micro_batches; ++mb) {
+      petrel::cuda::ep_buffer_config bc;
+      bc.rank = cfg.rank;
+      bc.ranks = cfg.ranks;
+      bc.hidden = int(cfg.hidden);
+      bc.experts = cfg.slots;
+      bc.topk = cfg.top_k;
+      bc.max_tokens = cfg.max_tokens;
+      bc.ll_max_tokens = std::max(1, cfg.ll_max_tokens);
+      bc.normal = true;
+      bc.low_latency = cfg.ll_max_tokens > 0;
+      bc.timeout_s = cfg.timeout_s;
+      bc.device = be.device();
+      slot_[mb].buf = std::make_unique<petrel::cuda::ep_buffer>(bc);
+      for (cudaEvent_t* ev : {&slot_[mb].ev_in, &slot_[mb].ev_recv, &slot_[mb].ev_y, &slot_[mb].ev_out})
+        check_cuda(cudaEventCreateWithFlags(ev, cudaEventDisableTiming), "cudaEventCreate");
+    }
+  }
+
+  ~cuda_ipc_plane() override {
+    cudaStreamSynchronize(stream_);
+    for (auto& s : slot_) {
+      if (!s.buf) continue;
+      cudaStreamSynchronize(s.buf->stream());
+      for (cudaEvent_t ev : {s.ev_in, s.ev_recv, s.ev_y, s.ev_out})
+        if (ev) cudaEventDestroy(ev);
+    }
+  }
+
+  std::vector<uint8_t> export_handle() const override {
+    std::vector<uint8_t> out;
+    for (int mb = 0; mb < cfg_.micro_batches; ++mb) {
+      const std::vector<uint8_t> h = slot_[mb].buf->export_handle();
+      const uint32_t n = uint32_t(h.size());
+      const size_t at = out.size();
+      out.resize(at + 4 + h.size());
+      std::memcpy(out.data() + at, &n, 4);
+      std::memcpy(out.data() + at + 4, h.data(), h.size());
+    }
+    return out;
+  }
+
+  void open_peers(const std::vector<std::vector<uint8_t>>& handles) override {
+    if (int(handles.size()) != cfg_.ranks)
+      throw std::runtime_error("GPU expert exchange: " + std::to_string(handles.size()) + " handles for " +
+                               std::to_string(cfg_.ranks) + " ranks");
+    for (int mb = 0; mb < cfg_.micro_batches; ++mb) {
+      std::vector<std::vector<uint8_t>> part(handles.size());
+      for (size_t r = 0; r < handles.size(); ++r) {
+        const std::vector<uint8_t>& h = handles[r];
+        size_t at = 0;
+        for (int j = 0; j <= mb; ++j) {
+          uint32_t n = 0;
+          if (at + 4 > h.size()) throw std::runtime_error("GPU expert exchange: rank " + std::to_string(r) +
+                                                          " sent a short handle (micro-batch buffers differ?)");
+          std::memcpy(&n, h.data() + at, 4);
+          if (at + 4 + n > h.size()) throw std::runtime_error("GPU expert exchange: rank " + std::to_string(r) +
+                                                              " sent a truncated handle");
+          if (j == mb) part[r].assign(h.begin() + long(at + 4), h.begin() + long(at + 4 + n));
+          at += 4 + n;
+        }
+      }
+      check_status(slot_[mb].buf->open_peers(part));
+    }
+  }
+
+  void dispatch(int mb, bool low_latency, const mat_view& hidden, const int32_t* slots_dev, const float* weights_dev,
+                int64_t tokens) override {
+    slot& s = at(mb);
+    const int64_t H = cfg_.hidden;
+    s.tokens = tokens;
+    s.low_latency = low_latency;
+    s.slots_dev = slots_dev;
+    s.weights_dev = weights_dev;
+    const int limit = low_latency ? cfg_.ll_max_tokens : cfg_.max_tokens;
+    if (tokens > 0 && !low_latency && (hidden.ld % 4 != 0 || reinterpret_cast<uintptr_t>(hidden.data) % 16 != 0))
+      throw std::invalid_argument("GPU expert exchange: hidden rows must be 16-byte aligned (ld " +
+                                  std::to_string(hidden.ld) + ")");
+    if (tokens > limit)
+      throw std::invalid_argument("GPU expert exchange: " + std::to_string(tokens) + " tokens in one micro-batch, the " +
+                                  (low_latency ? "low-latency" : "normal") + " buffers hold " + std::to_string(limit));
+    if (low_latency) {
+      ensure(s.x_bf16, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(tokens, 1) * H));
+      if (tokens > 0) {
+        f32_to_bf16_kernel<<<grid_for(tokens * H, 256), 256, 0, stream_>>>(hidden.data, hidden.ld, tokens, H,
+                                                                          static_cast<__nv_bfloat16*>(s.x_bf16.data()));
+        check_launch("bf16 cast");
+      }
+      handoff(s.ev_in, stream_, s.buf->stream());
+      check_status(s.buf->ll_dispatch_send(s.x_bf16.data(), slots_dev, int(tokens)));
+    } else {
+      const int64_t sld = fp8_scale_ld(std::max<int64_t>(tokens, 1));
+      ensure(s.x_fp8, size_t(std::max<int64_t>(tokens, 1) * H));
+      ensure(s.x_scales, sizeof(float) * size_t((H / fp8_block) * sld));
+      if (tokens > 0) {
+        quantize_f32_kernel<<<grid_for(tokens * (H / fp8_block), 8), 256, 0, stream_>>>(
+            hidden.data, hidden.ld, tokens, H, fp8_scale_ld(tokens), static_cast<uint8_t*>(s.x_fp8.data()),
+            s.x_scales.f32());
+        check_launch("fp8 quantisation");
+      }
+      handoff(s.ev_in, stream_, s.buf->stream());
+      check_status(s.buf->dispatch(s.x_fp8.data(), s.x_scales.f32(), slots_dev, weights_dev, int(tokens)));
+      handoff(s.ev_recv, s.buf->stream(), stream_);
+    }
+    rows_sent_ += tokens;
+  }
+
+  int64_t compute(int mb, const float* const* gate_up, const float* const* down, int64_t group_tokens) override {
+    slot& s = at(mb);
+    const int64_t H = cfg_.hidden, K = cfg_.top_k;
+    const int E = local_;
+    if (s.low_latency) {
+      check_status(s.buf->ll_dispatch_recv()); // the receive hook: waits on the ep stream only
+      handoff(s.ev_recv, s.buf->stream(), stream_);
+      const petrel::cuda::ep_ll_recv r = s.buf->ll_recv();
+      const int64_t masked_rows = int64_t(E) * r.max_m;
+      const int64_t bound = std::min<int64_t>(masked_rows, group_tokens * std::min<int64_t>(K, E));
+      size_scratch(s, bound);
+      ensure(s.offsets, sizeof(int) * size_t(E + 1));
+      ensure(s.y_bf16, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(masked_rows, 1) * H));
+      masked_offsets_kernel<<<1, 32, 0, stream_>>>(r.masked_m, E, s.offsets.i32());
+      check_launch("masked offsets");
+      const int64_t sld = fp8_scale_ld(masked_rows);
+      if (bound > 0) {
+        masked_gather_kernel<<<grid_for(masked_rows, 1, 65535), 256, 0, stream_>>>(
+            static_cast<const uint8_t*>(r.x_fp8), r.scales, sld, r.masked_m, s.offsets.i32(), E, r.max_m, H,
+            s.xp.f32());
+        check_launch("masked gather");
+        ffn(s, gate_up, down, bound);
+        masked_scatter_kernel<<<grid_for(masked_rows, 1, 65535), 256, 0, stream_>>>(
+            s.yp.f32(), r.masked_m, s.offsets.i32(), E, r.max_m, H, static_cast<__nv_bfloat16*>(s.y_bf16.data()));
+        check_launch("masked scatter");
+      }
+      // The combine's output buffer is (re)allocated here, before the hand-off: an allocation zero-fills on the
+      // compute stream, which must come before the ep stream writes into it.
+      ensure(s.out, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(s.tokens, 1) * H));
+      handoff(s.ev_y, stream_, s.buf->stream());
+      check_status(s.buf->ll_combine_send(s.y_bf16.data()));
+      return bound;
+    }
+    const petrel::cuda::ep_normal_recv r = s.buf->recv();
+    const int64_t rows = std::min<int64_t>(r.capacity, group_tokens);
+    const int64_t bound = rows * std::min<int64_t>(K, E);
+    size_scratch(s, bound);
+    ensure(s.offsets, sizeof(int) * size_t(E + 1));
+    ensure(s.perm_src, sizeof(int) * size_t(std::max<int64_t>(r.capacity * K, 1)));
+    ensure(s.pair_pos, sizeof(int) * size_t(std::max<int64_t>(r.capacity * K, 1)));
+    ensure(s.y_bf16, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(rows, 1) * H));
+    recv_permute_kernel<<<1, 1024, sizeof(int) * size_t(E + 1), stream_>>>(
+        r.topk_idx, r.rank_offsets, cfg_.ranks, int(K), E, s.offsets.i32(), s.perm_src.i32(), s.pair_pos.i32());
+    check_launch("receive permutation");
+    if (bound > 0) {
+      gather_dequant_kernel<<<grid_for(bound, 1, 65535), 256, 0, stream_>>>(
+          static_cast<const uint8_t*>(r.x_fp8), r.scales, fp8_scale_ld(r.capacity), s.perm_src.i32(), s.offsets.i32(),
+          E, H, s.xp.f32());
+      check_launch("gather");
+      ffn(s, gate_up, down, bound);
+      recv_reduce_kernel<<<grid_for(rows, 1, 65535), 256, 0, stream_>>>(
+          s.yp.f32(), s.pair_pos.i32(), r.topk_weights, r.rank_offsets, cfg_.ranks, int(K), H,
+          static_cast<__nv_bfloat16*>(s.y_bf16.data()));
+      check_launch("weighted reduce");
+    }
+    const int64_t T = s.tokens;
+    ensure(s.out, sizeof(float) * size_t(std::max<int64_t>(T, 1) * H));
+    handoff(s.ev_y, stream_, s.buf->stream());
+    check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
+    handoff(s.ev_out, s.buf->stream(), stream_);
+    return bound;
+  }
+
+  void combine(int mb, const mat_view& out) override {
+    slot& s = at(mb);
+    const int64_t H = cfg_.hidden, T = s.tokens;
+    if (s.low_latency) {
+      check_status(s.buf->ll_combine_recv(s.slots_dev, s.weights_dev, int(T), s.out.data()));
+      handoff(s.ev_out, s.buf->stream(), stream_);
+      if (T > 0) {
+        bf16_to_f32_kernel<<<grid_for(T * H, 256), 256, 0, stream_>>>(static_cast<const __nv_bfloat16*>(s.out.data()),
+                                                                     T, H, out.data, out.ld);
+        check_launch("fp32 cast");
+      }
+      return;
+    }
+    // ev_out was recorded after the normal combine in compute(); the compute stream already waits on it.
+    if (T > 0) be_.copy_mat(mat_view(s.out.f32(), T, H), out);
+  }
+
+  void check() override {
+    for (int mb = 0; mb < cfg_.micro_batches; ++mb) {
+      const std::string e = slot_[mb].buf->error();
+      if (!e.empty()) throw std::runtime_error("GPU expert exchange (micro-batch " + std::to_string(mb) + "): " + e);
+    }
+  }
+
+  size_t buffer_bytes() const override {
+    size_t b = 0;
+    for (int mb = 0; mb < cfg_.micro_batches; ++mb) b += slot_[mb].buf->buffer_bytes();
+    return b;
+  }
+  int64_t rows_sent() const override { return rows_sent_; }
+
+private:
+  struct slot {
+    std::unique_ptr<petrel::cuda::ep_buffer> buf;
+    cudaEvent_t ev_in = nullptr, ev_recv = nullptr, ev_y = nullptr, ev_out = nullptr;
+    int64_t tokens = 0;
+    bool low_latency = false;
+    const int32_t* slots_dev = nullptr;
+    const float* weights_dev = nullptr;
+    device_buffer x_fp8, x_scales, x_bf16, offsets, perm_src, pair_pos, xp, gu, act, yp, y_bf16, out;
+  };
+
+  slot& at(int mb) {
+    if (mb < 0 || mb >= cfg_.micro_batches)
+      throw std::invalid_argument("GPU expert exchange: micro-batch " + std::to_string(mb) + " has no buffer (" +
+                                  std::to_string(cfg_.micro_batches) + " configured)");
+    return slot_[mb];
+  }
+
+  void ensure(device_buffer& b, size_t bytes) {
+    bytes = std::max<size_t>(bytes, 256);
+    if (b.bytes() < bytes) b = be_.allocate(std::max(bytes, b.bytes() * 3 / 2));
+  }
+
+  void size_scratch(slot& s, int64_t rows) {
+    const int64_t r = std::max<int64_t>(rows, 1), H = cfg_.hidden, I = cfg_.inter;
+    ensure(s.xp, sizeof(float) * size_t(r * H));
+    ensure(s.gu, sizeof(float) * size_t(r * 2 * I));
+    ensure(s.act, sizeof(float) * size_t(r * I));
+    ensure(s.yp, sizeof(float) * size_t(r * H));
+  }
+
+  void ffn(slot& s, const float* const* gate_up, const float* const* down, int64_t bound) {
+    const int64_t H = cfg_.hidden, I = cfg_.inter;
+    be_.grouped_expert_ffn(s.offsets.i32(), local_, gate_up, down, H, I, bound, mat_view(s.xp.f32(), bound, H),
+                           s.gu.f32(), s.act.f32(), mat_view(s.yp.f32(), bound, H));
+  }
+
+  // `to` waits (on the device) for everything enqueued on `from` so far.
+  static void handoff(cudaEvent_t ev, cudaStream_t from, cudaStream_t to) {
+    check_cuda(cudaEventRecord(ev, from), "cudaEventRecord");
+    check_cuda(cudaStreamWaitEvent(to, ev, 0), "cudaStreamWaitEvent");
+  }
+
+  kernels::cuda_backend& be_;
+  device_plane_config cfg_;
+  int local_ = 0;
+  cudaStream_t stream_ = nullptr;
+  slot slot_[2];
+  int64_t rows_sent_ = 0;
+};
+
+} // namespace
+
+std::unique_ptr<device_plane> make_device_plane(backend& be, const device_plane_config& cfg) {
+  auto* cb = dynamic_cast<kernels::cuda_backend*>(&be);
+  if (!cb)
+    throw std::invalid_argument("the GPU expert exchange needs the cuda backend (this rank runs '" + be.name() + "')");
+  if (cfg.ranks < 1 || cfg.ranks > petrel::cuda::ep_max_ranks)
+    throw std::invalid_argument("the GPU expert exchange takes 1 to " + std::to_string(petrel::cuda::ep_max_ranks) +
+                                " ranks on one host, not " + std::to_string(cfg.ranks));
+  if (cfg.hidden <= 0 || cfg.hidden % fp8_block != 0)
+    throw std::invalid_argument("the GPU expert exchange needs hidden_size divisible by 128 (the model has " +
+                                std::to_string(cfg.hidden) + ")");
+  if (cfg.slots <= 0 || cfg.slots % cfg.ranks != 0)
+    throw std::invalid_argument("the GPU expert exchange needs the expert slots (" + std::to_string(cfg.slots) +
+                                ") divisible by the EP size (" + std::to_string(cfg.ranks) +
+                                "): add redundant experts or change ep_size");
+  if (cfg.top_k < 1 || cfg.top_k > 32) throw std::invalid_argument("the GPU expert exchange takes top_k 1..32");
+  if (cfg.max_tokens < 1) throw std::invalid_argument("the GPU expert exchange needs max_tokens >= 1");
+  if (cfg.micro_batches < 1 || cfg.micro_batches > 2) throw std::invalid_argument("micro_batches must be 1 or 2");
+  return std::make_unique<cuda_ipc_plane>(*cb, cfg);
+}
+
+} // namespace petrel::ep

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU data plane of expert parallelism (runtime/ep_device_plane.hpp) on the device machine: its test
+# (tests/unit/test_cuda_ep_plane) and bench-model step times of in-process EP groups with rows through the host
+# transport against rows through the GPU plane, alternated step by step (--ep-data both).
+#   here:    tools/device/run_ep_plane.sh package [build-dir]   -> device/epplane/bundle.tar.xz (git-ignored)
+#   device:  bash tools/device/run_ep_plane.sh run [what...]    -> logs and bench JSON under $OUT
+# what: test, bench (default both).
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
+here=device/epplane
+cmd=${1:-run}
+shift || true
+if [[ $cmd == package ]]; then
+  build=${1:-build-cudabe}
+  bundle_package "$here" "$build/petrel" "$build/test_cuda_ep_plane" "$build/test_cuda_cluster"
+  exit $?
+fi
+what=${*:-test bench}
+out=${OUT:-/tmp/petrel-epplane-out}
+mkdir -p "$out"
+bundle_unpack "$here" || exit 1
+bin=$BUNDLE_BIN
+export PETREL_BINARY=$bin/petrel PETREL_SOURCE_DIR=$PWD
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.log"
+rc=0
+for w in $what; do
+  case $w in
+  test|cluster)
+    t=$([[ $w == test ]] && echo test_cuda_ep_plane || echo test_cuda_cluster)
+    echo "== $t"
+    timeout 400 "$bin/$t" -s > "$out/$t.log" 2>&1
+    r=$?
+    grep -E '^RESULT|test cases|assertions|ERROR|FAILED|MESSAGE|rel. L2|tokens equal|rank 0:' -A1 "$out/$t.log" | head -80
+    echo "$t rc=$r"
+    [[ $r == 0 ]] || rc=1
+    ;;
+  bench)
+    wide=$PWD/tools/device/dsv3-wide
+    run_bench() { # name args...
+      local name=$1; shift
+      echo "-- $name: $*"
+      timeout 300 "$bin/petrel" bench-model --backend cuda --load dummy --ep-data both "$@" > "$out/bench_$name.json" 2> "$out/bench_$name.err"
+      echo "rc=$? $(cat "$out/bench_$name.json")"
+      tail -3 "$out/bench_$name.err"
+    }
+    run_bench wide_ep2_prefill --model "$wide" --ep 2 --prefill-batch 4 --prompt-len 512 --steps 6
+    run_bench wide_ep2_decode_ll --model "$wide" --ep 2 --ep-mode low_latency --prefill-batch 128 --prompt-len 1 --steps 10
+    run_bench wide_ep4_prefill --model "$wide" --ep 4 --prefill-batch 2 --prompt-len 512 --steps 6
+    run_bench fortune_ep2_prefill --model "$PWD/tests/data/fortune-moe" --ep 2 --prefill-batch 8 --prompt-len 128 --steps 10
+    ;;
+  esac
+done
+exit $rc
