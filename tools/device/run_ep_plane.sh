@@ -4,7 +4,8 @@
 # transport against rows through the GPU plane, alternated step by step (--ep-data both).
 #   here:    tools/device/run_ep_plane.sh package [build-dir]   -> device/epplane/bundle.tar.xz (git-ignored)
 #   device:  bash tools/device/run_ep_plane.sh run [what...]    -> logs and bench JSON under $OUT
-# what: test, bench (default both).
+# what: test (test_cuda_ep_plane), cluster (test_cuda_cluster), alltests (every test_cuda_* binary), bench,
+#       serve (tools/device/run_gpu_serving.sh with the EP variants, host rows against GPU rows). Default: test bench.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 here=device/epplane
@@ -12,7 +13,7 @@ cmd=${1:-run}
 shift || true
 if [[ $cmd == package ]]; then
   build=${1:-build-cudabe}
-  bundle_package "$here" "$build/petrel" "$build/test_cuda_ep_plane" "$build/test_cuda_cluster"
+  bundle_package "$here" "$build/petrel" $(ls "$build"/test_cuda_* | grep -v cmake)
   exit $?
 fi
 what=${*:-test bench}
@@ -33,6 +34,18 @@ for w in $what; do
     grep -E '^RESULT|test cases|assertions|ERROR|FAILED|MESSAGE|rel. L2|tokens equal|rank 0:' -A1 "$out/$t.log" | head -80
     echo "$t rc=$r"
     [[ $r == 0 ]] || rc=1
+    ;;
+  alltests)
+    for t in "$bin"/test_cuda_*; do
+      n=$(basename "$t")
+      timeout 400 "$t" > "$out/$n.log" 2>&1
+      r=$?
+      echo "$n rc=$r $(grep -E '^\[doctest\] (test cases|assertions)' "$out/$n.log" | tr '\n' ' ')"
+      [[ $r == 0 ]] || { rc=1; grep -E 'ERROR' -A3 "$out/$n.log" | head -20; }
+    done
+    ;;
+  serve)
+    PETREL=$bin/petrel bash tools/device/run_gpu_serving.sh ep_tbo_off ep_ipc_tbo_off ep_ipc_tbo_on || rc=1
     ;;
   bench)
     wide=$PWD/tools/device/dsv3-wide

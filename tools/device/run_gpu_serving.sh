@@ -5,7 +5,8 @@
 # With one GPU every rank shares it (model.share_gpus); with N GPUs the ranks spread over them.
 #   here:    tools/device/run_gpu_cluster.sh package build-cudabe      (the bundle holds petrel)
 #   device:  bash tools/device/run_gpu_serving.sh [variants...]        -> $OUT/serve_<variant>.json and .log
-# Variants: pd (1 prefill rank + 1 decode rank), ep_tbo_off, ep_tbo_on (EP2 prefill + EP2 decode).
+# Variants: pd (1 prefill rank + 1 decode rank), ep_tbo_off, ep_tbo_on (EP2 prefill + EP2 decode, rows through the
+# host), ep_ipc_tbo_off, ep_ipc_tbo_on (the same with transport.expert_exchange: cuda_ipc, rows through the GPUs).
 # BACKEND=cpu MODEL=tests/data/fortune-moe/config.json checks the script itself on a machine without a GPU.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
@@ -27,13 +28,14 @@ dev() { # device of rank i
 }
 
 yaml_for() { # variant run_dir
-  local v=$1 run=$2 ranks_p ranks_d ep
+  local v=$1 run=$2 ranks_p ranks_d ep exchange=inproc
   case $v in
     pd) ranks_p="[$(dev 0)]"; ranks_d="[$(dev 1)]"; ep_p=""; ep_d="" ;;
-    ep_tbo_off|ep_tbo_on)
+    ep_tbo_off|ep_tbo_on|ep_ipc_tbo_off|ep_ipc_tbo_on)
       ranks_p="[$(dev 0), $(dev 1)]"; ranks_d="[$(dev 2), $(dev 3)]"
-      tbo=$([[ $v == ep_tbo_on ]] && echo true || echo false)
-      ep_p=", ep_size: 2, two_batch_overlap: $tbo"; ep_d=", ep_size: 2, ep_mode: low_latency" ;;
+      tbo=$([[ $v == *tbo_on ]] && echo true || echo false)
+      ep_p=", ep_size: 2, two_batch_overlap: $tbo"; ep_d=", ep_size: 2, ep_mode: low_latency"
+      [[ $v == ep_ipc_* ]] && exchange=cuda_ipc ;;
     *) echo "unknown variant $v" >&2; return 1 ;;
   esac
   cat <<YAML
@@ -46,6 +48,7 @@ nodes:
 groups:
   prefill: [{name: prefill0, nodes: [p0], chunk_tokens: 4096, max_batch_tokens: 8192, kv_pages: 512, page_size: 64$ep_p}]
   decode: [{name: decode0, nodes: [d0], page_size: 64, max_running: 64, kv_pages: 1024$ep_d}]
+transport: {expert_exchange: $exchange}
 YAML
 }
 
