@@ -414,6 +414,9 @@ ep_rank::ep_rank(std::unique_ptr<deepseek_model> model, ep_placement placement, 
     pc.micro_batches = opt_.two_batch_overlap ? 2 : 1;
     pc.timeout_s = opt_.device_timeout_s;
     plane_ = make_device_plane(be, pc); // std::invalid_argument naming what does not fit
+    // A rank waiting on the GPU for a peer whose step failed would otherwise spin until device_timeout_s.
+    device_plane* plane = plane_.get();
+    transport_.on_abort([plane](const std::string& reason) { plane->abort(reason); });
   }
 }
 
@@ -451,7 +454,9 @@ const float* const* ep_rank::expert_pointers(int ml) {
   return static_cast<const float* const*>(expert_ptrs_[size_t(ml)].data());
 }
 
-ep_rank::~ep_rank() = default;
+ep_rank::~ep_rank() {
+  if (plane_) transport_.on_abort({});
+}
 
 void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_result& out) {
   try {

@@ -70,6 +70,9 @@ public:
   /// Throws std::runtime_error when a kernel recorded a failure (a wait that timed out names the peer). Call it
   /// after the step's work was synchronised (the logits reached the host).
   virtual void check() = 0;
+  /// Makes every wait of this rank's kernels, pending or later, give up at once (check() then names `reason`).
+  /// Thread-safe and non-blocking: the group's abort hook calls it from another thread.
+  virtual void abort(const std::string& reason) = 0;
   /// Bytes of peer-visible device memory this rank allocated (all buffers).
   virtual size_t buffer_bytes() const = 0;
   /// Rows this rank dispatched and received through the plane so far.

@@ -18,6 +18,7 @@ public:
   }
   void wait_all_to_all(uint64_t tag, std::vector<byte_buffer>& recv) override { x_.collect(rank_, tag, recv); }
   void abort(const std::string& reason) override { x_.fail(reason); }
+  void on_abort(std::function<void(const std::string&)> hook) override { x_.set_hook(rank_, std::move(hook)); }
 
 private:
   inprocess_exchange& x_;
@@ -93,8 +94,18 @@ void inprocess_exchange::fail(const std::string& reason) {
   if (!aborted_) {
     aborted_ = true;
     abort_reason_ = reason;
+    // Under the lock, so that a hook is never called after its rank removed it.
+    for (auto& h : hooks_)
+      if (h) h(reason);
   }
   cv_.notify_all();
+}
+
+void inprocess_exchange::set_hook(int rank, std::function<void(const std::string&)> hook) {
+  std::lock_guard lock(mu_);
+  if (hooks_.size() < size_t(size_)) hooks_.resize(size_t(size_));
+  hooks_.at(size_t(rank)) = std::move(hook);
+  if (aborted_ && hooks_[size_t(rank)]) hooks_[size_t(rank)](abort_reason_);
 }
 
 } // namespace petrel::ep

@@ -16,6 +16,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -66,6 +67,11 @@ public:
 
   /// Fails the whole group (idempotent): every pending and later wait on every rank throws transport_error(reason).
   virtual void abort(const std::string& reason) = 0;
+
+  /// Called with the reason when the group is aborted, by whichever thread aborts it (so keep it short and
+  /// non-blocking; an empty function removes it). A rank whose thread waits on the GPU, not in this transport,
+  /// learns of the abort this way. Where the transport cannot tell (a peer in another process), nothing is called.
+  virtual void on_abort(std::function<void(const std::string&)> hook) { (void)hook; }
 };
 
 /// Shared-memory mailboxes of N in-process ranks. make_rank(r) gives rank r's endpoint; the exchange must
@@ -98,6 +104,7 @@ private:
   void deliver(int from, int to, uint64_t tag, std::span<const std::byte> bytes);
   void collect(int rank, uint64_t tag, std::vector<byte_buffer>& recv);
   void fail(const std::string& reason);
+  void set_hook(int rank, std::function<void(const std::string&)> hook);
 
   const int size_;
   mutable std::mutex mu_;
@@ -106,6 +113,7 @@ private:
   std::chrono::microseconds delay_;
   bool aborted_ = false;
   std::string abort_reason_;
+  std::vector<std::function<void(const std::string&)>> hooks_; // per rank, see ep_transport::on_abort
   uint64_t bytes_ = 0;
 };
 

@@ -167,9 +167,12 @@ __device__ bool wait_at_least(const std::uint64_t* p, std::uint64_t target, cons
   const std::uint64_t start = global_ns();
   std::uint32_t spins = 0;
   while (load_acquire_sys(p) < target) {
-    if ((++spins & 1023) == 0 && global_ns() - start > k.timeout_ns) {
-      report_timeout(k.error, kind, peer, round);
-      return false;
+    if ((++spins & 1023) == 0) {
+      if (*reinterpret_cast<volatile int*>(k.error) != 0) return false; // aborted by the host, or a peer wait failed
+      if (global_ns() - start > k.timeout_ns) {
+        report_timeout(k.error, kind, peer, round);
+        return false;
+      }
     }
   }
   return true;
@@ -947,6 +950,7 @@ kernel_status ep_buffer::barrier() {
 std::string ep_buffer::error() const {
   volatile int* e = error_host_;
   if (e[0] == 0) return "";
+  if (e[0] == 2) return "ep rank " + std::to_string(cfg_.rank) + ": aborted: " + abort_reason_;
   if (e[0] != 1) return "ep rank " + std::to_string(cfg_.rank) + ": a wait failed while recording its error";
   return "ep rank " + std::to_string(cfg_.rank) + ": " + wait_name(e[1]) + " timed out after " + std::to_string(cfg_.timeout_s) +
          " s waiting for rank " + std::to_string(e[2]) + " (round " + std::to_string(e[3]) +
@@ -954,5 +958,12 @@ std::string ep_buffer::error() const {
 }
 
 void ep_buffer::clear_error() { std::memset(error_host_, 0, 4 * sizeof(int)); }
+
+void ep_buffer::abort(const std::string& reason) {
+  int expected = 0;
+  // The reason first: error() reads it once the code says 2.
+  if (__atomic_load_n(error_host_, __ATOMIC_ACQUIRE) == 0) abort_reason_ = reason;
+  __atomic_compare_exchange_n(error_host_, &expected, 2, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
 
 } // namespace petrel::cuda

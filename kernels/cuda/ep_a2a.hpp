@@ -145,6 +145,10 @@ public:
   /// after synchronising the stream; clear_error() resets it.
   std::string error() const;
   void clear_error();
+  /// Makes every wait, pending or later, give up at once (its kernels then finish without data); error() names
+  /// `reason`. For a group that failed elsewhere: a rank spinning on the GPU cannot hear a host-side abort.
+  /// Thread-safe (it only writes the mapped error words); the buffer is unusable afterwards.
+  void abort(const std::string& reason);
 
 private:
   struct peer_map;
@@ -158,7 +162,8 @@ private:
   std::size_t shared_bytes_ = 0;
   char* local_ = nullptr;           // this rank's private device state (routing handle, counts, rounds)
   std::size_t local_bytes_ = 0;
-  int* error_host_ = nullptr;       // mapped pinned words: code, kind, peer, round
+  int* error_host_ = nullptr;       // mapped pinned words: code (1 timeout, 2 aborted), kind, peer, round
+  std::string abort_reason_;
   int* error_dev_ = nullptr;
   std::unique_ptr<peer_map> peers_;
   bool peers_open_ = false;

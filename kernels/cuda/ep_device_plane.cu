@@ -402,6 +402,10 @@ public:
     }
   }
 
+  void abort(const std::string& reason) override {
+    for (int mb = 0; mb < cfg_.micro_batches; ++mb) slot_[mb].buf->abort(reason);
+  }
+
   size_t buffer_bytes() const override {
     size_t b = 0;
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) b += slot_[mb].buf->buffer_bytes();

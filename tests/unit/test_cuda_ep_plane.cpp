@@ -10,7 +10,10 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <functional>
+#include <thread>
 #include <filesystem>
 #include <string>
 
@@ -197,17 +200,20 @@ TEST_CASE("micro-batches larger than the GPU buffers go through the transport, b
   }
 }
 
-TEST_CASE("a peer that stops mid-step fails the step through the plane's bounded wait") {
-  if (skip_without_gpu()) return;
+/// Two steps of a 2-rank group (a 7-token prefill each, then one decode token each) with rank 1's routing hook
+/// `fault` called at every MoE layer; returns each rank's error ("" if none) and the seconds both steps took.
+struct fault_run {
+  std::string errors[2];
+  double secs = 0;
+};
+fault_run run_with_fault(double timeout_s, std::function<void(int layer, int call)> fault) {
   ep_group_options go = group_options(2, 0, ep_mode::normal, false, true);
-  go.rank.device_timeout_s = 1;
-  std::atomic<int> calls{0};
-  go.rank.routing_override = [&calls](int rank, int layer, std::span<int32_t>) {
-    // Rank 1 dies at its second MoE layer of the second step, after its first layer went through the plane.
-    if (rank == 1 && layer == 1 && ++calls == 2) throw std::runtime_error("rank 1 crashed (test)");
+  go.rank.device_timeout_s = timeout_s;
+  auto calls = std::make_shared<std::atomic<int>>(0);
+  go.rank.routing_override = [calls, fault](int rank, int layer, std::span<int32_t>) {
+    if (rank == 1 && layer == 1) fault(layer, ++*calls);
   };
   auto group = ep_group::load(model_dir, go);
-  std::vector<std::string> errors(2);
   kv_pool k0(group->rank_backend(0), group->config(), 32, 16), k1(group->rank_backend(1), group->config(), 32, 16);
   kv_pool* kv[2] = {&k0, &k1};
   kv_page_table t0, t1;
@@ -218,6 +224,7 @@ TEST_CASE("a peer that stops mid-step fails the step through the plane's bounded
   std::vector<sequence_step> b0{{p, 0, t0.pages, false}}, b1{{p, 0, t1.pages, false}};
   std::vector<sequence_step> d0{{one, 7, t0.pages, false}}, d1{{one, 7, t1.pages, false}};
   step_result out[2];
+  fault_run fr;
   const auto t_start = std::chrono::steady_clock::now();
   for (int s = 0; s < 2; ++s)
     group->run_on_ranks([&](int r) {
@@ -227,14 +234,36 @@ TEST_CASE("a peer that stops mid-step fails the step through the plane's bounded
         else
           group->rank(r).step(r == 0 ? d0 : d1, *kv[r], out[r]); // one decode token each
       } catch (const std::exception& e) {
-        errors[size_t(r)] = e.what();
+        fr.errors[r] = e.what();
       }
     });
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  MESSAGE("rank 0: " << errors[0] << " | rank 1: " << errors[1] << " | " << secs << " s");
-  CHECK(errors[1].find("rank 1 crashed") != std::string::npos);
-  CHECK(errors[0].find("timed out") != std::string::npos);
-  CHECK(secs < 20);
+  fr.secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  MESSAGE("rank 0: " << fr.errors[0] << " | rank 1: " << fr.errors[1] << " | " << fr.secs << " s");
+  return fr;
+}
+
+TEST_CASE("a peer whose step fails releases the ranks waiting for it on the GPU at once") {
+  if (skip_without_gpu()) return;
+  // Rank 1 dies at its second MoE layer of the second step, after its first layer went through the plane; rank 0
+  // is then spinning on the GPU for rows that never come. The group's abort reaches its plane.
+  const fault_run fr = run_with_fault(20, [](int, int call) {
+    if (call == 2) throw std::runtime_error("rank 1 crashed (test)");
+  });
+  CHECK(fr.errors[1].find("rank 1 crashed") != std::string::npos);
+  CHECK(fr.errors[0].find("aborted") != std::string::npos);
+  CHECK(fr.errors[0].find("rank 1 crashed") != std::string::npos);
+  CHECK(fr.secs < 10); // far below the 20 s bounded wait
+}
+
+TEST_CASE("a peer that stalls without failing is caught by the plane's bounded wait") {
+  if (skip_without_gpu()) return;
+  // Rank 1 stops for 2.5 s in its second step (a hung peer that says nothing): rank 0's receive times out after 1 s.
+  const fault_run fr = run_with_fault(1, [](int, int call) {
+    if (call == 2) std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  });
+  CHECK(fr.errors[0].find("timed out after 1") != std::string::npos);
+  CHECK(fr.errors[0].find("waiting for rank 1") != std::string::npos);
+  CHECK_FALSE(fr.errors[1].empty()); // the group failed for rank 1 too (rank 0's step aborted it)
 }
 
 TEST_CASE("the GPU data plane refuses what it cannot carry, with the reason") {

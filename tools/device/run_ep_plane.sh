@@ -5,7 +5,7 @@
 #   here:    tools/device/run_ep_plane.sh package [build-dir]   -> device/epplane/bundle.tar.xz (git-ignored)
 #   device:  bash tools/device/run_ep_plane.sh run [what...]    -> logs and bench JSON under $OUT
 # what: test (test_cuda_ep_plane), cluster (test_cuda_cluster), alltests (every test_cuda_* binary), bench,
-#       serve (tools/device/run_gpu_serving.sh with the EP variants, host rows against GPU rows). Default: test bench.
+#       chaos (tests/chaos/gpu/ep_ipc.yaml), serve (tools/device/run_gpu_serving.sh with the EP variants, host rows against GPU rows). Default: test bench.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
 here=device/epplane
@@ -43,6 +43,14 @@ for w in $what; do
       echo "$n rc=$r $(grep -E '^\[doctest\] (test cases|assertions)' "$out/$n.log" | tr '\n' ' ')"
       [[ $r == 0 ]] || { rc=1; grep -E 'ERROR' -A3 "$out/$n.log" | head -20; }
     done
+    ;;
+  chaos)
+    echo "== petrel chaos tests/chaos/gpu/ep_ipc.yaml (faults in EP groups on the GPU data plane)"
+    timeout 400 "$bin/petrel" chaos tests/chaos/gpu/ep_ipc.yaml --report "$out/chaos_ep_ipc.json" > "$out/chaos_ep_ipc.log" 2>&1
+    r=$?
+    tail -25 "$out/chaos_ep_ipc.log"
+    echo "chaos rc=$r"
+    [[ $r == 0 ]] || rc=1
     ;;
   serve)
     PETREL=$bin/petrel bash tools/device/run_gpu_serving.sh ep_tbo_off ep_ipc_tbo_off ep_ipc_tbo_on || rc=1
