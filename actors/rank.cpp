@@ -199,6 +199,7 @@ std::string ep_stats_json(const rank_state& st) {
                    {"expert_rows", s.expert_rows},
                    {"device_steps", s.device_steps},
                    {"device_tokens_sent", s.device_tokens_sent},
+                   {"device_buffer_bytes", st.ep->plane() ? st.ep->plane()->buffer_bytes() : size_t(0)},
                    {"slots", st.ep->placement().num_slots}};
   if (!s.last_rebalance_note.empty())
     j["note"] = s.last_rebalance_note;

@@ -61,9 +61,8 @@ public:
                         const float* weights_dev, int64_t tokens) = 0;
   /// Stage 2: runs the local experts on what arrived. gate_up / down: backend arrays of the local slots' weight
   /// pointers ([2*inter, hidden], [hidden, inter]). group_tokens: tokens the whole group dispatches in this
-  /// micro-batch (bounds the rows that can arrive). Returns the (token, expert) rows this rank may compute at most
-  /// (the bound its scratch was sized for).
-  virtual int64_t compute(int mb, const float* const* gate_up, const float* const* down, int64_t group_tokens) = 0;
+  /// micro-batch (bounds the rows that can arrive, so the scratch is sized without asking the device).
+  virtual void compute(int mb, const float* const* gate_up, const float* const* down, int64_t group_tokens) = 0;
   /// Stage 3: out [tokens of the dispatch, hidden] = the combined expert outputs (overwritten).
   virtual void combine(int mb, const mat_view& out) = 0;
 
@@ -75,8 +74,6 @@ public:
   virtual void abort(const std::string& reason) = 0;
   /// Bytes of peer-visible device memory this rank allocated (all buffers).
   virtual size_t buffer_bytes() const = 0;
-  /// Rows this rank dispatched and received through the plane so far.
-  virtual int64_t rows_sent() const = 0;
 };
 
 /// Ranks that are threads of one process and share a GPU spin in receive kernels while a peer thread launches the

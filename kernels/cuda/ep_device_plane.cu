@@ -312,10 +312,9 @@ public:
       check_status(s.buf->dispatch(s.x_fp8.data(), s.x_scales.f32(), slots_dev, weights_dev, int(tokens)));
       handoff(s.ev_recv, s.buf->stream(), stream_);
     }
-    rows_sent_ += tokens;
   }
 
-  int64_t compute(int mb, const float* const* gate_up, const float* const* down, int64_t group_tokens) override {
+  void compute(int mb, const float* const* gate_up, const float* const* down, int64_t group_tokens) override {
     slot& s = at(mb);
     const int64_t H = cfg_.hidden, K = cfg_.top_k;
     const int E = local_;
@@ -346,7 +345,7 @@ public:
       ensure(s.out, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(s.tokens, 1) * H));
       handoff(s.ev_y, stream_, s.buf->stream());
       check_status(s.buf->ll_combine_send(s.y_bf16.data()));
-      return bound;
+      return;
     }
     const petrel::cuda::ep_normal_recv r = s.buf->recv();
     const int64_t rows = std::min<int64_t>(r.capacity, group_tokens);
@@ -375,7 +374,6 @@ public:
     handoff(s.ev_y, stream_, s.buf->stream());
     check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
     handoff(s.ev_out, s.buf->stream(), stream_);
-    return bound;
   }
 
   void combine(int mb, const mat_view& out) override {
@@ -411,7 +409,6 @@ public:
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) b += slot_[mb].buf->buffer_bytes();
     return b;
   }
-  int64_t rows_sent() const override { return rows_sent_; }
 
 private:
   struct slot {
@@ -461,7 +458,6 @@ private:
   int local_ = 0;
   cudaStream_t stream_ = nullptr;
   slot slot_[2];
-  int64_t rows_sent_ = 0;
 };
 
 } // namespace
