@@ -23,7 +23,7 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
     throw config_error(cfg.source + ": no node named '" + opts.node + "'");
   // Ranks of this process that share a GPU through the GPU expert exchange need two CUDA settings made before the
   // first CUDA call (see prepare_process_for_device_plane).
-  if (cfg.transport.expert_exchange == "cuda_ipc")
+  if (auto* g = cfg.group_of(node->name); g && g->ep_size > 1 && cfg.expert_exchange_for(*g) == "cuda_ipc")
     ep::prepare_process_for_device_plane();
   signal_watcher signals;
   petrel_config sys_cfg;

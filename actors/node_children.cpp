@@ -48,7 +48,7 @@ std::vector<child_spec> node_children(const cluster_config& cfg, const node_sect
       rc.rebalance_every = group->rebalance_every;
       rc.redundant_experts = group->redundant_experts;
       rc.init_expert_location = group->init_expert_location;
-      rc.expert_exchange = cfg.transport.expert_exchange;
+      rc.expert_exchange = cfg.expert_exchange_for(*group);
       rc.ep_spans_processes = group->nodes.size() > 1;
       // A prefill step holds at most max_batch_tokens per rank, a decode step one token per running sequence.
       rc.ep_device_max_tokens = group->role == group_role::prefill ? group->max_batch_tokens : group->max_running;

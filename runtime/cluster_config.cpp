@@ -93,6 +93,23 @@ const group_section* cluster_config::group_of(const std::string& node) const {
   return nullptr;
 }
 
+namespace {
+bool loopback_host(const std::string& h) { return h == "localhost" || h == "::1" || h.rfind("127.", 0) == 0; }
+/// Hosts compare by this key: every loopback spelling is one host.
+std::string host_key(const std::string& h) { return loopback_host(h) ? std::string("127.0.0.1") : h; }
+} // namespace
+
+std::string cluster_config::expert_exchange_for(const group_section& g) const {
+  if (transport.expert_exchange != "auto") return transport.expert_exchange;
+  bool one_host = true;
+  const node_section* first = g.nodes.empty() ? nullptr : find_node(g.nodes.front());
+  for (const auto& nn : g.nodes)
+    if (const node_section* n = find_node(nn); n && first && host_key(n->address.host) != host_key(first->address.host))
+      one_host = false;
+  if (model.backend == "cuda" && one_host) return "cuda_ipc";
+  return g.nodes.size() > 1 ? "ucx" : "inproc";
+}
+
 std::vector<const group_section*> cluster_config::groups_with(group_role role) const {
   std::vector<const group_section*> out;
   for (auto& g : groups)
@@ -340,7 +357,8 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
                                 "' is not a list of UCX transports; use e.g. tcp or tcp,shm");
     }
     r.opt_duration(t, "kv_timeout", cfg.transport.kv_timeout, "transport", true);
-    r.opt_choice(t, "expert_exchange", cfg.transport.expert_exchange, "transport", {"inproc", "ucx", "cuda_ipc", "nccl"});
+    r.opt_choice(t, "expert_exchange", cfg.transport.expert_exchange, "transport",
+                 {"auto", "inproc", "ucx", "cuda_ipc", "nccl"});
     if ((cfg.transport.expert_exchange == "nccl" || cfg.transport.expert_exchange == "cuda_ipc") && !cuda)
       r.fail(t["expert_exchange"], "transport.expert_exchange '" + cfg.transport.expert_exchange +
                                        "' needs model.backend: cuda; with the cpu backend use inproc or ucx");
@@ -590,11 +608,10 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
   for (auto& n : cfg.nodes)
     if (!cfg.group_of(n.name))
       r.fail_line(n.line, "node '" + n.name + "' belongs to no group; list it under groups.prefill or groups.decode");
-  auto loopback = [](const std::string& h) { return h == "localhost" || h == "::1" || h.rfind("127.", 0) == 0; };
+  auto loopback = loopback_host;
   // transport.kv_gpu_path: GPU pools need a pinned host mirror (as large as the pool) only when KV may have to be
   // staged, i.e. when nodes may sit on different hosts. "auto" pins none when every node is on one host.
   {
-    auto host_key = [&](const std::string& h) { return loopback(h) ? std::string("127.0.0.1") : h; };
     bool same_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(), [&](const node_section& n) {
       return host_key(n.address.host) == host_key(cfg.nodes.front().address.host);
     });

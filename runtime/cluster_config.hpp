@@ -106,7 +106,7 @@ struct gateway_section {
 struct transport_section {
   std::string kv_tls = "tcp";        // UCX transports for KV pages: tcp detects dead peers; shm does not
   duration_ms kv_timeout{10'000};    // a KV transfer that takes longer fails (never hangs)
-  std::string expert_exchange = "inproc"; // inproc | ucx | nccl
+  std::string expert_exchange = "auto"; // auto | inproc | ucx | cuda_ipc | nccl (per group: expert_exchange_for)
   endpoint head{"127.0.0.1", 0};     // the head process's CAF port (0: pick a free one)
   /// Every KV page carries a CRC32C from the sender, checked on the decode node before the request
   /// runs; a mismatch is a retry. "auto" and "on" are on (GPU pools are checksummed on their GPU), "off" is off.
@@ -151,6 +151,9 @@ struct cluster_config {
   /// The groups a node serves (a node belongs to exactly one group).
   const group_section* group_of(const std::string& node) const;
   std::vector<const group_section*> groups_with(group_role role) const;
+  /// How group `g`'s ranks exchange tokens: transport.expert_exchange, with "auto" resolved for this group:
+  /// cuda_ipc for cuda ranks all on one host, else ucx when the group spans node processes, else inproc.
+  std::string expert_exchange_for(const group_section& g) const;
 };
 
 /// Loads and validates FILE. Relative model paths resolve against the file's directory.

@@ -170,7 +170,7 @@ TEST_CASE("the default cluster.yaml loads: one prefill and one decode node on th
   CHECK(cfg.supervision.heartbeat == duration_ms{1000});
   CHECK(cfg.transport.kv_tls == "tcp");
   CHECK(cfg.transport.kv_timeout == duration_ms{10'000});
-  CHECK(cfg.transport.expert_exchange == "inproc");
+  CHECK(cfg.transport.expert_exchange == "auto");
   CHECK(cfg.transport.head.port == 0);
 }
 
@@ -380,7 +380,7 @@ TEST_CASE("choices: backend, strategy, expert exchange, UCX transports") {
   CHECK_CONFIG_ERROR(dir, base + "supervision: {strategy: one_for_none}\n", 8,
                      "supervision.strategy 'one_for_none' is unknown (did you mean 'one_for_one'?)");
   CHECK_CONFIG_ERROR(dir, base + "transport: {expert_exchange: nvlink}\n", 8,
-                     "transport.expert_exchange 'nvlink' is unknown; use inproc, ucx, cuda_ipc or nccl");
+                     "transport.expert_exchange 'nvlink' is unknown; use auto, inproc, ucx, cuda_ipc or nccl");
   CHECK_CONFIG_ERROR(dir, base + "transport: {expert_exchange: nccl}\n", 8, "'nccl' needs model.backend: cuda");
   CHECK_CONFIG_ERROR(dir, base + "transport: {expert_exchange: cuda_ipc}\n", 8,
                      "'cuda_ipc' needs model.backend: cuda; with the cpu backend use inproc or ucx");
@@ -562,10 +562,17 @@ TEST_CASE("an EP group over several node processes needs an exchange that crosse
   auto yaml = "model: {path: model}\nnodes:\n  - {name: p0, ranks: 1}\n  - {name: p1, ranks: 1}\n"
               "  - {name: d0, ranks: 1}\ngroups:\n  prefill:\n    - name: prefill0\n      nodes: [p0, p1]\n"
               "  decode: [{name: decode0, nodes: [d0]}]\n";
-  CHECK_CONFIG_ERROR(dir, yaml, 9,
+  const std::string inproc = yaml + std::string("transport: {expert_exchange: inproc}\n");
+  CHECK_CONFIG_ERROR(dir, inproc, 9,
                      "prefill group 'prefill0' spans 2 node processes, but transport.expert_exchange 'inproc' stays "
                      "inside one process; set transport.expert_exchange: ucx");
   CHECK_NOTHROW(dir.parse(yaml + std::string("transport: {expert_exchange: ucx}\n")));
+  // auto (the default) picks per group: ucx for the group over two processes, inproc for the one-node group.
+  {
+    const cluster_config c = dir.parse(yaml);
+    CHECK(c.expert_exchange_for(*c.find_group("prefill0")) == "ucx");
+    CHECK(c.expert_exchange_for(*c.find_group("decode0")) == "inproc");
+  }
   // The GPU expert exchange maps device memory between the group's ranks: one host, any number of processes.
   std::string gpu = yaml;
   gpu.replace(gpu.find("{path: model}"), 13, "{path: model, backend: cuda}");
@@ -575,10 +582,16 @@ TEST_CASE("an EP group over several node processes needs an exchange that crosse
     gpu.replace(gpu.find(key), key.size(),
                 std::string("{name: ") + n + ", ranks: [cuda:" + std::to_string(device++) + "]}");
   }
-  CHECK_CONFIG_ERROR(dir, gpu, 9, "set transport.expert_exchange: cuda_ipc");
+  CHECK_CONFIG_ERROR(dir, gpu + "transport: {expert_exchange: inproc}\n", 9, "set transport.expert_exchange: cuda_ipc");
   CHECK(dir.parse(gpu + "transport: {expert_exchange: cuda_ipc}\n").transport.expert_exchange == "cuda_ipc");
   std::string two_hosts = gpu;
   two_hosts.replace(two_hosts.find("{name: p1,"), 10, "{name: p1, host: 10.0.0.2,");
+  // auto: cuda ranks on one host take the GPU plane; a group across hosts moves its rows through UCX.
+  {
+    const cluster_config one = dir.parse(gpu), two = dir.parse(two_hosts);
+    CHECK(one.expert_exchange_for(*one.find_group("prefill0")) == "cuda_ipc");
+    CHECK(two.expert_exchange_for(*two.find_group("prefill0")) == "ucx");
+  }
   CHECK_CONFIG_ERROR(dir, two_hosts + "transport: {expert_exchange: cuda_ipc}\n", 8,
                      "group 'prefill0' has nodes on hosts '127.0.0.1' and '10.0.0.2', but transport.expert_exchange "
                      "'cuda_ipc' maps GPU memory between the ranks of one host");
