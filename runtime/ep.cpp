@@ -201,9 +201,7 @@ void ep_moe_experts::expert_compute(int slot) {
   const int64_t H = m.config().hidden_size, I = m.config().moe_intermediate_size;
   const int K = p.K;
   if (p.on_device) {
-    const float* const* w = rank_.expert_pointers(p.moe_layer);
-    const int nl = pl.num_local(me);
-    rank_.plane_->compute(slot, w, w + nl, rank_.mb_group_tokens_[slot]);
+    rank_.plane_->compute(slot, p.moe_layer, rank_.mb_group_tokens_[slot]);
     return;
   }
   rank_.transport_.wait_all_to_all(p.dispatch_tag, p.recv);
@@ -413,6 +411,7 @@ ep_rank::ep_rank(std::unique_ptr<deepseek_model> model, ep_placement placement, 
     pc.ll_max_tokens = opt_.mode == ep_mode::low_latency ? opt_.max_dispatch_tokens : 0;
     pc.micro_batches = opt_.two_batch_overlap ? 2 : 1;
     pc.timeout_s = opt_.device_timeout_s;
+    pc.fp8_experts = opt_.device_fp8_experts;
     plane_ = make_device_plane(be, pc); // std::invalid_argument naming what does not fit
     // A rank waiting on the GPU for a peer whose step failed would otherwise spin until device_timeout_s.
     device_plane* plane = plane_.get();
@@ -437,21 +436,17 @@ void ep_rank::open_plane() {
   plane_open_ = true;
 }
 
-const float* const* ep_rank::expert_pointers(int ml) {
-  if (ptrs_version_ != store_version_) {
-    backend& be = model_->be();
-    expert_ptrs_.clear();
-    for (const auto& layer : store_.slots) {
-      std::vector<const float*> ptrs;
-      for (const auto& w : layer) ptrs.push_back(w.gate_up.f32());
-      for (const auto& w : layer) ptrs.push_back(w.down.f32());
-      device_buffer b = be.allocate(std::max<size_t>(sizeof(float*) * ptrs.size(), 64));
-      if (!ptrs.empty()) be.copy_to_device(b.data(), ptrs.data(), sizeof(float*) * ptrs.size());
-      expert_ptrs_.push_back(std::move(b));
+void ep_rank::sync_plane_experts() {
+  if (plane_version_ == store_version_) return;
+  for (size_t l = 0; l < store_.slots.size(); ++l) {
+    std::vector<const float*> gate_up, down;
+    for (const auto& w : store_.slots[l]) {
+      gate_up.push_back(w.gate_up.f32());
+      down.push_back(w.down.f32());
     }
-    ptrs_version_ = store_version_;
+    plane_->set_experts(int(l), gate_up, down);
   }
-  return static_cast<const float* const*>(expert_ptrs_[size_t(ml)].data());
+  plane_version_ = store_version_;
 }
 
 ep_rank::~ep_rank() {
@@ -532,8 +527,14 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
     step_mode_ = (opt_.mode == ep_mode::low_latency && max_mb <= opt_.max_dispatch_tokens) ? ep_mode::low_latency
                                                                                            : ep_mode::normal;
     // The GPU data plane carries this step's rows unless a normal-mode micro-batch is too big for its buffers.
-    if (plane_ && !plane_open_) open_plane();
+    if (plane_ && !plane_open_) {
+      // Experts first (fp8 copies are large allocations): the handle exchange then keeps every rank from spinning
+      // on the GPU while a peer still allocates, which could block that peer (docs/gpu-expert-exchange.md).
+      sync_plane_experts();
+      open_plane();
+    }
     step_device_ = plane_ && (step_mode_ == ep_mode::low_latency || max_mb <= opt_.device_max_tokens);
+    if (step_device_) sync_plane_experts();
     // -- 4. the forward pass ------------------------------------------------------------------------------
     model_->clear_routing_counts();
     if (nmb == 1) {

@@ -127,6 +127,8 @@ struct ep_options {
   /// moves its rows through the transport instead; every rank decides the same from the step header.
   bool device_exchange = false;
   int device_max_tokens = 512;
+  /// The plane's experts in fp8 (device_plane_config::fp8_experts, opt-in); false: fp32 experts on dequantised rows.
+  bool device_fp8_experts = false;
   /// Bounded wait of the GPU exchange's receives: a peer silent this long fails the step.
   double device_timeout_s = 10;
 };
@@ -221,8 +223,8 @@ private:
   void prepare_rebalance();
   void finish_rebalance();
   void open_plane();
-  /// Backend arrays of the local slots' weight pointers of MoE layer `ml`: [gate_up x n_local | down x n_local].
-  const float* const* expert_pointers(int ml);
+  /// Hands the plane every layer's local experts when the store changed since it last did.
+  void sync_plane_experts();
 
   std::unique_ptr<deepseek_model> model_;
   ep_transport& transport_;
@@ -241,8 +243,7 @@ private:
   bool plane_open_ = false;
   bool step_device_ = false;
   int64_t mb_group_tokens_[2] = {0, 0}; // tokens of the whole group per micro-batch this step (step header)
-  std::vector<device_buffer> expert_ptrs_; // per MoE layer, see expert_pointers()
-  uint64_t store_version_ = 0, ptrs_version_ = ~uint64_t(0);
+  uint64_t store_version_ = 0, plane_version_ = ~uint64_t(0); // store changes; the store the plane holds
   step_result mb_out_[2];
   sequence_step halves_[2]; // a lone prefill sequence split into two micro-batches
 };

@@ -7,13 +7,13 @@
 //   dispatch  the hidden rows (fp32, the backend's activations) are quantised to fp8 1x128 (normal mode) or cast
 //             to bf16 (low-latency mode, the kernel casts to fp8) and sent to the ranks owning their physical
 //             expert slots;
-//   compute   the received rows are dequantised, grouped by local expert and run through the rank's experts
-//             (the backend's grouped expert FFN). Normal mode applies the routing weights here and sums the
-//             token's local experts in k order;
+//   compute   the received rows are grouped by local expert and run through the rank's experts: dequantised into
+//             the backend's fp32 grouped FFN, or (fp8_experts) fp8 grouped GEMMs on the fp8 rows as they arrived.
+//             Normal mode applies the routing weights here and sums the token's local experts in k order;
 //   combine   the rows go back in bf16 and are summed on the token's rank (normal: over ranks in rank order;
 //             low latency: weighted, in k order) into `out`.
-// Precision: fp8 activations into the experts and bf16 on the way back, as in DeepSeek's deployment, so the
-// output differs from the host plane (fp32 throughout) at that tolerance.
+// Precision: fp8 activations (and with fp8_experts fp8 expert weights) into the experts and bf16 on the way back, as in
+// DeepSeek's deployment, so the output differs from the host plane (fp32 throughout) at that tolerance.
 //
 // Every micro-batch slot has its own buffer (two with two-batch overlap), so the calls of one slot follow the
 // all-to-all kernels' order contract (dispatch, combine, next dispatch) while the two slots interleave.
@@ -42,6 +42,12 @@ struct device_plane_config {
   int max_tokens = 0;        // normal mode: most tokens one rank dispatches per micro-batch
   int ll_max_tokens = 0;     // low-latency mode: most tokens per rank and micro-batch (0: no low-latency buffers)
   int micro_batches = 1;     // 2 with two-batch overlap
+  /// Experts as DeepSeek's deployment runs them: fp8 weights (128x128 block scales, quantised from the store) in
+  /// Petrel's fp8 grouped GEMMs, fed the received fp8 rows directly (contiguous layout in normal mode, the masked
+  /// layout as it arrives in low-latency mode). Off (the default): the rows are dequantised and run through the
+  /// backend's fp32 grouped FFN. Opt-in: tested in-process and benchmarked, but a served cluster with it hung at
+  /// its first request on the H100 (docs/gpu-expert-exchange.md, "fp8 experts").
+  bool fp8_experts = false;
   double timeout_s = 10;     // bounded wait of every receive
 };
 
@@ -59,10 +65,16 @@ public:
   /// combine(mb) returns. `low_latency` selects the mode (every rank of the group passes the same).
   virtual void dispatch(int mb, bool low_latency, const mat_view& hidden, const int32_t* slots_dev,
                         const float* weights_dev, int64_t tokens) = 0;
-  /// Stage 2: runs the local experts on what arrived. gate_up / down: backend arrays of the local slots' weight
-  /// pointers ([2*inter, hidden], [hidden, inter]). group_tokens: tokens the whole group dispatches in this
-  /// micro-batch (bounds the rows that can arrive, so the scratch is sized without asking the device).
-  virtual void compute(int mb, const float* const* gate_up, const float* const* down, int64_t group_tokens) = 0;
+  /// The local experts of MoE layer `moe_layer`, in local slot order: fp32 weights on the backend, gate_up
+  /// [2*inter, hidden] and down [hidden, inter] each. Call for every layer before the first compute and again after
+  /// the store changed (a rebalance); the pointers stay valid until then. With fp8_experts the plane quantises them
+  /// (128x128 blocks) into its own copies here.
+  virtual void set_experts(int moe_layer, const std::vector<const float*>& gate_up,
+                           const std::vector<const float*>& down) = 0;
+  /// Stage 2: runs the local experts of `moe_layer` on what arrived. group_tokens: tokens the whole group
+  /// dispatches in this micro-batch (bounds the rows that can arrive, so the scratch is sized without asking the
+  /// device).
+  virtual void compute(int mb, int moe_layer, int64_t group_tokens) = 0;
   /// Stage 3: out [tokens of the dispatch, hidden] = the combined expert outputs (overwritten).
   virtual void combine(int mb, const mat_view& out) = 0;
 

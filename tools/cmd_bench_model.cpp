@@ -15,7 +15,8 @@
 //   --tbo, --dispatch-delay-us U, --ep-mode, --redundant R as in petrel generate.
 //   --ep-data host|gpu|both  where the dispatch/combine rows go: through the host transport (fp32), through the GPU
 //                     data plane (runtime/ep_device_plane.hpp, cuda backend), or both groups alternated step by step
-//                     (reports the step time ratio).
+//                     (reports the step time ratio). --ep-experts fp32|fp8: the plane's experts in fp32 on
+//                     dequantised rows (default) or as fp8 grouped GEMMs on the received fp8 rows.
 #include <algorithm>
 #include <cmath>
 #include <chrono>
@@ -47,6 +48,7 @@ struct bench_cli {
   int64_t dispatch_delay_us = 0, steps = 8;
   std::string ep_mode = "normal";
   std::string ep_data = "host"; // host | gpu | both (alternate the two and compare)
+  std::string ep_experts = "fp32"; // GPU plane: fp32 experts on dequantised rows, or fp8 grouped GEMMs
   uint64_t seed = 1;
 };
 
@@ -238,6 +240,7 @@ int run_ep(const bench_cli& o) {
   if (o.steps < 1 || o.dispatch_delay_us < 0 || o.redundant < 0 || o.prefill_batch < 1 || o.prompt_len < 1)
     return bad("--steps, --prefill-batch, --prompt-len must be >= 1, --dispatch-delay-us and --redundant >= 0");
   if (o.zipf >= 0 && o.tbo) return bad("--zipf and --tbo are separate comparisons: give one of them");
+  if (o.ep_experts != "fp32" && o.ep_experts != "fp8") return bad("--ep-experts must be fp32 or fp8, got '" + o.ep_experts + "'");
   if (o.ep_data != "host" && o.ep_data != "gpu" && o.ep_data != "both")
     return bad("--ep-data must be host, gpu or both, got '" + o.ep_data + "'");
   if (o.ep_data == "both" && (o.tbo || o.zipf >= 0)) return bad("--ep-data both is its own comparison: drop --tbo/--zipf");
@@ -249,6 +252,7 @@ int run_ep(const bench_cli& o) {
   go.rank.mode = o.ep_mode == "normal" ? ep_mode::normal : ep_mode::low_latency;
   go.rank.load_window = int(2 * o.steps + 16);
   go.rank.device_exchange = o.ep_data == "gpu";
+  go.rank.device_fp8_experts = o.ep_experts == "fp8";
   if (o.ep_data != "host") prepare_process_for_device_plane(); // before the first CUDA call
   go.rank.device_max_tokens = int(std::max<int64_t>(512, o.prefill_batch * o.prompt_len));
   petrel::model_config cfg;
@@ -287,6 +291,7 @@ int run_ep(const bench_cli& o) {
                               {"redundant", o.redundant},
                               {"mode", o.ep_mode},
                               {"ep_data", o.ep_data},
+                              {"gpu_experts", o.ep_experts},
                               {"dispatch_delay_us", o.dispatch_delay_us},
                               {"tokens_per_rank_step", tokens},
                               {"prefill_batch", o.prefill_batch},
@@ -463,6 +468,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--dispatch-delay-us", o->dispatch_delay_us, "EP: simulated wire time of every all-to-all");
       sub.add_option("--ep-mode", o->ep_mode, "EP: normal | low_latency");
       sub.add_option("--ep-data", o->ep_data, "EP: rows through the host transport, the GPU data plane, or both compared");
+      sub.add_option("--ep-experts", o->ep_experts, "EP GPU plane: fp32 experts (default) or fp8 grouped GEMMs");
       sub.add_option("--steps", o->steps, "EP: timed steps per phase (median reported)");
       sub.add_option("--seed", o->seed, "EP: seed of the Zipf routing and dummy weights");
       return [o] { return run(*o); };

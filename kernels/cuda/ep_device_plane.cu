@@ -22,6 +22,8 @@
 #include "kernels/cuda/cuda_backend.hpp"
 #include "kernels/cuda/ep_a2a.hpp"
 #include "kernels/cuda/fp8_layout.hpp"
+#include "kernels/cuda/grouped_gemm_fp8.hpp"
+#include "kernels/cuda/layer_ops.hpp"
 
 namespace petrel::ep {
 namespace {
@@ -201,6 +203,37 @@ __global__ void masked_scatter_kernel(const float* __restrict__ yp, const int* _
   }
 }
 
+// -- fp8 expert weights -----------------------------------------------------------------------------------------
+
+// One block per 128x128 tile of w [n, k] (fp32): scale = max(amax, floor) / 448, q = w / scale (e4m3, saturating),
+// scales [ceil(n/128), k/128] row-major (the grouped GEMMs' B scales, DeepSeek's weight_scale_inv).
+__global__ void __launch_bounds__(256) quantize_weight_kernel(const float* __restrict__ w, int64_t n, int64_t k,
+                                                              uint8_t* __restrict__ q, float* __restrict__ scales) {
+  const int64_t nb = blockIdx.y, kb = blockIdx.x;
+  const int64_t r0 = nb * fp8_block, c0 = kb * fp8_block;
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < fp8_block * fp8_block; i += blockDim.x) {
+    const int64_t r = r0 + i / fp8_block, c = c0 + i % fp8_block;
+    if (r < n) amax = fmaxf(amax, fabsf(w[r * k + c]));
+  }
+  __shared__ float red[8];
+  amax = warp_max(amax);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
+    v = warp_max(v);
+    if (threadIdx.x == 0) red[0] = fmaxf(v, petrel::cuda::fp8_amax_floor);
+  }
+  __syncthreads();
+  const float scale = red[0] / petrel::cuda::fp8_e4m3_max;
+  for (int i = threadIdx.x; i < fp8_block * fp8_block; i += blockDim.x) {
+    const int64_t r = r0 + i / fp8_block, c = c0 + i % fp8_block;
+    if (r < n) q[r * k + c] = __nv_cvt_float_to_fp8(__fdiv_rn(w[r * k + c], scale), __NV_SATFINITE, __NV_E4M3);
+  }
+  if (threadIdx.x == 0) scales[nb * (k / fp8_block) + kb] = scale;
+}
+
 // -- the plane ----------------------------------------------------------------------------------------------
 
 class cuda_ipc_plane final : public device_plane {
@@ -274,6 +307,39 @@ public:
     }
   }
 
+  void set_experts(int moe_layer, const std::vector<const float*>& gate_up,
+                   const std::vector<const float*>& down) override {
+    if (int(gate_up.size()) != local_ || int(down.size()) != local_)
+      throw std::invalid_argument("GPU expert exchange: layer " + std::to_string(moe_layer) + " has " +
+                                  std::to_string(gate_up.size()) + " experts, the plane expects " + std::to_string(local_));
+    if (moe_layer < 0) throw std::invalid_argument("GPU expert exchange: bad MoE layer");
+    if (size_t(moe_layer) >= layers_.size()) layers_.resize(size_t(moe_layer) + 1);
+    layer_experts& L = layers_[size_t(moe_layer)];
+    const int64_t H = cfg_.hidden, I = cfg_.inter, E = local_;
+    if (!cfg_.fp8_experts) {
+      std::vector<const float*> ptrs(gate_up);
+      ptrs.insert(ptrs.end(), down.begin(), down.end());
+      ensure(L.ptrs, sizeof(float*) * ptrs.size());
+      be_.copy_to_device(L.ptrs.data(), ptrs.data(), sizeof(float*) * ptrs.size());
+      return;
+    }
+    const int64_t s1 = ((2 * I + fp8_block - 1) / fp8_block) * (H / fp8_block);
+    const int64_t s2 = ((H + fp8_block - 1) / fp8_block) * (I / fp8_block);
+    ensure(L.w1, size_t(E * 2 * I * H));
+    ensure(L.s1, sizeof(float) * size_t(E * s1));
+    ensure(L.w2, size_t(E * H * I));
+    ensure(L.s2, sizeof(float) * size_t(E * s2));
+    for (int64_t e = 0; e < E; ++e) {
+      quantize_weight_kernel<<<dim3(unsigned(H / fp8_block), unsigned((2 * I + fp8_block - 1) / fp8_block)), 256, 0,
+                               stream_>>>(gate_up[size_t(e)], 2 * I, H,
+                                          static_cast<uint8_t*>(L.w1.data()) + e * 2 * I * H, L.s1.f32() + e * s1);
+      quantize_weight_kernel<<<dim3(unsigned(I / fp8_block), unsigned((H + fp8_block - 1) / fp8_block)), 256, 0,
+                               stream_>>>(down[size_t(e)], H, I,
+                                          static_cast<uint8_t*>(L.w2.data()) + e * H * I, L.s2.f32() + e * s2);
+    }
+    check_launch("fp8 expert weights");
+  }
+
   void dispatch(int mb, bool low_latency, const mat_view& hidden, const int32_t* slots_dev, const float* weights_dev,
                 int64_t tokens) override {
     slot& s = at(mb);
@@ -314,15 +380,40 @@ public:
     }
   }
 
-  void compute(int mb, const float* const* gate_up, const float* const* down, int64_t group_tokens) override {
+  void compute(int mb, int moe_layer, int64_t group_tokens) override {
     slot& s = at(mb);
-    const int64_t H = cfg_.hidden, K = cfg_.top_k;
+    const int64_t H = cfg_.hidden, K = cfg_.top_k, I = cfg_.inter;
     const int E = local_;
+    if (moe_layer < 0 || size_t(moe_layer) >= layers_.size())
+      throw std::logic_error("GPU expert exchange: no experts were set for MoE layer " + std::to_string(moe_layer));
+    const layer_experts& L = layers_[size_t(moe_layer)];
+    const float* const* gate_up = cfg_.fp8_experts ? nullptr : static_cast<const float* const*>(L.ptrs.data());
+    const float* const* down = gate_up ? gate_up + E : nullptr;
     if (s.low_latency) {
       check_status(s.buf->ll_dispatch_recv()); // the receive hook: waits on the ep stream only
       handoff(s.ev_recv, s.buf->stream(), stream_);
       const petrel::cuda::ep_ll_recv r = s.buf->ll_recv();
       const int64_t masked_rows = int64_t(E) * r.max_m;
+      if (cfg_.fp8_experts) {
+        // The masked layout as it arrived feeds the masked grouped GEMMs (rows past a count are neither read nor
+        // written), and the second GEMM writes the bf16 rows the combine sends back.
+        ensure(s.gu_bf16, sizeof(__nv_bfloat16) * size_t(masked_rows * 2 * I));
+        ensure(s.act_fp8, size_t(masked_rows * I));
+        ensure(s.act_scales, sizeof(float) * size_t((I / fp8_block) * fp8_scale_ld(masked_rows)));
+        ensure(s.y_bf16, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(masked_rows, 1) * H));
+        check_status(petrel::cuda::m_grouped_fp8_gemm_nt_masked(r.x_fp8, r.scales, E, r.max_m, r.masked_m,
+                                                                L.w1.data(), L.s1.f32(), 2 * I, H, s.gu_bf16.data(),
+                                                                stream_));
+        check_status(petrel::cuda::swiglu_bf16(s.gu_bf16.data(), masked_rows, int(I), nullptr, s.act_fp8.data(),
+                                               s.act_scales.f32(), nullptr, r.masked_m, r.max_m, stream_));
+        check_status(petrel::cuda::m_grouped_fp8_gemm_nt_masked(s.act_fp8.data(), s.act_scales.f32(), E, r.max_m,
+                                                                r.masked_m, L.w2.data(), L.s2.f32(), H, I,
+                                                                s.y_bf16.data(), stream_));
+        ensure(s.out, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(s.tokens, 1) * H));
+        handoff(s.ev_y, stream_, s.buf->stream());
+        check_status(s.buf->ll_combine_send(s.y_bf16.data()));
+        return;
+      }
       const int64_t bound = std::min<int64_t>(masked_rows, group_tokens * std::min<int64_t>(K, E));
       size_scratch(s, bound);
       ensure(s.offsets, sizeof(int) * size_t(E + 1));
@@ -350,6 +441,43 @@ public:
     const petrel::cuda::ep_normal_recv r = s.buf->recv();
     const int64_t rows = std::min<int64_t>(r.capacity, group_tokens);
     const int64_t bound = rows * std::min<int64_t>(K, E);
+    if (cfg_.fp8_experts) {
+      // The received fp8 rows go into the contiguous layout (every expert's rows from a multiple of 128), through
+      // the two grouped GEMMs, and every received row's local experts are summed with its routing weights.
+      const int64_t m_cap = std::max<int64_t>(petrel::cuda::moe_contiguous_capacity(bound, E), fp8_block);
+      ensure(s.a_fp8, size_t(m_cap * H));
+      ensure(s.a_scales, sizeof(float) * size_t((H / fp8_block) * fp8_scale_ld(m_cap)));
+      ensure(s.m_indices, sizeof(int) * size_t(m_cap));
+      ensure(s.pair_pos, sizeof(int) * size_t(std::max<int64_t>(r.capacity * K, 1)));
+      ensure(s.workspace, sizeof(int) * size_t(petrel::cuda::moe_permute_workspace_ints(E)));
+      ensure(s.gu_bf16, sizeof(__nv_bfloat16) * size_t(m_cap * 2 * I));
+      ensure(s.act_fp8, size_t(m_cap * I));
+      ensure(s.act_scales, sizeof(float) * size_t((I / fp8_block) * fp8_scale_ld(m_cap)));
+      ensure(s.yp, sizeof(__nv_bfloat16) * size_t(m_cap * H));
+      ensure(s.y_bf16, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(rows, 1) * H));
+      // All `capacity` rows are scanned (rows past this round's total carry no local expert), so the scales'
+      // leading dimension is the receive buffer's.
+      check_status(petrel::cuda::moe_permute_contiguous(r.x_fp8, r.scales, r.capacity, int(H), r.topk_idx, int(K), E,
+                                                        m_cap, s.a_fp8.data(), s.a_scales.f32(), s.m_indices.i32(),
+                                                        s.pair_pos.i32(), s.workspace.i32(), stream_));
+      check_status(petrel::cuda::m_grouped_fp8_gemm_nt_contiguous(s.a_fp8.data(), s.a_scales.f32(), m_cap,
+                                                                  s.m_indices.i32(), L.w1.data(), L.s1.f32(), E,
+                                                                  2 * I, H, s.gu_bf16.data(), stream_));
+      check_status(petrel::cuda::swiglu_bf16(s.gu_bf16.data(), m_cap, int(I), nullptr, s.act_fp8.data(),
+                                             s.act_scales.f32(), s.m_indices.i32(), nullptr, 0, stream_));
+      check_status(petrel::cuda::m_grouped_fp8_gemm_nt_contiguous(s.act_fp8.data(), s.act_scales.f32(), m_cap,
+                                                                  s.m_indices.i32(), L.w2.data(), L.s2.f32(), E, H,
+                                                                  I, s.yp.data(), stream_));
+      if (rows > 0)
+        check_status(petrel::cuda::moe_combine_bf16(s.yp.data(), s.pair_pos.i32(), r.topk_weights, rows, int(K),
+                                                    int(H), nullptr, s.y_bf16.data(), stream_));
+      const int64_t T = s.tokens;
+      ensure(s.out, sizeof(float) * size_t(std::max<int64_t>(T, 1) * H));
+      handoff(s.ev_y, stream_, s.buf->stream());
+      check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
+      handoff(s.ev_out, s.buf->stream(), stream_);
+      return;
+    }
     size_scratch(s, bound);
     ensure(s.offsets, sizeof(int) * size_t(E + 1));
     ensure(s.perm_src, sizeof(int) * size_t(std::max<int64_t>(r.capacity * K, 1)));
@@ -419,6 +547,11 @@ private:
     const int32_t* slots_dev = nullptr;
     const float* weights_dev = nullptr;
     device_buffer x_fp8, x_scales, x_bf16, offsets, perm_src, pair_pos, xp, gu, act, yp, y_bf16, out;
+    device_buffer a_fp8, a_scales, m_indices, workspace, gu_bf16, act_fp8, act_scales; // fp8 experts
+  };
+  struct layer_experts {
+    device_buffer ptrs;           // fp32 experts: [gate_up x E | down x E] weight pointers
+    device_buffer w1, s1, w2, s2; // fp8 experts: [E, 2I, H] and [E, H, I] e4m3 with their 128x128 block scales
   };
 
   slot& at(int mb) {
@@ -458,6 +591,7 @@ private:
   int local_ = 0;
   cudaStream_t stream_ = nullptr;
   slot slot_[2];
+  std::vector<layer_experts> layers_; // per MoE layer (set_experts)
 };
 
 } // namespace
@@ -477,6 +611,9 @@ std::unique_ptr<device_plane> make_device_plane(backend& be, const device_plane_
                                 ") divisible by the EP size (" + std::to_string(cfg.ranks) +
                                 "): add redundant experts or change ep_size");
   if (cfg.top_k < 1 || cfg.top_k > 32) throw std::invalid_argument("the GPU expert exchange takes top_k 1..32");
+  if (cfg.fp8_experts && (cfg.inter <= 0 || cfg.inter % fp8_block != 0))
+    throw std::invalid_argument("fp8 experts need moe_intermediate_size divisible by 128 (the model has " +
+                                std::to_string(cfg.inter) + "); turn them off (fp32 experts)");
   if (cfg.max_tokens < 1) throw std::invalid_argument("the GPU expert exchange needs max_tokens >= 1");
   if (cfg.micro_batches < 1 || cfg.micro_batches > 2) throw std::invalid_argument("micro_batches must be 1 or 2");
   return std::make_unique<cuda_ipc_plane>(*cb, cfg);

@@ -3,7 +3,8 @@
 // kernels, against the same group moving fp32 rows through the host transport. The plane sends fp8 rows and
 // returns bf16 ones, so logits agree within a tolerance, which the cases tie to a control: the same group with
 // every token's experts shifted by one (what a routing bug would look like) must be far further away.
-// Covered: normal and low-latency mode, two-batch overlap, a live rebalance (new expert pointers), the fallback
+// Covered: fp32 experts (the default) and fp8 experts (fp8 grouped GEMMs on the received fp8 rows), normal and
+// low-latency mode, two-batch overlap, a live rebalance (new expert pointers), the fallback
 // to the transport for micro-batches too big for the buffers (bit-identical to the host plane), a peer that
 // stops mid-step (the bounded wait fails the step with a message), and configurations the plane refuses.
 // Without a GPU every case passes with a message.
@@ -162,6 +163,13 @@ TEST_CASE("the GPU data plane serves EP groups within fp8 tolerance of the host 
   SUBCASE("EP2 low-latency with two-batch overlap") {
     expect_close("EP2 low-latency TBO", group_options(2, 0, ep_mode::low_latency, false, false),
                  group_options(2, 0, ep_mode::low_latency, true, true));
+  }
+  SUBCASE("fp8 experts (fp8 grouped GEMMs on the received rows), normal and low-latency, with TBO") {
+    for (ep_mode mode : {ep_mode::normal, ep_mode::low_latency}) {
+      ep_group_options gpu = group_options(2, 0, mode, true, true);
+      gpu.rank.device_fp8_experts = true;
+      expect_close(std::string("EP2 fp8 experts TBO ") + mode_name(mode), group_options(2, 0, mode, false, false), gpu);
+    }
   }
 }
 

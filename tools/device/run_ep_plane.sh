@@ -53,7 +53,7 @@ for w in $what; do
     [[ $r == 0 ]] || rc=1
     ;;
   serve)
-    PETREL=$bin/petrel bash tools/device/run_gpu_serving.sh ep_tbo_off ep_ipc_tbo_off ep_ipc_tbo_on || rc=1
+    PETREL=$bin/petrel bash tools/device/run_gpu_serving.sh ${SERVE_VARIANTS:-ep_tbo_off ep_ipc_tbo_off ep_ipc_tbo_on} || rc=1
     ;;
   bench)
     wide=$PWD/tools/device/dsv3-wide
@@ -65,6 +65,8 @@ for w in $what; do
       tail -3 "$out/bench_$name.err"
     }
     run_bench wide_ep2_prefill --model "$wide" --ep 2 --prefill-batch 4 --prompt-len 512 --steps 6
+    run_bench wide_ep2_prefill_fp8x --model "$wide" --ep 2 --prefill-batch 4 --prompt-len 512 --steps 6 --ep-experts fp8
+    run_bench wide_ep2_decode_ll_fp8x --model "$wide" --ep 2 --ep-mode low_latency --prefill-batch 128 --prompt-len 1 --steps 10 --ep-experts fp8
     run_bench wide_ep2_decode_ll --model "$wide" --ep 2 --ep-mode low_latency --prefill-batch 128 --prompt-len 1 --steps 10
     run_bench wide_ep4_prefill --model "$wide" --ep 4 --prefill-batch 2 --prompt-len 512 --steps 6
     run_bench fortune_ep2_prefill --model "$PWD/tests/data/fortune-moe" --ep 2 --prefill-batch 8 --prompt-len 128 --steps 10
