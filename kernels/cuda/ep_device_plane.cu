@@ -15,6 +15,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -234,6 +237,26 @@ __global__ void __launch_bounds__(256) quantize_weight_kernel(const float* __res
   if (threadIdx.x == 0) scales[nb * (k / fp8_block) + kb] = scale;
 }
 
+// -- tracing ----------------------------------------------------------------------------------------------
+
+// PETREL_EP_TRACE=1 prints one line per stage boundary of every rank's plane to stderr (a node's log in a
+// cluster): which host call a rank last entered and left. When a group hangs until its bounded wait, the last
+// line of each rank says where its host thread is held.
+bool trace_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PETREL_EP_TRACE");
+    return v && *v && *v != '0';
+  }();
+  return on;
+}
+
+void trace(int rank, int mb, int layer, const char* what) {
+  if (!trace_enabled()) return;
+  static const auto t0 = std::chrono::steady_clock::now();
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "ep-plane %10.3f ms rank %d mb %d layer %d: %s\n", ms, rank, mb, layer, what);
+}
+
 // -- the plane ----------------------------------------------------------------------------------------------
 
 class cuda_ipc_plane final : public device_plane {
@@ -309,6 +332,7 @@ public:
 
   void set_experts(int moe_layer, const std::vector<const float*>& gate_up,
                    const std::vector<const float*>& down) override {
+    trace(cfg_.rank, -1, moe_layer, "set_experts");
     if (int(gate_up.size()) != local_ || int(down.size()) != local_)
       throw std::invalid_argument("GPU expert exchange: layer " + std::to_string(moe_layer) + " has " +
                                   std::to_string(gate_up.size()) + " experts, the plane expects " + std::to_string(local_));
@@ -338,12 +362,14 @@ public:
                                           static_cast<uint8_t*>(L.w2.data()) + e * H * I, L.s2.f32() + e * s2);
     }
     check_launch("fp8 expert weights");
+    trace(cfg_.rank, -1, moe_layer, "set_experts done");
   }
 
   void dispatch(int mb, bool low_latency, const mat_view& hidden, const int32_t* slots_dev, const float* weights_dev,
                 int64_t tokens) override {
     slot& s = at(mb);
     const int64_t H = cfg_.hidden;
+    trace(cfg_.rank, mb, -1, low_latency ? "dispatch (low latency)" : "dispatch (normal)");
     s.tokens = tokens;
     s.low_latency = low_latency;
     s.slots_dev = slots_dev;
@@ -378,6 +404,7 @@ public:
       check_status(s.buf->dispatch(s.x_fp8.data(), s.x_scales.f32(), slots_dev, weights_dev, int(tokens)));
       handoff(s.ev_recv, s.buf->stream(), stream_);
     }
+    trace(cfg_.rank, mb, -1, "dispatch enqueued");
   }
 
   void compute(int mb, int moe_layer, int64_t group_tokens) override {
@@ -387,6 +414,11 @@ public:
     if (moe_layer < 0 || size_t(moe_layer) >= layers_.size())
       throw std::logic_error("GPU expert exchange: no experts were set for MoE layer " + std::to_string(moe_layer));
     const layer_experts& L = layers_[size_t(moe_layer)];
+    trace(cfg_.rank, mb, moe_layer, cfg_.fp8_experts ? "compute (fp8 experts)" : "compute (fp32 experts)");
+    struct leave {
+      int rank, mb, layer;
+      ~leave() { trace(rank, mb, layer, "compute enqueued"); }
+    } on_leave{cfg_.rank, mb, moe_layer};
     const float* const* gate_up = cfg_.fp8_experts ? nullptr : static_cast<const float* const*>(L.ptrs.data());
     const float* const* down = gate_up ? gate_up + E : nullptr;
     if (s.low_latency) {
@@ -506,6 +538,7 @@ public:
 
   void combine(int mb, const mat_view& out) override {
     slot& s = at(mb);
+    trace(cfg_.rank, mb, -1, "combine");
     const int64_t H = cfg_.hidden, T = s.tokens;
     if (s.low_latency) {
       check_status(s.buf->ll_combine_recv(s.slots_dev, s.weights_dev, int(T), s.out.data()));
@@ -522,6 +555,7 @@ public:
   }
 
   void check() override {
+    trace(cfg_.rank, -1, -1, "step synchronised, check");
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) {
       const std::string e = slot_[mb].buf->error();
       if (!e.empty()) throw std::runtime_error("GPU expert exchange (micro-batch " + std::to_string(mb) + "): " + e);
