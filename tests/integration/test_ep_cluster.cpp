@@ -141,7 +141,7 @@ TEST_CASE("an EP group across node processes exchanges over UCX and survives the
            "groups:\n"
            "  prefill: [{name: prefill0, nodes: [p0, p1], ep_size: 2, chunk_tokens: 32, max_batch_tokens: 64}]\n"
            "  decode: [{name: decode0, nodes: [d0, d1], ep_size: 2, redundant_experts: 2}]\n"
-           "transport: {expert_exchange: ucx}\n"
+           // No transport section: expert_exchange auto gives both groups (each over two processes) ucx.
            "supervision: {node_intensity: 5, node_period: 60s}\n";
   });
   std::vector<std::string> prompts{"Once upon a time", "Never trust", "Why", "A fortune: "};
