@@ -293,3 +293,25 @@ TEST_CASE("the in-process exchange: start/wait halves, per-tag matching, delay, 
   a->abort("rank 0 failed");
   waiter.join();
 }
+
+TEST_CASE("the in-process exchange calls every rank's abort hook once, and never a removed one") {
+  // The hook is how a rank waiting on the GPU (not in this transport) learns that its group failed.
+  inprocess_exchange x(3);
+  auto r0 = x.make_rank(0), r1 = x.make_rank(1), r2 = x.make_rank(2);
+  std::vector<std::string> seen(3);
+  int calls = 0;
+  r0->on_abort([&](const std::string& why) { seen[0] = why, ++calls; });
+  r1->on_abort([&](const std::string& why) { seen[1] = why, ++calls; });
+  r2->on_abort([&](const std::string& why) { seen[2] = why, ++calls; });
+  r2->on_abort({}); // rank 2 went away: its hook must not run
+  r1->abort("rank 1 failed its step");
+  r0->abort("a second abort changes nothing");
+  CHECK(calls == 2);
+  CHECK(seen[0] == "rank 1 failed its step");
+  CHECK(seen[1] == "rank 1 failed its step");
+  CHECK(seen[2].empty());
+  // A hook set after the abort hears it at once (a rank that joins a failed group does not wait).
+  std::string late;
+  r2->on_abort([&](const std::string& why) { late = why; });
+  CHECK(late == "rank 1 failed its step");
+}
