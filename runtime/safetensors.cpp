@@ -198,15 +198,26 @@ std::shared_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
     try {
       t.dtype_str = desc.at("dtype").get<std::string>();
       int64_t elements = 1;
+      // Integers only: JSON numbers past 2^64 (or with a fraction) parse as doubles, whose conversion to an
+      // integer type is undefined, so they are refused here instead.
+      auto integer = [](const nlohmann::json& v, const char* what) -> const nlohmann::json& {
+        if (!v.is_number_integer())
+          throw model_load_error(std::string(what) + " " + v.dump() + " is not an integer in range");
+        return v;
+      };
       for (auto& d : desc.at("shape")) {
-        auto dim = d.get<int64_t>();
+        auto dim = integer(d, "shape dimension").get<int64_t>();
         // A negative dimension, or a product past 2^62, is a corrupt header, not a tensor.
         if (dim < 0 || __builtin_mul_overflow(elements, dim, &elements) || elements > (int64_t(1) << 62))
           throw model_load_error("shape dimension " + std::to_string(dim) + " is negative or too large");
         t.shape.push_back(dim);
       }
       auto offs = desc.at("data_offsets");
-      uint64_t begin = offs.at(0).get<uint64_t>(), end = offs.at(1).get<uint64_t>();
+      const auto& b = integer(offs.at(0), "data_offsets value");
+      const auto& e = integer(offs.at(1), "data_offsets value");
+      // nlohmann keeps non-negative integers unsigned: a signed one is negative.
+      if (!b.is_number_unsigned() || !e.is_number_unsigned()) throw model_load_error("negative data_offsets");
+      uint64_t begin = b.get<uint64_t>(), end = e.get<uint64_t>();
       if (end < begin) throw model_load_error("data_offsets end before begin");
       if (end > data_size)
         throw model_load_error("data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +

@@ -127,6 +127,30 @@ TEST_CASE("errors name the tensor: truncated, missing, unknown dtype, bad size")
   st_tensor small{"small.weight", "F32", {8, 8}, std::vector<uint8_t>(100)};
   write_safetensors(d / "model.safetensors", {small});
   CHECK(error_of([&] { checkpoint::open(d); }).find("'small.weight'") != std::string::npos);
+  // Numbers that are not integers in range (JSON parses 5.5e28 as a double; converting it was undefined): a
+  // clear error naming the tensor. Found by fuzz_safetensors; its input is in the fuzz corpus.
+  for (const std::string& bad : {std::string("\"data_offsets\": [0, 55555555555555555555555555516]"),
+                                 std::string("\"data_offsets\": [0, 16.5]"), std::string("\"data_offsets\": [-16, 0]")}) {
+    CAPTURE(bad);
+    const std::string header = "{\"w\": {\"dtype\": \"F32\", \"shape\": [2, 2], " + bad + "}}";
+    {
+      std::ofstream f(d / "model.safetensors", std::ios::binary);
+      const uint64_t n = header.size();
+      f.write(reinterpret_cast<const char*>(&n), 8);
+      f << header << std::string(16, '\0');
+    }
+    e = error_of([&] { checkpoint::open(d); });
+    CHECK(e.find("'w'") != std::string::npos);
+    CHECK((e.find("not an integer") != std::string::npos || e.find("negative") != std::string::npos));
+  }
+  {
+    const std::string header = "{\"w\": {\"dtype\": \"F32\", \"shape\": [2, 1e30], \"data_offsets\": [0, 16]}}";
+    std::ofstream f(d / "model.safetensors", std::ios::binary);
+    const uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header << std::string(16, '\0');
+  }
+  CHECK(error_of([&] { checkpoint::open(d); }).find("shape dimension 1e+30 is not an integer") != std::string::npos);
   // No checkpoint at all.
   std::filesystem::remove(d / "model.safetensors");
   CHECK(error_of([&] { checkpoint::open(d); }).find("model.safetensors") != std::string::npos);
