@@ -12,6 +12,7 @@
 //   KV pool              page-major: page p = [layer][slot][entry]  (see runtime/kv_cache.hpp)
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -187,6 +188,12 @@ public:
 /// Creates a backend by name: "cpu" (always), "cuda" (when built with CUDA).
 /// Throws std::invalid_argument naming the backend when it is unknown or not built in.
 std::unique_ptr<backend> make_backend(const std::string& name);
+
+/// Makes `b` hold at least `bytes`, reallocating (contents not kept) to the larger of `bytes` and 1.5x its size, so
+/// that buffers sized per step stop reallocating once the steps stop growing.
+inline void grow_buffer(backend& be, device_buffer& b, size_t bytes) {
+  if (b.bytes() < bytes) b = be.allocate(std::max(bytes, b.bytes() * 3 / 2));
+}
 
 inline void device_buffer::release() {
   if (ptr_ && owner_) owner_->deallocate(ptr_, bytes_);

@@ -19,10 +19,7 @@ std::vector<int> moe_index_of(const model_config& cfg) {
   return idx;
 }
 
-void ensure_buf(backend& be, device_buffer& b, size_t bytes) {
-  bytes = std::max<size_t>(bytes, 64);
-  if (b.bytes() < bytes) b = be.allocate(std::max(bytes, b.bytes() * 3 / 2));
-}
+void ensure_buf(backend& be, device_buffer& b, size_t bytes) { grow_buffer(be, b, std::max<size_t>(bytes, 64)); }
 
 mlp_weights copy_expert(backend& be, const mlp_weights& src) {
   mlp_weights w;
@@ -501,7 +498,7 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
     transport_.start_all_to_all(htag, hs);
     std::vector<byte_buffer> hr;
     transport_.wait_all_to_all(htag, hr);
-    int64_t max_mb = 0, tokens_in_group = 0;
+    int64_t max_mb = 0;
     bool any_rebalance = false;
     mb_group_tokens_[0] = mb_group_tokens_[1] = 0;
     for (int r = 0; r < N; ++r) {
@@ -515,7 +512,6 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
       mb_group_tokens_[0] += h[1];
       mb_group_tokens_[1] += h[2];
       any_rebalance |= h[4] != 0;
-      tokens_in_group += h[1] + h[2];
     }
 
     // -- 2. a placement whose weights were sent during the last step switches now --------------------
@@ -571,7 +567,7 @@ void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_resul
       plane_->check();
       stats_.device_steps++;
     }
-    group_had_tokens_ = tokens_in_group > 0;
+    group_had_tokens_ = mb_group_tokens_[0] + mb_group_tokens_[1] > 0;
     recorder_.next_step();
     stats_.steps++;
     if (step_mode_ == ep_mode::low_latency) stats_.low_latency_steps++;

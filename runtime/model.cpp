@@ -15,12 +15,6 @@ namespace petrel {
 local_moe_experts::local_moe_experts(backend& be, const model_config& cfg, const model_weights& w)
     : be_(be), cfg_(cfg), w_(w) {}
 
-namespace {
-void ensure_buf(backend& be, device_buffer& b, size_t bytes) {
-  if (b.bytes() < bytes) b = be.allocate(std::max(bytes, b.bytes() * 3 / 2));
-}
-} // namespace
-
 void local_moe_experts::run(int32_t layer, const mat_view& hidden, const moe_routing& r, const mat_view& out) {
   const int64_t E = cfg_.n_routed_experts, H = cfg_.hidden_size, I = cfg_.moe_intermediate_size;
   const int64_t n = r.tokens * r.top_k;
@@ -39,14 +33,14 @@ void local_moe_experts::run(int32_t layer, const mat_view& hidden, const moe_rou
     rows_host_[size_t(pos)] = int32_t(i / r.top_k);
     weights_host_[size_t(pos)] = r.topk_weights_host[i];
   }
-  ensure_buf(be_, rows_dev_, sizeof(int32_t) * size_t(std::max<int64_t>(n, 1)));
-  ensure_buf(be_, weights_dev_, sizeof(float) * size_t(std::max<int64_t>(n, 1)));
+  grow_buffer(be_, rows_dev_, sizeof(int32_t) * size_t(std::max<int64_t>(n, 1)));
+  grow_buffer(be_, weights_dev_, sizeof(float) * size_t(std::max<int64_t>(n, 1)));
   be_.copy_to_device(rows_dev_.data(), rows_host_.data(), sizeof(int32_t) * size_t(n));
   be_.copy_to_device(weights_dev_.data(), weights_host_.data(), sizeof(float) * size_t(n));
-  ensure_buf(be_, x_, sizeof(float) * size_t(n * H));
-  ensure_buf(be_, gate_up_, sizeof(float) * size_t(n * 2 * I));
-  ensure_buf(be_, act_, sizeof(float) * size_t(n * I));
-  ensure_buf(be_, y_, sizeof(float) * size_t(n * H));
+  grow_buffer(be_, x_, sizeof(float) * size_t(n * H));
+  grow_buffer(be_, gate_up_, sizeof(float) * size_t(n * 2 * I));
+  grow_buffer(be_, act_, sizeof(float) * size_t(n * I));
+  grow_buffer(be_, y_, sizeof(float) * size_t(n * H));
   mat_view x(x_.f32(), n, H), gu(gate_up_.f32(), n, 2 * I), act(act_.f32(), n, I), y(y_.f32(), n, H);
   be_.gather_rows(hidden, rows_dev_.i32(), n, x);
   for (int64_t e = 0; e < E; ++e) {
@@ -73,7 +67,7 @@ namespace {
 struct scratch_buffer {
   device_buffer buf;
   float* ensure(backend& be, size_t floats) {
-    ensure_buf(be, buf, sizeof(float) * std::max<size_t>(floats, 1));
+    grow_buffer(be, buf, sizeof(float) * std::max<size_t>(floats, 1));
     return buf.f32();
   }
 };

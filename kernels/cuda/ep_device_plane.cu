@@ -441,9 +441,7 @@ public:
         check_status(petrel::cuda::m_grouped_fp8_gemm_nt_masked(s.act_fp8.data(), s.act_scales.f32(), E, r.max_m,
                                                                 r.masked_m, L.w2.data(), L.s2.f32(), H, I,
                                                                 s.y_bf16.data(), stream_));
-        ensure(s.out, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(s.tokens, 1) * H));
-        handoff(s.ev_y, stream_, s.buf->stream());
-        check_status(s.buf->ll_combine_send(s.y_bf16.data()));
+        send_back(s);
         return;
       }
       const int64_t bound = std::min<int64_t>(masked_rows, group_tokens * std::min<int64_t>(K, E));
@@ -463,11 +461,7 @@ public:
             s.yp.f32(), r.masked_m, s.offsets.i32(), E, r.max_m, H, static_cast<__nv_bfloat16*>(s.y_bf16.data()));
         check_launch("masked scatter");
       }
-      // The combine's output buffer is (re)allocated here, before the hand-off: an allocation zero-fills on the
-      // compute stream, which must come before the ep stream writes into it.
-      ensure(s.out, sizeof(__nv_bfloat16) * size_t(std::max<int64_t>(s.tokens, 1) * H));
-      handoff(s.ev_y, stream_, s.buf->stream());
-      check_status(s.buf->ll_combine_send(s.y_bf16.data()));
+      send_back(s);
       return;
     }
     const petrel::cuda::ep_normal_recv r = s.buf->recv();
@@ -503,11 +497,7 @@ public:
       if (rows > 0)
         check_status(petrel::cuda::moe_combine_bf16(s.yp.data(), s.pair_pos.i32(), r.topk_weights, rows, int(K),
                                                     int(H), nullptr, s.y_bf16.data(), stream_));
-      const int64_t T = s.tokens;
-      ensure(s.out, sizeof(float) * size_t(std::max<int64_t>(T, 1) * H));
-      handoff(s.ev_y, stream_, s.buf->stream());
-      check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
-      handoff(s.ev_out, s.buf->stream(), stream_);
+      send_back(s);
       return;
     }
     size_scratch(s, bound);
@@ -529,11 +519,7 @@ public:
           static_cast<__nv_bfloat16*>(s.y_bf16.data()));
       check_launch("weighted reduce");
     }
-    const int64_t T = s.tokens;
-    ensure(s.out, sizeof(float) * size_t(std::max<int64_t>(T, 1) * H));
-    handoff(s.ev_y, stream_, s.buf->stream());
-    check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
-    handoff(s.ev_out, s.buf->stream(), stream_);
+    send_back(s);
   }
 
   void combine(int mb, const mat_view& out) override {
@@ -595,10 +581,7 @@ private:
     return slot_[mb];
   }
 
-  void ensure(device_buffer& b, size_t bytes) {
-    bytes = std::max<size_t>(bytes, 256);
-    if (b.bytes() < bytes) b = be_.allocate(std::max(bytes, b.bytes() * 3 / 2));
-  }
+  void ensure(device_buffer& b, size_t bytes) { grow_buffer(be_, b, std::max<size_t>(bytes, 256)); }
 
   void size_scratch(slot& s, int64_t rows) {
     const int64_t r = std::max<int64_t>(rows, 1), H = cfg_.hidden, I = cfg_.inter;
@@ -612,6 +595,24 @@ private:
     const int64_t H = cfg_.hidden, I = cfg_.inter;
     be_.grouped_expert_ffn(s.offsets.i32(), local_, gate_up, down, H, I, bound, mat_view(s.xp.f32(), bound, H),
                            s.gu.f32(), s.act.f32(), mat_view(s.yp.f32(), bound, H));
+  }
+
+  // The end of stage 2: s.y_bf16 (one row per received row, or the masked layout) goes back to the tokens' ranks.
+  // The combine's output buffer is (re)allocated first, before the hand-off: an allocation zero-fills on the compute
+  // stream, which must come before the ep stream writes into it. Normal mode also starts the reduction here, and
+  // the compute stream waits for it (ev_out); low latency receives in combine().
+  void send_back(slot& s) {
+    const size_t out_rows = size_t(std::max<int64_t>(s.tokens, 1)) * size_t(cfg_.hidden);
+    if (s.low_latency) {
+      ensure(s.out, sizeof(__nv_bfloat16) * out_rows);
+      handoff(s.ev_y, stream_, s.buf->stream());
+      check_status(s.buf->ll_combine_send(s.y_bf16.data()));
+      return;
+    }
+    ensure(s.out, sizeof(float) * out_rows);
+    handoff(s.ev_y, stream_, s.buf->stream());
+    check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
+    handoff(s.ev_out, s.buf->stream(), stream_);
   }
 
   // `to` waits (on the device) for everything enqueued on `from` so far.
