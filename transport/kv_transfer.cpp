@@ -378,7 +378,7 @@ public:
     uint64_t size = 0;
     ucp_mem_h memh = nullptr;
     uint8_t* device_base = nullptr; // a GPU pool's device memory (null for host pools)
-    bool mirror = false;            // a GPU pool whose `base` is a full host mirror (else a small stub)
+    bool mirror = false;            // a GPU pool whose `base` is a full host mirror (else one registered page)
     uint8_t* data() const { return device_base ? device_base : base; }
   };
 
@@ -617,7 +617,7 @@ public:
         d.ipc_handle = std::move(exported.handle);
         d.device = exported.device;
         device_base = static_cast<uint8_t*>(base);
-        // Without a mirror UCX still needs a registered region for the descriptor's rkey: a one-page stub.
+        // Without a mirror UCX still needs a registered region for the descriptor's rkey: one pinned page.
         base = device_memory::alloc_pinned(opts.gpu_host_mirror ? bytes : 4096);
         d.staging = opts.gpu_host_mirror ? 1 : 0;
       } catch (const std::exception& e) {

@@ -214,7 +214,7 @@ TEST_CASE("EP groups with the GPU expert exchange (auto -> cuda_ipc) serve withi
     const std::string want = reference_text(prompt, tokens);
     CAPTURE(prompt);
     CAPTURE(got);
-    CHECK(got.size() >= std::min<size_t>(want.size(), 8)); // a full completion, not an error or a stub
+    CHECK(got.size() >= std::min<size_t>(want.size(), 8)); // a full completion, not an error or an empty answer
     same += got == want ? 1 : 0;
     all++;
   };
