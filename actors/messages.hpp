@@ -334,26 +334,30 @@ typename Inspector::result_type inspect(Inspector& f, kv_check& x) {
 }
 
 /// rank -> scheduler, phase 1 of forming an EP group: the rank's expert-exchange address for `generation`
-/// (its UCX worker address; empty for the in-process exchange, which needs none).
+/// (its UCX worker address; empty for the in-process exchange, which needs none), and from rank 0 of a group on the
+/// NCCL exchange the NCCL unique id its communicator will be created from (empty otherwise).
 struct ep_endpoint {
   uint64_t generation = 0;
   std::vector<uint8_t> address;
+  std::vector<uint8_t> bootstrap;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ep_endpoint& x) {
-  return f(caf::meta::type_name("petrel.ep_endpoint"), x.generation, x.address);
+  return f(caf::meta::type_name("petrel.ep_endpoint"), x.generation, x.address, x.bootstrap);
 }
 
-/// scheduler -> every rank, phase 2: all ranks' addresses, indexed by rank within the group.
+/// scheduler -> every rank, phase 2: all ranks' addresses, indexed by rank within the group, and rank 0's bootstrap
+/// (the NCCL unique id; empty unless the group uses the NCCL exchange).
 struct ep_peers {
   uint64_t generation = 0;
   std::vector<std::vector<uint8_t>> addresses;
+  std::vector<uint8_t> bootstrap;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ep_peers& x) {
-  return f(caf::meta::type_name("petrel.ep_peers"), x.generation, x.addresses);
+  return f(caf::meta::type_name("petrel.ep_peers"), x.generation, x.addresses, x.bootstrap);
 }
 
 /// A request failed somewhere on its path; the router decides (migrate, or fail the client).

@@ -45,6 +45,7 @@ std::vector<child_spec> node_children(const cluster_config& cfg, const node_sect
       rc.ep_index = before + static_cast<int>(i);
       rc.ep_mode = group->ep_mode;
       rc.two_batch_overlap = group->two_batch_overlap;
+      rc.fp8_experts = group->fp8_experts;
       rc.rebalance_every = group->rebalance_every;
       rc.redundant_experts = group->redundant_experts;
       rc.init_expert_location = group->init_expert_location;

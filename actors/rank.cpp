@@ -132,8 +132,8 @@ std::shared_ptr<ep::inprocess_exchange> join_ep_generation(const std::string& gr
 
 /// Phase 1 of forming this rank's EP group at `generation`: the previous EP rank (whose model kept only its own
 /// experts) is dropped and the model loaded again; this generation's exchange endpoint opens. Returns its address
-/// (empty for the in-process exchange).
-std::vector<uint8_t> open_ep_generation(rank_state& st, uint64_t generation) {
+/// (empty for the in-process exchange) and, on rank 0 of an NCCL group, the NCCL unique id.
+ep_endpoint open_ep_generation(rank_state& st, uint64_t generation) {
   auto& cfg = st.config;
   if (st.ep_transport)
     st.ep_transport->abort("rank " + std::to_string(cfg.ep_index) + " re-forms its EP group");
@@ -144,21 +144,24 @@ std::vector<uint8_t> open_ep_generation(rank_state& st, uint64_t generation) {
   if (!st.model)
     st.model = deepseek_model::load(cfg.model_path, *st.be, cfg.dummy, /*seed=*/1);
   st.ep_generation = generation;
-  if (cfg.expert_exchange == "nccl")
-    throw std::runtime_error("transport.expert_exchange 'nccl' is not built yet; use ucx or inproc");
-  // cuda_ipc moves the rows through the GPU data plane; its control traffic takes ucx between processes.
-  if (cfg.expert_exchange == "ucx" || (cfg.expert_exchange == "cuda_ipc" && cfg.ep_spans_processes)) {
+  ep_endpoint out{generation, {}, {}};
+  // A new communicator per generation: rank 0 makes its id; the scheduler's ep_peers hands it to every rank.
+  if (cfg.expert_exchange == "nccl" && cfg.ep_index == 0)
+    out.bootstrap = ep::make_device_plane_bootstrap(ep::device_exchange_kind::nccl);
+  // cuda_ipc and nccl move the rows through the GPU data plane; its control traffic takes ucx between processes.
+  const bool device = cfg.expert_exchange == "cuda_ipc" || cfg.expert_exchange == "nccl";
+  if (cfg.expert_exchange == "ucx" || (device && cfg.ep_spans_processes)) {
     transport::ep_ucx_options opts;
     opts.net_devices = cfg.net_devices;
     auto t = transport::ep_ucx_transport::create(cfg.ep_index, cfg.ep_size, opts);
     st.ep_ucx = t.get();
-    auto address = t->address();
+    out.address = t->address();
     st.ep_transport = std::move(t);
-    return address;
+    return out;
   }
   st.ep_exchange = join_ep_generation(cfg.group, generation, cfg.ep_size);
   st.ep_transport = st.ep_exchange->make_rank(cfg.ep_index);
-  return {};
+  return out;
 }
 
 /// Phase 2: connects to the peers (UCX) and splits the model by the initial placement.
@@ -180,8 +183,15 @@ void connect_ep_generation(rank_state& st, const ep_peers& peers) {
   ep::ep_options opt;
   opt.mode = cfg.ep_mode == "low_latency" ? ep::ep_mode::low_latency : ep::ep_mode::normal;
   opt.two_batch_overlap = cfg.two_batch_overlap;
+  opt.device_fp8_experts = cfg.fp8_experts;
   opt.rebalance_every = cfg.rebalance_every;
-  opt.device_exchange = cfg.expert_exchange == "cuda_ipc";
+  opt.device_exchange = cfg.expert_exchange == "cuda_ipc" || cfg.expert_exchange == "nccl";
+  if (cfg.expert_exchange == "nccl") {
+    if (peers.bootstrap.empty())
+      throw std::invalid_argument("the NCCL expert exchange needs rank 0's NCCL unique id, and ep_peers carries none");
+    opt.device_kind = ep::device_exchange_kind::nccl;
+    opt.device_bootstrap = peers.bootstrap;
+  }
   opt.device_max_tokens = std::max(1, cfg.ep_device_max_tokens);
   st.ep = std::make_unique<ep::ep_rank>(std::move(st.model), std::move(placement), *st.ep_transport, opt);
 }
@@ -353,7 +363,7 @@ rank_actor::behavior_type rank_impl(rank_pointer self, rank_config cfg, uint64_t
         if (st.config.ep_size <= 1)
           return make_error(petrel_errc::bad_request, "rank is not part of an expert-parallel group");
         try {
-          return ep_endpoint{generation, open_ep_generation(st, generation)};
+          return open_ep_generation(st, generation);
         } catch (const std::exception& e) {
           return make_error(petrel_errc::rank_failed, std::string("cannot open the EP exchange: ") + e.what());
         }

@@ -32,6 +32,7 @@ struct rank_config {
   int ep_index = 0;
   std::string ep_mode = "normal";
   bool two_batch_overlap = false;
+  bool fp8_experts = false;
   int rebalance_every = 0;
   int redundant_experts = 0;
   std::string init_expert_location;

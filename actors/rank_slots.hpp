@@ -120,6 +120,8 @@ bool ep_can_step(Self* self, Resume resume) {
         .then(
             [f, i, opened](ep_endpoint& e) {
               f->peers.addresses[i] = std::move(e.address);
+              if (i == 0)
+                f->peers.bootstrap = std::move(e.bootstrap); // rank 0's NCCL unique id, for every rank
               opened(true);
             },
             [opened](caf::error&) { opened(false); });

@@ -10,6 +10,8 @@
 #include "runtime/backend.hpp"
 
 #ifdef PETREL_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
 #include "kernels/cuda/cuda_backend.hpp"
 #endif
 
@@ -30,6 +32,22 @@ int cuda_device_index(const std::string& name) {
 }
 
 } // namespace
+
+int cuda_device_count() {
+#ifdef PETREL_HAVE_CUDA
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+#else
+  return 0;
+#endif
+}
+
+std::string rank_backend_name(const std::string& name, int rank) {
+  if (name != "cuda:each") return name;
+  const int n = cuda_device_count();
+  if (n < 1) throw std::invalid_argument("backend 'cuda:each' (a GPU per rank) but no CUDA device is visible");
+  return "cuda:" + std::to_string(rank % n);
+}
 
 std::unique_ptr<backend> make_backend(const std::string& name) {
   if (name == "cpu") return std::make_unique<kernels::cpu_backend>();
@@ -61,6 +79,10 @@ namespace petrel::ep {
 std::unique_ptr<device_plane> make_device_plane(backend& be, const device_plane_config&) {
   throw std::invalid_argument("the GPU expert exchange (cuda_ipc) needs the cuda backend; this build has no CUDA and "
                               "this rank runs '" + be.name() + "'");
+}
+std::vector<uint8_t> make_device_plane_bootstrap(device_exchange_kind kind) {
+  if (kind == device_exchange_kind::cuda_ipc) return {};
+  throw std::runtime_error("the NCCL expert exchange needs a build with CUDA");
 }
 } // namespace petrel::ep
 #endif

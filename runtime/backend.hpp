@@ -188,6 +188,11 @@ public:
 /// Creates a backend by name: "cpu" (always), "cuda" (when built with CUDA).
 /// Throws std::invalid_argument naming the backend when it is unknown or not built in.
 std::unique_ptr<backend> make_backend(const std::string& name);
+/// CUDA devices this process sees (0 in a build without CUDA).
+int cuda_device_count();
+/// The backend of rank `rank` of an in-process group: `name`, except "cuda:each", which spreads the ranks over
+/// the visible GPUs (rank r on cuda:(r % count)).
+std::string rank_backend_name(const std::string& name, int rank);
 
 /// Makes `b` hold at least `bytes`, reallocating (contents not kept) to the larger of `bytes` and 1.5x its size, so
 /// that buffers sized per step stop reallocating once the steps stop growing.

@@ -491,7 +491,7 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     r.fail_line(1, "missing section 'groups' (add `groups: {prefill: [...], decode: [...]}`)");
   r.only_keys(groups, "groups", {"prefill", "decode"}, section_line("groups"));
   const std::vector<std::string> common_keys{"name",     "nodes",     "ep_size", "redundant_experts",
-                                             "init_expert_location", "ep_mode", "two_batch_overlap",
+                                             "init_expert_location", "ep_mode", "two_batch_overlap", "fp8_experts",
                                              "rebalance_every", "rebalance_below", "rebalance_min_steps",
                                              "kv_pages", "page_size"};
   for (auto role : {group_role::prefill, group_role::decode}) {
@@ -567,6 +567,12 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
       r.opt_choice(g, "ep_mode", grp.ep_mode, where, {"normal", "low_latency"});
       if (auto tbo = g["two_batch_overlap"]; tbo.IsDefined() && !tbo.IsNull())
         grp.two_batch_overlap = r.scalar<bool>(tbo, where + ".two_batch_overlap");
+      if (auto f8 = g["fp8_experts"]; f8.IsDefined() && !f8.IsNull()) {
+        grp.fp8_experts = r.scalar<bool>(f8, where + ".fp8_experts");
+        if (grp.fp8_experts && !cuda)
+          r.fail(f8, where + ".fp8_experts needs model.backend: cuda (the experts run as fp8 grouped GEMMs on the GPU "
+                             "data plane)");
+      }
       r.opt_int(g, "rebalance_every", grp.rebalance_every, where, 0, 1 << 30);
       if (auto rb = g["rebalance_below"]; rb.IsDefined() && !rb.IsNull()) {
         grp.rebalance_below = r.scalar<double>(rb, where + ".rebalance_below");
@@ -631,6 +637,36 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
         }
       }
   }
+  // fp8_experts is a feature of the cuda_ipc plane.
+  for (const auto& g : cfg.groups)
+    if (g.fp8_experts && (g.ep_size < 2 || cfg.expert_exchange_for(g) != "cuda_ipc"))
+      r.fail_line(g.line, "group '" + g.name + "' sets fp8_experts, which runs on the GPU expert exchange of an "
+                              "expert-parallel group; this group " +
+                              (g.ep_size < 2 ? std::string("has ep_size 1")
+                                             : "exchanges through '" + cfg.expert_exchange_for(g) + "'") +
+                              " (use ep_size > 1 with transport.expert_exchange auto or cuda_ipc)");
+  // transport.expert_exchange nccl: NCCL refuses two ranks of one communicator on one GPU.
+  if (cfg.transport.expert_exchange == "nccl")
+    for (const auto& g : cfg.groups) {
+      if (g.ep_size < 2) continue;
+      std::map<std::string, std::string> owner; // host + device -> node
+      for (const auto& nn : g.nodes) {
+        const node_section* n = cfg.find_node(nn);
+        if (!n) continue;
+        for (const auto& rs : n->ranks) {
+          const std::string key = host_key(n->address.host) + "/" + rs.device;
+          auto [it, fresh] = owner.emplace(key, n->name);
+          if (!fresh) {
+            r.fail_line(g.line, "group '" + g.name + "' puts two ranks on " + rs.device + " of host '" +
+                                    n->address.host + "' (nodes '" + it->second + "' and '" + n->name +
+                                    "'), but transport.expert_exchange 'nccl' needs a GPU per rank (NCCL refuses two "
+                                    "ranks of one communicator on one GPU); give each rank its own device or use "
+                                    "cuda_ipc");
+            break;
+          }
+        }
+      }
+    }
   // transport.kv_net_devices: "auto" keeps a one-host cluster's UCX listeners on loopback.
   if (net_devices == "auto") {
     bool one_host = std::all_of(cfg.nodes.begin(), cfg.nodes.end(),

@@ -68,6 +68,7 @@ struct group_section {
   std::string init_expert_location; // optional placement file (phy2log JSON)
   std::string ep_mode = "normal";   // expert dispatch: normal (contiguous layout) | low_latency (masked layout)
   bool two_batch_overlap = false;   // split each rank's batch in two micro-batches around the all-to-all
+  bool fp8_experts = false;         // the GPU plane runs the experts as fp8 grouped GEMMs (cuda_ipc exchange)
   int rebalance_every = 0;          // live EPLB rebalance every this many steps (0: only `petrel rebalance`)
   double rebalance_below = 0;       // the eplb_rebalancer starts one when balancedness falls below this (0: off)
   int rebalance_min_steps = 100;    // ... at most once per this many steps of the group

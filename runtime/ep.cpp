@@ -409,6 +409,8 @@ ep_rank::ep_rank(std::unique_ptr<deepseek_model> model, ep_placement placement, 
     pc.micro_batches = opt_.two_batch_overlap ? 2 : 1;
     pc.timeout_s = opt_.device_timeout_s;
     pc.fp8_experts = opt_.device_fp8_experts;
+    pc.kind = opt_.device_kind;
+    pc.bootstrap = opt_.device_bootstrap;
     plane_ = make_device_plane(be, pc); // std::invalid_argument naming what does not fit
     // A rank waiting on the GPU for a peer whose step failed would otherwise spin until device_timeout_s.
     device_plane* plane = plane_.get();

@@ -126,6 +126,11 @@ struct ep_options {
   /// rebalance's weights. A step in which some micro-batch has more than device_max_tokens tokens (normal mode)
   /// moves its rows through the transport instead; every rank decides the same from the step header.
   bool device_exchange = false;
+  /// What carries the plane's rows (cuda_ipc: Petrel's kernels; nccl: NCCL send/recv, the baseline) and, for nccl,
+  /// rank 0's NCCL unique id (the same bytes on every rank; ep_group makes it, a served cluster carries it in the
+  /// CAF ep_peers message).
+  device_exchange_kind device_kind = device_exchange_kind::cuda_ipc;
+  std::vector<uint8_t> device_bootstrap;
   int device_max_tokens = 512;
   /// The plane's experts in fp8 (device_plane_config::fp8_experts, opt-in); false: fp32 experts on dequantised rows.
   bool device_fp8_experts = false;

@@ -32,7 +32,18 @@
 
 namespace petrel::ep {
 
+/// What moves the rows between the ranks' GPUs.
+///   cuda_ipc  Petrel's own kernels (kernels/cuda/ep_a2a) writing into the peers' memory, mapped through CUDA IPC:
+///             one host, ranks may share a GPU; low-latency mode uses the masked layout and its receive hook.
+///   nccl      NCCL send/recv (kernels/cuda/ep_nccl): the baseline, and the exchange for GPUs that CUDA IPC cannot
+///             reach. Normal-mode layout in both modes; the host waits for the counts of every dispatch; every rank
+///             needs a GPU of its own (NCCL refuses two ranks on one GPU). Up to 64 ranks.
+enum class device_exchange_kind : uint8_t { cuda_ipc, nccl };
+
 struct device_plane_config {
+  device_exchange_kind kind = device_exchange_kind::cuda_ipc;
+  /// nccl: rank 0's NCCL unique id (make_device_plane_bootstrap on rank 0), the same bytes on every rank.
+  std::vector<uint8_t> bootstrap;
   int rank = 0;
   int ranks = 1;
   int64_t hidden = 0;        // % 128 == 0
@@ -55,9 +66,10 @@ class device_plane {
 public:
   virtual ~device_plane() = default;
 
-  /// This rank's handles (all micro-batch buffers), as bytes for the other ranks.
+  /// This rank's handles (all micro-batch buffers), as bytes for the other ranks (nccl: none).
   virtual std::vector<uint8_t> export_handle() const = 0;
-  /// Maps every rank's buffers; handles[r] = rank r's export_handle(). Throws std::runtime_error naming the cause.
+  /// Maps every rank's buffers; handles[r] = rank r's export_handle() (nccl: creates the communicator, a call
+  /// every rank makes together). Throws std::runtime_error naming the cause.
   virtual void open_peers(const std::vector<std::vector<uint8_t>>& handles) = 0;
 
   /// Stage 1 of micro-batch `mb`. hidden [tokens, hidden] fp32 (any ld); slots_dev [tokens, top_k] physical slot
@@ -98,6 +110,10 @@ inline void prepare_process_for_device_plane() {
   setenv("CUDA_MODULE_LOADING", "EAGER", 1);
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 1);
 }
+
+/// What rank 0 makes before the group connects and every rank then passes as device_plane_config::bootstrap:
+/// NCCL's unique id for nccl (throws std::runtime_error without NCCL or CUDA), nothing for cuda_ipc.
+std::vector<uint8_t> make_device_plane_bootstrap(device_exchange_kind kind);
 
 /// Creates the plane on `be`'s device. Throws std::invalid_argument when the backend has no device plane (cpu, or
 /// a build without CUDA) or the config does not fit (hidden % 128, slots % ranks, top_k, ranks <= 8).

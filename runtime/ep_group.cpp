@@ -95,11 +95,15 @@ std::unique_ptr<ep_group> ep_group::load(const std::filesystem::path& dir, const
 
   std::unique_ptr<ep_group> g(new ep_group());
   g->exchange_ = std::make_unique<inprocess_exchange>(opt.size, opt.dispatch_delay);
+  ep_options rank_opt = opt.rank;
+  // The NCCL plane's communicator comes from one unique id, made here (the process of rank 0) for every rank.
+  if (rank_opt.device_exchange && rank_opt.device_kind == device_exchange_kind::nccl && rank_opt.device_bootstrap.empty())
+    rank_opt.device_bootstrap = make_device_plane_bootstrap(device_exchange_kind::nccl);
   for (int r = 0; r < opt.size; ++r) {
-    g->backends_.push_back(make_backend(opt.backend));
+    g->backends_.push_back(make_backend(rank_backend_name(opt.backend, r)));
     g->transports_.push_back(g->exchange_->make_rank(r));
     auto model = deepseek_model::load(dir, *g->backends_.back(), dummy, seed);
-    g->ranks_.push_back(std::make_unique<ep_rank>(std::move(model), placement, *g->transports_.back(), opt.rank));
+    g->ranks_.push_back(std::make_unique<ep_rank>(std::move(model), placement, *g->transports_.back(), rank_opt));
   }
   g->workers_ = std::make_unique<workers>(opt.size);
   return g;

@@ -22,7 +22,7 @@ struct ep_group_options {
   std::string init_expert_location;  // `petrel eplb` JSON; empty: initial_placement(size, redundant)
   ep_options rank;                   // every rank's options
   std::chrono::microseconds dispatch_delay{0}; // simulated wire time of every all-to-all
-  std::string backend = "cpu";
+  std::string backend = "cpu";       // or "cuda", "cuda:N", "cuda:each" (a GPU per rank: rank_backend_name)
 };
 
 class ep_group {

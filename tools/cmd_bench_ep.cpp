@@ -13,8 +13,6 @@
 
 #ifdef PETREL_HAVE_CUDA
 #include <cuda_runtime_api.h>
-#include <dlfcn.h>
-#include <nccl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -40,6 +38,7 @@
 #include "kernels/cuda/ep_a2a.hpp"
 #include "kernels/cuda/fp8_layout.hpp"
 #include "kernels/cuda/quant.hpp"
+#include "kernels/cuda/nccl_api.hpp"
 #endif
 
 namespace {
@@ -192,46 +191,6 @@ void host_barrier(const std::string& dir, const std::string& name, int rank, int
   put_file(dir, "barrier." + name + "." + std::to_string(rank), &one, 1);
   for (int r = 0; r < ranks; ++r) wait_file(dir, "barrier." + name + "." + std::to_string(r), 120);
 }
-
-// -- NCCL, opened at run time (the device has torch's libnccl; nothing links it) -------------------------------
-struct nccl_api {
-  void* lib = nullptr;
-  ncclResult_t (*get_unique_id)(ncclUniqueId*) = nullptr;
-  ncclResult_t (*comm_init_rank)(ncclComm_t*, int, ncclUniqueId, int) = nullptr;
-  ncclResult_t (*comm_destroy)(ncclComm_t) = nullptr;
-  ncclResult_t (*send)(const void*, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t) = nullptr;
-  ncclResult_t (*recv)(void*, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t) = nullptr;
-  ncclResult_t (*group_start)() = nullptr;
-  ncclResult_t (*group_end)() = nullptr;
-  const char* (*error_string)(ncclResult_t) = nullptr;
-  std::string load_error;
-
-  nccl_api() {
-    for (const char* name : {"libnccl.so.2", "libnccl.so"})
-      if ((lib = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
-    if (!lib) {
-      load_error = std::string("cannot dlopen libnccl.so.2: ") + dlerror();
-      return;
-    }
-    auto sym = [&](const char* n) {
-      void* p = dlsym(lib, n);
-      if (!p && load_error.empty()) load_error = std::string("libnccl lacks ") + n;
-      return p;
-    };
-    get_unique_id = reinterpret_cast<decltype(get_unique_id)>(sym("ncclGetUniqueId"));
-    comm_init_rank = reinterpret_cast<decltype(comm_init_rank)>(sym("ncclCommInitRank"));
-    comm_destroy = reinterpret_cast<decltype(comm_destroy)>(sym("ncclCommDestroy"));
-    send = reinterpret_cast<decltype(send)>(sym("ncclSend"));
-    recv = reinterpret_cast<decltype(recv)>(sym("ncclRecv"));
-    group_start = reinterpret_cast<decltype(group_start)>(sym("ncclGroupStart"));
-    group_end = reinterpret_cast<decltype(group_end)>(sym("ncclGroupEnd"));
-    error_string = reinterpret_cast<decltype(error_string)>(sym("ncclGetErrorString"));
-  }
-  bool ok() const { return load_error.empty(); }
-  void check(ncclResult_t r, const char* op) const {
-    if (r != ncclSuccess) throw bench_failure(std::string(op) + ": " + error_string(r));
-  }
-};
 
 // -- one rank ------------------------------------------------------------------------------------------------
 struct timing {
@@ -620,8 +579,8 @@ nlohmann::json run_nccl_baseline(rank_context& c, ep_buffer& buf, int devices) {
   if (devices < N)
     return {{"skipped", true},
             {"reason", "NCCL refuses two ranks on one GPU: " + std::to_string(N) + " ranks, " + std::to_string(devices) + " GPU(s)"}};
-  static nccl_api api; // one dlopen per process
-  if (!api.ok()) return {{"skipped", true}, {"reason", api.load_error}};
+  const auto& api = petrel::cuda::nccl_api::get();
+  if (!api.ok()) return {{"skipped", true}, {"reason", api.load_error()}};
   c.phase(); // every rank is out of its timed rounds before NCCL sets up
   ncclUniqueId id{};
   if (me == 0) {

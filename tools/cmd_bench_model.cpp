@@ -17,6 +17,8 @@
 //                     data plane (runtime/ep_device_plane.hpp, cuda backend), or both groups alternated step by step
 //                     (reports the step time ratio). --ep-experts fp32|fp8: the plane's experts in fp32 on
 //                     dequantised rows (default) or as fp8 grouped GEMMs on the received fp8 rows.
+//                     --ep-exchange cuda_ipc|nccl: what carries the plane's rows (Petrel's kernels, or NCCL send/recv,
+//                     which needs a GPU per rank: --backend cuda:each puts rank r on GPU r).
 #include <algorithm>
 #include <cmath>
 #include <chrono>
@@ -48,6 +50,7 @@ struct bench_cli {
   int64_t dispatch_delay_us = 0, steps = 8;
   std::string ep_mode = "normal";
   std::string ep_data = "host"; // host | gpu | both (alternate the two and compare)
+  std::string ep_exchange = "cuda_ipc"; // the GPU plane's carrier: cuda_ipc | nccl
   std::string ep_experts = "fp32"; // GPU plane: fp32 experts on dequantised rows, or fp8 grouped GEMMs
   uint64_t seed = 1;
 };
@@ -243,6 +246,8 @@ int run_ep(const bench_cli& o) {
   if (o.ep_experts != "fp32" && o.ep_experts != "fp8") return bad("--ep-experts must be fp32 or fp8, got '" + o.ep_experts + "'");
   if (o.ep_data != "host" && o.ep_data != "gpu" && o.ep_data != "both")
     return bad("--ep-data must be host, gpu or both, got '" + o.ep_data + "'");
+  if (o.ep_exchange != "cuda_ipc" && o.ep_exchange != "nccl")
+    return bad("--ep-exchange must be cuda_ipc or nccl, got '" + o.ep_exchange + "'");
   if (o.ep_data == "both" && (o.tbo || o.zipf >= 0)) return bad("--ep-data both is its own comparison: drop --tbo/--zipf");
   ep_group_options go;
   go.size = o.ep;
@@ -253,6 +258,7 @@ int run_ep(const bench_cli& o) {
   go.rank.load_window = int(2 * o.steps + 16);
   go.rank.device_exchange = o.ep_data == "gpu";
   go.rank.device_fp8_experts = o.ep_experts == "fp8";
+  go.rank.device_kind = o.ep_exchange == "nccl" ? device_exchange_kind::nccl : device_exchange_kind::cuda_ipc;
   if (o.ep_data != "host") prepare_process_for_device_plane(); // before the first CUDA call
   go.rank.device_max_tokens = int(std::max<int64_t>(512, o.prefill_batch * o.prompt_len));
   petrel::model_config cfg;
@@ -292,6 +298,7 @@ int run_ep(const bench_cli& o) {
                               {"mode", o.ep_mode},
                               {"ep_data", o.ep_data},
                               {"gpu_experts", o.ep_experts},
+                              {"gpu_exchange", o.ep_exchange},
                               {"dispatch_delay_us", o.dispatch_delay_us},
                               {"tokens_per_rank_step", tokens},
                               {"prefill_batch", o.prefill_batch},
@@ -376,7 +383,7 @@ int run(const bench_cli& o) {
     return petrel::cli::exit_bad_input;
   std::unique_ptr<petrel::backend> be;
   try {
-    be = petrel::make_backend(o.backend);
+    be = petrel::make_backend(petrel::rank_backend_name(o.backend, 0));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "petrel bench-model: --backend: %s\n", e.what());
     return petrel::cli::exit_bad_input;
@@ -469,6 +476,7 @@ const bool registered = petrel::cli::register_command(
       sub.add_option("--ep-mode", o->ep_mode, "EP: normal | low_latency");
       sub.add_option("--ep-data", o->ep_data, "EP: rows through the host transport, the GPU data plane, or both compared");
       sub.add_option("--ep-experts", o->ep_experts, "EP GPU plane: fp32 experts (default) or fp8 grouped GEMMs");
+      sub.add_option("--ep-exchange", o->ep_exchange, "EP GPU plane: cuda_ipc (Petrel's kernels, default) or nccl");
       sub.add_option("--steps", o->steps, "EP: timed steps per phase (median reported)");
       sub.add_option("--seed", o->seed, "EP: seed of the Zipf routing and dummy weights");
       return [o] { return run(*o); };

@@ -19,11 +19,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/cuda/cuda_backend.hpp"
 #include "kernels/cuda/ep_a2a.hpp"
+#include "kernels/cuda/ep_nccl.hpp"
 #include "kernels/cuda/fp8_layout.hpp"
 #include "kernels/cuda/grouped_gemm_fp8.hpp"
 #include "kernels/cuda/layer_ops.hpp"
@@ -259,12 +261,30 @@ void trace(int rank, int mb, int layer, const char* what) {
 
 // -- the plane ----------------------------------------------------------------------------------------------
 
-class cuda_ipc_plane final : public device_plane {
+// The rows move through ep_buffer (one per micro-batch, cuda_ipc) or through one nccl_rows shared by the micro-batches
+// (nccl: normal-mode layout in both modes). Everything else (conversions, experts, hand-offs) is the same.
+class gpu_plane final : public device_plane {
 public:
-  cuda_ipc_plane(kernels::cuda_backend& be, const device_plane_config& cfg) : be_(be), cfg_(cfg) {
+  gpu_plane(kernels::cuda_backend& be, const device_plane_config& cfg) : be_(be), cfg_(cfg) {
     local_ = cfg.slots / cfg.ranks;
     stream_ = static_cast<cudaStream_t>(be.compute_stream());
+    if (cfg.kind == device_exchange_kind::nccl) {
+      petrel::cuda::nccl_rows_config nc;
+      nc.rank = cfg.rank;
+      nc.ranks = cfg.ranks;
+      nc.hidden = int(cfg.hidden);
+      nc.experts = cfg.slots;
+      nc.topk = cfg.top_k;
+      nc.micro_batches = cfg.micro_batches;
+      nc.timeout_s = cfg.timeout_s;
+      nc.device = be.device();
+      nccl_ = std::make_unique<petrel::cuda::nccl_rows>(nc);
+    }
     for (int mb = 0; mb < cfg.micro_batches; ++mb) {
+      slot_[mb].index = mb;
+      for (cudaEvent_t* ev : {&slot_[mb].ev_in, &slot_[mb].ev_recv, &slot_[mb].ev_y, &slot_[mb].ev_out})
+        check_cuda(cudaEventCreateWithFlags(ev, cudaEventDisableTiming), "cudaEventCreate");
+      if (nccl_) continue;
       petrel::cuda::ep_buffer_config bc;
       bc.rank = cfg.rank;
       bc.ranks = cfg.ranks;
@@ -278,16 +298,14 @@ public:
       bc.timeout_s = cfg.timeout_s;
       bc.device = be.device();
       slot_[mb].buf = std::make_unique<petrel::cuda::ep_buffer>(bc);
-      for (cudaEvent_t* ev : {&slot_[mb].ev_in, &slot_[mb].ev_recv, &slot_[mb].ev_y, &slot_[mb].ev_out})
-        check_cuda(cudaEventCreateWithFlags(ev, cudaEventDisableTiming), "cudaEventCreate");
     }
   }
 
-  ~cuda_ipc_plane() override {
+  ~gpu_plane() override {
     cudaStreamSynchronize(stream_);
+    nccl_.reset(); // waits for its stream (bounded by its watchdog)
     for (auto& s : slot_) {
-      if (!s.buf) continue;
-      cudaStreamSynchronize(s.buf->stream());
+      if (s.buf) cudaStreamSynchronize(s.buf->stream());
       for (cudaEvent_t ev : {s.ev_in, s.ev_recv, s.ev_y, s.ev_out})
         if (ev) cudaEventDestroy(ev);
     }
@@ -295,6 +313,7 @@ public:
 
   std::vector<uint8_t> export_handle() const override {
     std::vector<uint8_t> out;
+    if (nccl_) return out; // the communicator comes from rank 0's id (cfg.bootstrap)
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) {
       const std::vector<uint8_t> h = slot_[mb].buf->export_handle();
       const uint32_t n = uint32_t(h.size());
@@ -310,6 +329,18 @@ public:
     if (int(handles.size()) != cfg_.ranks)
       throw std::runtime_error("GPU expert exchange: " + std::to_string(handles.size()) + " handles for " +
                                std::to_string(cfg_.ranks) + " ranks");
+    if (nccl_) {
+      if (cfg_.bootstrap.empty())
+        throw std::runtime_error("NCCL expert exchange: no NCCL unique id from rank 0 (device_plane_config::bootstrap)");
+      trace(cfg_.rank, -1, -1, "ncclCommInitRank");
+      try {
+        nccl_->connect(cfg_.bootstrap);
+      } catch (const std::runtime_error& e) {
+        throw std::runtime_error(std::string("NCCL expert exchange: ") + e.what() +
+                                 " (NCCL needs a GPU of its own for every rank of the group)");
+      }
+      return;
+    }
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) {
       std::vector<std::vector<uint8_t>> part(handles.size());
       for (size_t r = 0; r < handles.size(); ++r) {
@@ -371,10 +402,11 @@ public:
     const int64_t H = cfg_.hidden;
     trace(cfg_.rank, mb, -1, low_latency ? "dispatch (low latency)" : "dispatch (normal)");
     s.tokens = tokens;
+    low_latency = low_latency && !nccl_; // NCCL moves the normal-mode layout in both modes
     s.low_latency = low_latency;
     s.slots_dev = slots_dev;
     s.weights_dev = weights_dev;
-    const int limit = low_latency ? cfg_.ll_max_tokens : cfg_.max_tokens;
+    const int limit = nccl_ ? std::numeric_limits<int>::max() : low_latency ? cfg_.ll_max_tokens : cfg_.max_tokens;
     if (tokens > 0 && !low_latency && (hidden.ld % 4 != 0 || reinterpret_cast<uintptr_t>(hidden.data) % 16 != 0))
       throw std::invalid_argument("GPU expert exchange: hidden rows must be 16-byte aligned (ld " +
                                   std::to_string(hidden.ld) + ")");
@@ -400,9 +432,12 @@ public:
             s.x_scales.f32());
         check_launch("fp8 quantisation");
       }
-      handoff(s.ev_in, stream_, s.buf->stream());
-      check_status(s.buf->dispatch(s.x_fp8.data(), s.x_scales.f32(), slots_dev, weights_dev, int(tokens)));
-      handoff(s.ev_recv, s.buf->stream(), stream_);
+      handoff(s.ev_in, stream_, ep_stream(s));
+      if (nccl_)
+        nccl_->dispatch(mb, s.x_fp8.data(), s.x_scales.f32(), slots_dev, weights_dev, int(tokens));
+      else
+        check_status(s.buf->dispatch(s.x_fp8.data(), s.x_scales.f32(), slots_dev, weights_dev, int(tokens)));
+      handoff(s.ev_recv, ep_stream(s), stream_);
     }
     trace(cfg_.rank, mb, -1, "dispatch enqueued");
   }
@@ -464,7 +499,7 @@ public:
       send_back(s);
       return;
     }
-    const petrel::cuda::ep_normal_recv r = s.buf->recv();
+    const petrel::cuda::ep_normal_recv r = nccl_ ? nccl_->recv(mb) : s.buf->recv();
     const int64_t rows = std::min<int64_t>(r.capacity, group_tokens);
     const int64_t bound = rows * std::min<int64_t>(K, E);
     if (cfg_.fp8_experts) {
@@ -542,6 +577,11 @@ public:
 
   void check() override {
     trace(cfg_.rank, -1, -1, "step synchronised, check");
+    if (nccl_) {
+      const std::string e = nccl_->error();
+      if (!e.empty()) throw std::runtime_error("NCCL expert exchange: " + e);
+      return;
+    }
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) {
       const std::string e = slot_[mb].buf->error();
       if (!e.empty()) throw std::runtime_error("GPU expert exchange (micro-batch " + std::to_string(mb) + "): " + e);
@@ -549,10 +589,15 @@ public:
   }
 
   void abort(const std::string& reason) override {
+    if (nccl_) {
+      nccl_->abort(reason);
+      return;
+    }
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) slot_[mb].buf->abort(reason);
   }
 
   size_t buffer_bytes() const override {
+    if (nccl_) return nccl_->buffer_bytes();
     size_t b = 0;
     for (int mb = 0; mb < cfg_.micro_batches; ++mb) b += slot_[mb].buf->buffer_bytes();
     return b;
@@ -560,7 +605,8 @@ public:
 
 private:
   struct slot {
-    std::unique_ptr<petrel::cuda::ep_buffer> buf;
+    int index = 0;
+    std::unique_ptr<petrel::cuda::ep_buffer> buf; // cuda_ipc
     cudaEvent_t ev_in = nullptr, ev_recv = nullptr, ev_y = nullptr, ev_out = nullptr;
     int64_t tokens = 0;
     bool low_latency = false;
@@ -610,10 +656,15 @@ private:
       return;
     }
     ensure(s.out, sizeof(float) * out_rows);
-    handoff(s.ev_y, stream_, s.buf->stream());
-    check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
-    handoff(s.ev_out, s.buf->stream(), stream_);
+    handoff(s.ev_y, stream_, ep_stream(s));
+    if (nccl_)
+      nccl_->combine(s.index, s.y_bf16.data(), s.out.f32());
+    else
+      check_status(s.buf->combine(s.y_bf16.data(), s.out.data(), /*out_fp32=*/true));
+    handoff(s.ev_out, ep_stream(s), stream_);
   }
+
+  cudaStream_t ep_stream(const slot& s) const { return nccl_ ? nccl_->stream() : s.buf->stream(); }
 
   // `to` waits (on the device) for everything enqueued on `from` so far.
   static void handoff(cudaEvent_t ev, cudaStream_t from, cudaStream_t to) {
@@ -625,6 +676,7 @@ private:
   device_plane_config cfg_;
   int local_ = 0;
   cudaStream_t stream_ = nullptr;
+  std::unique_ptr<petrel::cuda::nccl_rows> nccl_; // nccl only
   slot slot_[2];
   std::vector<layer_experts> layers_; // per MoE layer (set_experts)
 };
@@ -635,9 +687,12 @@ std::unique_ptr<device_plane> make_device_plane(backend& be, const device_plane_
   auto* cb = dynamic_cast<kernels::cuda_backend*>(&be);
   if (!cb)
     throw std::invalid_argument("the GPU expert exchange needs the cuda backend (this rank runs '" + be.name() + "')");
-  if (cfg.ranks < 1 || cfg.ranks > petrel::cuda::ep_max_ranks)
-    throw std::invalid_argument("the GPU expert exchange takes 1 to " + std::to_string(petrel::cuda::ep_max_ranks) +
-                                " ranks on one host, not " + std::to_string(cfg.ranks));
+  const bool nccl = cfg.kind == device_exchange_kind::nccl;
+  const int most = nccl ? 64 : petrel::cuda::ep_max_ranks;
+  if (cfg.ranks < 1 || cfg.ranks > most)
+    throw std::invalid_argument(std::string("the ") + (nccl ? "NCCL" : "GPU") + " expert exchange takes 1 to " +
+                                std::to_string(most) + " ranks" + (nccl ? "" : " on one host") + ", not " +
+                                std::to_string(cfg.ranks));
   if (cfg.hidden <= 0 || cfg.hidden % fp8_block != 0)
     throw std::invalid_argument("the GPU expert exchange needs hidden_size divisible by 128 (the model has " +
                                 std::to_string(cfg.hidden) + ")");
@@ -651,7 +706,17 @@ std::unique_ptr<device_plane> make_device_plane(backend& be, const device_plane_
                                 std::to_string(cfg.inter) + "); turn them off (fp32 experts)");
   if (cfg.max_tokens < 1) throw std::invalid_argument("the GPU expert exchange needs max_tokens >= 1");
   if (cfg.micro_batches < 1 || cfg.micro_batches > 2) throw std::invalid_argument("micro_batches must be 1 or 2");
-  return std::make_unique<cuda_ipc_plane>(*cb, cfg);
+  if (nccl && cfg.fp8_experts)
+    throw std::invalid_argument("fp8 experts are not offered with the NCCL exchange (it is the baseline of the "
+                                "all-to-all; use cuda_ipc)");
+  if (nccl && cfg.bootstrap.empty())
+    throw std::invalid_argument("the NCCL expert exchange needs rank 0's NCCL unique id (device_plane_config::bootstrap)");
+  return std::make_unique<gpu_plane>(*cb, cfg);
+}
+
+std::vector<uint8_t> make_device_plane_bootstrap(device_exchange_kind kind) {
+  if (kind == device_exchange_kind::cuda_ipc) return {};
+  return petrel::cuda::nccl_rows::make_unique_id();
 }
 
 } // namespace petrel::ep

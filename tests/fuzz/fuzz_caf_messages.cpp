@@ -190,8 +190,8 @@ void write_seeds(const char* dir) {
   write_seed(dir, 19, "group_load", petrel::group_load{"decode0", 1, 2, 3, 4, 1, 1});
   write_seed(dir, 20, "kv_digest", petrel::kv_digest{9, 3, {4, 5}, 4096, {0xdeadbeef, 7}});
   write_seed(dir, 21, "kv_check", petrel::kv_check{{0x50, 0x4b, 0x56, 0x01}, 4096, {4, 5}, {0xdeadbeef, 7}});
-  write_seed(dir, 22, "ep_endpoint", petrel::ep_endpoint{1795463264099549790ull, {1, 2, 3, 4}});
-  write_seed(dir, 23, "ep_peers", petrel::ep_peers{1795463264099549790ull, {{1, 2}, {}, {3}}});
+  write_seed(dir, 22, "ep_endpoint", petrel::ep_endpoint{1795463264099549790ull, {1, 2, 3, 4}, {9, 8}});
+  write_seed(dir, 23, "ep_peers", petrel::ep_peers{1795463264099549790ull, {{1, 2}, {}, {3}}, {9, 8}});
 }
 
 } // namespace

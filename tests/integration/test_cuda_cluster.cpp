@@ -66,6 +66,48 @@ void serve_and_compare(launched_cluster& c) {
     CHECK(many[i].get() == reference_text("Tell me about " + std::to_string(i), 24));
 }
 
+/// The served checks of a cluster whose EP groups move rows through the GPU plane (fp8 out, bf16 back): most
+/// completions equal the fp32 reference, every rank's steps went through the plane, and a decode rank restarted
+/// mid-request re-forms its group (new buffers or communicator) and the request finishes.
+void check_gpu_plane_cluster(launched_cluster& c) {
+  // fp8 rows into the experts, bf16 back: where the fp32 reference has a near tie the text may take the other
+  // branch (measured: "Tell me about 1" -> '9' 6.528 vs '0' 6.494), so most completions, not all, equal it. The
+  // logit-level tolerance is checked in tests/unit/test_cuda_ep_plane.
+  int same = 0, all = 0;
+  auto check_prompt = [&](const std::string& prompt, const std::string& got, int tokens) {
+    const std::string want = reference_text(prompt, tokens);
+    CAPTURE(prompt);
+    CAPTURE(got);
+    CHECK(got.size() >= std::min<size_t>(want.size(), 8)); // a full completion, not an error or an empty answer
+    same += got == want ? 1 : 0;
+    all++;
+  };
+  for (const char* prompt : {"The meaning of life is", "Once upon a time", "Never trust"})
+    check_prompt(prompt, completion_text(c.port, prompt, 40), 40);
+  std::vector<std::future<std::string>> many;
+  for (int i = 0; i < 6; ++i)
+    many.push_back(std::async(std::launch::async,
+                              [&c, i] { return completion_text(c.port, "Tell me about " + std::to_string(i), 24); }));
+  for (int i = 0; i < 6; ++i) check_prompt("Tell me about " + std::to_string(i), many[size_t(i)].get(), 24);
+  MESSAGE(same << " of " << all << " completions equal the fp32 reference text");
+  CHECK(same * 3 >= all * 2); // 7 of 9 on the H100
+  for (const char* group : {"prefill0", "decode0"}) {
+    auto r = run_petrel(std::string("rebalance --json ") + c.cfg + " " + group);
+    REQUIRE_MESSAGE(r.exit_code == 0, r.output);
+    for (auto& rank : nlohmann::json::parse(r.output)) CHECK(rank.value("device_steps", 0) > 0);
+  }
+  // A decode rank restarted mid-request: its group re-forms (new buffers, new handles) and the request finishes.
+  auto fut = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 80); });
+  std::this_thread::sleep_for(300ms);
+  auto r = run_petrel("restart " + c.cfg + " d0/rank1");
+  CHECK_MESSAGE(r.exit_code == 0, r.output);
+  const std::string after = fut.get(), ref = reference_text("Once upon a time", 80);
+  CAPTURE(after);
+  CHECK(after.size() >= 40);
+  CHECK(after.substr(0, 24) == ref.substr(0, 24)); // its first 40 tokens equal the reference above
+  CHECK(eventually(30s, [&] { return c.idle(); }));
+}
+
 } // namespace
 
 TEST_CASE("a GPU cluster serves the cpu model's text with KV moved through CUDA IPC, across a rank restart") {
@@ -206,42 +248,32 @@ TEST_CASE("EP groups with the GPU expert exchange (auto -> cuda_ipc) serve withi
     // below show that the rows went through the GPU plane.
   };
   launched_cluster c("gpuipc", yaml, 180s);
-  // fp8 rows into the experts, bf16 back: where the fp32 reference has a near tie the text may take the other
-  // branch (measured: "Tell me about 1" -> '9' 6.528 vs '0' 6.494), so most completions, not all, equal it. The
-  // logit-level tolerance is checked in tests/unit/test_cuda_ep_plane.
-  int same = 0, all = 0;
-  auto check_prompt = [&](const std::string& prompt, const std::string& got, int tokens) {
-    const std::string want = reference_text(prompt, tokens);
-    CAPTURE(prompt);
-    CAPTURE(got);
-    CHECK(got.size() >= std::min<size_t>(want.size(), 8)); // a full completion, not an error or an empty answer
-    same += got == want ? 1 : 0;
-    all++;
-  };
-  for (const char* prompt : {"The meaning of life is", "Once upon a time", "Never trust"})
-    check_prompt(prompt, completion_text(c.port, prompt, 40), 40);
-  std::vector<std::future<std::string>> many;
-  for (int i = 0; i < 6; ++i)
-    many.push_back(std::async(std::launch::async,
-                              [&c, i] { return completion_text(c.port, "Tell me about " + std::to_string(i), 24); }));
-  for (int i = 0; i < 6; ++i) check_prompt("Tell me about " + std::to_string(i), many[size_t(i)].get(), 24);
-  MESSAGE(same << " of " << all << " completions equal the fp32 reference text");
-  CHECK(same * 3 >= all * 2); // 7 of 9 on the H100
-  for (const char* group : {"prefill0", "decode0"}) {
-    auto r = run_petrel(std::string("rebalance --json ") + c.cfg + " " + group);
-    REQUIRE_MESSAGE(r.exit_code == 0, r.output);
-    for (auto& rank : nlohmann::json::parse(r.output)) CHECK(rank.value("device_steps", 0) > 0);
+  check_gpu_plane_cluster(c);
+}
+
+TEST_CASE("EP groups with the NCCL expert exchange serve within fp8 tolerance, a GPU per rank, across processes too") {
+  int gpus = 0;
+  cudaGetDeviceCount(&gpus);
+  if (gpus < 2) {
+    MESSAGE("skipped: the NCCL exchange needs a GPU per rank and this machine has " << gpus);
+    return;
   }
-  // A decode rank restarted mid-request: its group re-forms (new buffers, new handles) and the request finishes.
-  auto fut = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 80); });
-  std::this_thread::sleep_for(300ms);
-  auto r = run_petrel("restart " + c.cfg + " d0/rank1");
-  CHECK_MESSAGE(r.exit_code == 0, r.output);
-  const std::string after = fut.get(), ref = reference_text("Once upon a time", 80);
-  CAPTURE(after);
-  CHECK(after.size() >= 40);
-  CHECK(after.substr(0, 24) == ref.substr(0, 24)); // its first 40 tokens equal the reference above
-  CHECK(eventually(30s, [&] { return c.idle(); }));
+  // Rank 0 of each group makes the NCCL unique id; the scheduler's ep_peers message (CAF) carries it to the others.
+  auto yaml = [](const std::string& run) {
+    return "cluster: {name: gpunccl, run_dir: " + run + "}\n" + "model: {path: " + fortune_model_dir() +
+           ", name: fortune-moe, backend: cuda, share_gpus: true}\n" +
+           "gateway: {host: 127.0.0.1, port: 0}\n"
+           "nodes:\n  - {name: p0, ranks: [cuda:0]}\n  - {name: p1, ranks: [cuda:1]}\n"
+           "  - {name: d0, ranks: [cuda:0, cuda:1]}\n"
+           "groups:\n"
+           "  prefill: [{name: prefill0, nodes: [p0, p1], ep_size: 2, two_batch_overlap: true, chunk_tokens: 32, "
+           "max_batch_tokens: 64}]\n"
+           "  decode: [{name: decode0, nodes: [d0], ep_size: 2, redundant_experts: 2, ep_mode: low_latency}]\n"
+           "supervision: {node_intensity: 5, node_period: 60s, intensity: 20, period: 10s}\n"
+           "transport: {expert_exchange: nccl}\n";
+  };
+  launched_cluster c("gpunccl", yaml, 180s);
+  check_gpu_plane_cluster(c);
 }
 #else
 TEST_CASE("GPU cluster: this build has no CUDA") { MESSAGE("skipped: built without CUDA"); }

@@ -595,6 +595,26 @@ TEST_CASE("an EP group over several node processes needs an exchange that crosse
   CHECK_CONFIG_ERROR(dir, two_hosts + "transport: {expert_exchange: cuda_ipc}\n", 8,
                      "group 'prefill0' has nodes on hosts '127.0.0.1' and '10.0.0.2', but transport.expert_exchange "
                      "'cuda_ipc' maps GPU memory between the ranks of one host");
+  // nccl: a GPU per rank (NCCL refuses two ranks of a communicator on one GPU); across hosts it is allowed.
+  CHECK(dir.parse(gpu + "transport: {expert_exchange: nccl}\n").transport.expert_exchange == "nccl");
+  CHECK_NOTHROW(dir.parse(two_hosts + "transport: {expert_exchange: nccl}\n"));
+  std::string shared = gpu;
+  shared.replace(shared.find("ranks: [cuda:1]"), 15, "ranks: [cuda:0]");
+  shared.replace(shared.find("backend: cuda}"), 14, "backend: cuda, share_gpus: true}");
+  CHECK_CONFIG_ERROR(dir, shared + "transport: {expert_exchange: nccl}\n", 8,
+                     "group 'prefill0' puts two ranks on cuda:0 of host '127.0.0.1' (nodes 'p0' and 'p1'), but "
+                     "transport.expert_exchange 'nccl' needs a GPU per rank");
+  CHECK_NOTHROW(dir.parse(shared + "transport: {expert_exchange: cuda_ipc}\n")); // cuda_ipc shares GPUs
+  // fp8_experts: a group key of the cuda_ipc plane.
+  std::string fp8 = gpu;
+  fp8.replace(fp8.find("nodes: [p0, p1]"), 15, "nodes: [p0, p1]\n      fp8_experts: true");
+  CHECK(dir.parse(fp8).find_group("prefill0")->fp8_experts);
+  CHECK_CONFIG_ERROR(dir, fp8 + "transport: {expert_exchange: nccl}\n", 8,
+                     "group 'prefill0' sets fp8_experts, which runs on the GPU expert exchange of an expert-parallel "
+                     "group; this group exchanges through 'nccl'");
+  std::string fp8_cpu = yaml;
+  fp8_cpu.replace(fp8_cpu.find("nodes: [p0, p1]"), 15, "nodes: [p0, p1]\n      fp8_experts: true");
+  CHECK_CONFIG_ERROR(dir, fp8_cpu, 10, "fp8_experts needs model.backend: cuda");
 }
 
 TEST_CASE("fixed ports never collide; port 0 means any free port") {

@@ -7,6 +7,9 @@
 // low-latency mode, two-batch overlap, a live rebalance (new expert pointers), the fallback
 // to the transport for micro-batches too big for the buffers (bit-identical to the host plane), a peer that
 // stops mid-step (the bounded wait fails the step with a message), and configurations the plane refuses.
+// The NCCL exchange (the same plane with NCCL send/recv carrying the rows) runs at EP1 on one GPU (the rank sends to
+// itself through NCCL) and at EP2/EP4 with a GPU per rank where the machine has them; NCCL refuses two ranks on one
+// GPU, and the plane says so.
 // Without a GPU every case passes with a message.
 #include <doctest/doctest.h>
 
@@ -113,6 +116,15 @@ struct run_result {
   std::vector<generate_result> results;
   int64_t device_steps = 0, tokens_sent = 0;
 };
+
+/// The same group with the NCCL exchange, a GPU per rank.
+ep_group_options nccl_options(ep_group_options go) {
+  go.rank.device_kind = device_exchange_kind::nccl;
+  go.backend = "cuda:each";
+  return go;
+}
+
+int gpus() { return petrel::cuda_device_count(); }
 
 run_result run(const ep_group_options& go, const step_hook& hook = {}) {
   auto group = ep_group::load(model_dir, go);
@@ -226,8 +238,9 @@ struct fault_run {
   std::string errors[2];
   double secs = 0;
 };
-fault_run run_with_fault(double timeout_s, std::function<void(int layer, int call)> fault) {
+fault_run run_with_fault(double timeout_s, std::function<void(int layer, int call)> fault, bool nccl = false) {
   ep_group_options go = group_options(2, 0, ep_mode::normal, false, true);
+  if (nccl) go = nccl_options(go);
   go.rank.device_timeout_s = timeout_s;
   auto calls = std::make_shared<std::atomic<int>>(0);
   go.rank.routing_override = [calls, fault](int rank, int layer, std::span<int32_t>) {
@@ -286,6 +299,51 @@ TEST_CASE("a peer that stalls without failing is caught by the plane's bounded w
   CHECK_FALSE(fr.errors[1].empty()); // the group failed for rank 1 too (rank 0's step aborted it)
 }
 
+TEST_CASE("the NCCL exchange serves EP groups within fp8 tolerance of the host plane") {
+  if (skip_without_gpu()) return;
+  SUBCASE("EP1: every row goes to the rank itself through NCCL, normal and low-latency mode, with TBO") {
+    for (ep_mode mode : {ep_mode::normal, ep_mode::low_latency})
+      expect_close(std::string("NCCL EP1 TBO ") + mode_name(mode), group_options(1, 0, mode, false, false),
+                   nccl_options(group_options(1, 0, mode, true, true)));
+  }
+  SUBCASE("EP2 and EP4 with a GPU per rank") {
+    if (gpus() < 2) {
+      MESSAGE("one GPU: NCCL refuses two ranks on it, so EP2 over NCCL needs a machine with two or more");
+      return;
+    }
+    expect_close("NCCL EP2 normal", group_options(2, 0, ep_mode::normal, false, false),
+                 nccl_options(group_options(2, 0, ep_mode::normal, false, true)));
+    expect_close("NCCL EP2 low-latency TBO, redundant experts", group_options(2, 2, ep_mode::low_latency, false, false),
+                 nccl_options(group_options(2, 2, ep_mode::low_latency, true, true)));
+    if (gpus() >= 4)
+      expect_close("NCCL EP4 TBO", group_options(4, 0, ep_mode::normal, false, false),
+                   nccl_options(group_options(4, 0, ep_mode::normal, true, true)));
+  }
+}
+
+TEST_CASE("NCCL exchange: a dead or stalled peer fails the step instead of hanging it") {
+  if (skip_without_gpu()) return;
+  if (gpus() < 2) {
+    MESSAGE("one GPU: the NCCL fault cases need a GPU per rank");
+    return;
+  }
+  SUBCASE("a peer whose step fails: the group's abort ends NCCL's kernels") {
+    const fault_run fr = run_with_fault(20, [](int, int call) {
+      if (call == 2) throw std::runtime_error("rank 1 crashed (test)");
+    }, /*nccl=*/true);
+    CHECK(fr.errors[1].find("rank 1 crashed") != std::string::npos);
+    CHECK(fr.errors[0].find("rank 1 crashed") != std::string::npos);
+    CHECK(fr.secs < 10);
+  }
+  SUBCASE("a peer that stalls: the watchdog aborts the communicator after the timeout") {
+    const fault_run fr = run_with_fault(1, [](int, int call) {
+      if (call == 2) std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+    }, /*nccl=*/true);
+    CHECK(fr.errors[0].find("did not finish within") != std::string::npos);
+    CHECK_FALSE(fr.errors[1].empty());
+  }
+}
+
 TEST_CASE("the GPU data plane refuses what it cannot carry, with the reason") {
   if (skip_without_gpu()) return;
   // 8 experts over 3 ranks: the slots do not divide.
@@ -294,6 +352,22 @@ TEST_CASE("the GPU data plane refuses what it cannot carry, with the reason") {
   go = group_options(2, 0, ep_mode::normal, false, true);
   go.backend = "cpu";
   CHECK(refusal(go).find("cuda backend") != std::string::npos);
+  // fp8 experts are a cuda_ipc feature.
+  go = nccl_options(group_options(1, 0, ep_mode::normal, false, true));
+  go.rank.device_fp8_experts = true;
+  CHECK(refusal(go).find("not offered with the NCCL exchange") != std::string::npos);
+  // Two ranks on one GPU: NCCL refuses them when the communicator is created (the group's first step).
+  go = group_options(2, 0, ep_mode::normal, false, true);
+  go.rank.device_kind = device_exchange_kind::nccl;
+  go.backend = "cuda:0";
+  std::string why = "accepted";
+  try {
+    run(go);
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  MESSAGE("two NCCL ranks on one GPU: " << why);
+  CHECK(why.find("a GPU of its own") != std::string::npos);
 }
 
 #else

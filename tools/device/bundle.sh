@@ -49,3 +49,11 @@ bundle_unpack() {
   extra=$(IFS=:; echo "$*")
   export LD_LIBRARY_PATH=$root/lib:$blas_dir${extra:+:$extra}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 }
+
+# The folder holding the device's libnccl.so.2 (torch's copy; Petrel dlopens it), or nothing.
+nccl_lib_dir() {
+  local lib
+  lib=$(find /opt /usr/local /usr/lib -name 'libnccl.so.2*' 2>/dev/null | head -1)
+  [[ -z $lib ]] && lib=$(find / -xdev -name 'libnccl.so.2*' 2>/dev/null | head -1)
+  [[ -n $lib ]] && dirname "$lib"
+}

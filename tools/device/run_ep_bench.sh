@@ -27,9 +27,7 @@ fi
 
 out=${OUT:-/tmp/petrel-ep-out}
 mkdir -p "$out"
-nccl_lib=$(find /opt /usr/local /usr/lib -name 'libnccl.so*' 2>/dev/null | head -1)
-[[ -z $nccl_lib ]] && nccl_lib=$(find / -xdev -name 'libnccl.so*' 2>/dev/null | head -1)
-nccl_dir=$(dirname "${nccl_lib:-/nonexistent/x}")
+nccl_dir=$(nccl_lib_dir)
 bundle_unpack "$here" "$nccl_dir" || exit 1
 here=$BUNDLE_ROOT
 {

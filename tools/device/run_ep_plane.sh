@@ -19,7 +19,7 @@ fi
 what=${*:-test bench}
 out=${OUT:-/tmp/petrel-epplane-out}
 mkdir -p "$out"
-bundle_unpack "$here" || exit 1
+bundle_unpack "$here" "$(nccl_lib_dir)" || exit 1 # NCCL: the plane's nccl exchange dlopens it
 bin=$BUNDLE_BIN
 export PETREL_BINARY=$bin/petrel PETREL_SOURCE_DIR=$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.log"

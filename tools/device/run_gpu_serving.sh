@@ -6,7 +6,10 @@
 #   here:    tools/device/run_gpu_cluster.sh package build-cudabe      (the bundle holds petrel)
 #   device:  bash tools/device/run_gpu_serving.sh [variants...]        -> $OUT/serve_<variant>.json and .log
 # Variants: pd (1 prefill rank + 1 decode rank), ep_tbo_off, ep_tbo_on (EP2 prefill + EP2 decode, rows through the
-# host), ep_ipc_tbo_off, ep_ipc_tbo_on (the same with transport.expert_exchange: cuda_ipc, rows through the GPUs).
+# host), ep_ipc_tbo_off, ep_ipc_tbo_on (the same with transport.expert_exchange: cuda_ipc, rows through the GPUs),
+# ep_ipc_fp8 (cuda_ipc with fp8_experts on both groups), ep_nccl_tbo_off, ep_nccl_tbo_on (rows through NCCL; needs a
+# GPU per rank of a group, so 2 or more GPUs). Each variant's node logs (last 300 lines) go to $OUT/logs_<variant>/;
+# EP_TRACE=1 makes the GPU plane trace its stages there.
 # BACKEND=cpu MODEL=tests/data/fortune-moe/config.json checks the script itself on a machine without a GPU.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
@@ -31,11 +34,13 @@ yaml_for() { # variant run_dir
   local v=$1 run=$2 ranks_p ranks_d ep exchange=inproc
   case $v in
     pd) ranks_p="[$(dev 0)]"; ranks_d="[$(dev 1)]"; ep_p=""; ep_d="" ;;
-    ep_tbo_off|ep_tbo_on|ep_ipc_tbo_off|ep_ipc_tbo_on)
+    ep_tbo_off|ep_tbo_on|ep_ipc_tbo_off|ep_ipc_tbo_on|ep_ipc_fp8|ep_nccl_tbo_off|ep_nccl_tbo_on)
       ranks_p="[$(dev 0), $(dev 1)]"; ranks_d="[$(dev 2), $(dev 3)]"
       tbo=$([[ $v == *tbo_on ]] && echo true || echo false)
       ep_p=", ep_size: 2, two_batch_overlap: $tbo"; ep_d=", ep_size: 2, ep_mode: low_latency"
-      [[ $v == ep_ipc_* ]] && exchange=cuda_ipc ;;
+      [[ $v == ep_ipc_* ]] && exchange=cuda_ipc
+      [[ $v == ep_nccl_* ]] && exchange=nccl
+      if [[ $v == ep_ipc_fp8 ]]; then ep_p="$ep_p, fp8_experts: true"; ep_d="$ep_d, fp8_experts: true"; fi ;;
     *) echo "unknown variant $v" >&2; return 1 ;;
   esac
   cat <<YAML
@@ -79,17 +84,23 @@ for v in "${variants[@]}"; do
   yaml_for "$v" "$run" > "$run/cluster.yaml" || exit 2
   echo "== $v ($backend, $gpus GPU(s))"
   t0=$(date +%s)
+  [[ ${EP_TRACE:-0} == 1 ]] && export PETREL_EP_TRACE=1
   "$PETREL" launch "$run/cluster.yaml" > "$out/serve_$v.log" 2>&1 &
   head=$!
+  keep_logs() {
+    mkdir -p "$out/logs_$v"
+    for f in "$run/serve-$v"/*.log; do [[ -f $f ]] && tail -300 "$f" > "$out/logs_$v/$(basename "$f")"; done
+  }
   if ! wait_ready "$run/serve-$v/head.json"; then
-    echo "$v: the cluster did not come up"; tail -30 "$out/serve_$v.log"; kill $head; rc=1; continue
+    echo "$v: the cluster did not come up"; tail -30 "$out/serve_$v.log"; keep_logs; kill $head; rc=1; continue
   fi
   echo "up after $(( $(date +%s) - t0 )) s"
-  "$PETREL" bench --config "$run/cluster.yaml" --num-prompts "$prompts" --input-len "$input_len" \
+  timeout ${BENCH_TIMEOUT:-300} "$PETREL" bench --config "$run/cluster.yaml" --num-prompts "$prompts" --input-len "$input_len" \
     --output-len "$output_len" --max-concurrency "$concurrency" --ignore-eos --warmup 4 \
     --json "$out/serve_$v.json" 2>&1 | tail -25
   [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
-  "$PETREL" stop "$run/cluster.yaml" > /dev/null 2>&1
+  keep_logs
+  timeout 60 "$PETREL" stop "$run/cluster.yaml" > /dev/null 2>&1 || kill $head
   wait $head
 done
 exit $rc
