@@ -26,6 +26,7 @@ int run_node(const cluster_config& cfg, const node_options& opts) {
   if (auto* g = cfg.group_of(node->name); g && g->ep_size > 1 && cfg.expert_exchange_for(*g) == "cuda_ipc")
     ep::prepare_process_for_device_plane();
   signal_watcher signals;
+  install_stack_dump_signal(); // kill -USR2 <pid>: every thread's stack into the node log
   petrel_config sys_cfg;
   // The head and every other peer must show a certificate of the cluster's CA, and so must we.
   std::unique_ptr<tls_identity> tls;

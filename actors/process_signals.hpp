@@ -23,4 +23,9 @@ private:
   std::unique_ptr<impl> impl_;
 };
 
+/// `kill -USR2 <pid>` makes every thread of this process write its stack to stderr (a node's log): the frames as
+/// backtrace_symbols_fd prints them (binary(+offset); `addr2line -f -C -e <petrel binary> <offset>` names them) and
+/// the thread's name. For a process that hangs: which call each thread is held in. Call once, early.
+void install_stack_dump_signal();
+
 } // namespace petrel

@@ -106,8 +106,21 @@ std::string cluster_config::expert_exchange_for(const group_section& g) const {
   for (const auto& nn : g.nodes)
     if (const node_section* n = find_node(nn); n && first && host_key(n->address.host) != host_key(first->address.host))
       one_host = false;
-  if (model.backend == "cuda" && one_host) return "cuda_ipc";
+  if (model.backend == "cuda" && one_host && gpu_shared_in_process(g).empty()) return "cuda_ipc";
   return g.nodes.size() > 1 ? "ucx" : "inproc";
+}
+
+std::string cluster_config::gpu_shared_in_process(const group_section& g) const {
+  for (const auto& nn : g.nodes) {
+    const node_section* n = find_node(nn);
+    if (!n) continue;
+    for (size_t i = 0; i < n->ranks.size(); ++i)
+      for (size_t j = i + 1; j < n->ranks.size(); ++j)
+        if (n->ranks[i].is_cuda() && n->ranks[i].device == n->ranks[j].device)
+          return "node '" + n->name + "' runs ranks " + std::to_string(i) + " and " + std::to_string(j) + " on " +
+                 n->ranks[i].device;
+  }
+  return {};
 }
 
 std::vector<const group_section*> cluster_config::groups_with(group_role role) const {
@@ -627,6 +640,15 @@ cluster_config parse_cluster_config(const std::string& yaml_text, const std::str
     if (cfg.transport.expert_exchange == "cuda_ipc")
       for (const auto& g : cfg.groups) {
         if (g.ep_size < 2) continue;
+        // Two ranks of the group on one GPU in one process share a CUDA context: a rank whose receive kernel spins
+        // for its peer then holds up the peer's first launch of a kernel its libraries load lazily (cuBLAS loads
+        // its kernels on first use; loading waits for the context's running kernels), a deadlock until the
+        // bounded wait fails the step. Measured on the H100; docs/gpu-expert-exchange.md.
+        if (const std::string shared = cfg.gpu_shared_in_process(g); !shared.empty())
+          r.fail_line(g.line, "group '" + g.name + "': " + shared + " in one process, but with transport."
+                              "expert_exchange 'cuda_ipc' a rank spinning on the GPU for its peer blocks that peer's "
+                              "lazy kernel loads in the shared CUDA context (a deadlock until device_timeout_s); give "
+                              "each rank of a GPU-sharing group its own node process, or use inproc or ucx");
         for (const auto& nn : g.nodes) {
           const node_section* a = cfg.find_node(nn);
           const node_section* b = cfg.find_node(g.nodes.front());

@@ -153,8 +153,11 @@ struct cluster_config {
   const group_section* group_of(const std::string& node) const;
   std::vector<const group_section*> groups_with(group_role role) const;
   /// How group `g`'s ranks exchange tokens: transport.expert_exchange, with "auto" resolved for this group:
-  /// cuda_ipc for cuda ranks all on one host, else ucx when the group spans node processes, else inproc.
+  /// cuda_ipc for cuda ranks all on one host, none two on one GPU in one process (gpu_shared_in_process), else ucx
+  /// when the group spans node processes, else inproc.
   std::string expert_exchange_for(const group_section& g) const;
+  /// "" or which node runs two of group `g`'s ranks on one GPU (one process, so one CUDA context).
+  std::string gpu_shared_in_process(const group_section& g) const;
 };
 
 /// Loads and validates FILE. Relative model paths resolve against the file's directory.

@@ -3,6 +3,8 @@
 #include "kernels/cuda/cuda_backend.hpp"
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <cstring>
 #include <cstdio>
 #include <cstdlib>
@@ -340,6 +342,32 @@ void* cuda_backend::workspace(int slot, size_t bytes) {
   return w.p;
 }
 
+namespace {
+
+// The host waits for a stream or an event by polling, never inside cudaStreamSynchronize/cudaEventSynchronize.
+// Measured on the H100 (a served EP group whose ranks are threads sharing one GPU): a rank blocked in
+// cudaStreamSynchronize while its stream waited for a peer kept that peer's first cuBLAS call of a new shape (its
+// algorithm heuristic enters the driver) from returning, so the peer never launched what the first rank waited
+// for, until the plane's bounded wait failed the step. A query holds the driver only for the query.
+cudaError_t poll_until_done(cudaError_t (*query)(void*), void* what) {
+  for (unsigned spin = 0;; ++spin) {
+    const cudaError_t e = query(what);
+    if (e != cudaErrorNotReady) return e;
+    if (spin < 64)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(spin < 4096 ? 5 : 50));
+  }
+}
+cudaError_t wait_stream(cudaStream_t s) {
+  return poll_until_done([](void* p) { return cudaStreamQuery(static_cast<cudaStream_t>(p)); }, s);
+}
+cudaError_t wait_event(cudaEvent_t ev) {
+  return poll_until_done([](void* p) { return cudaEventQuery(static_cast<cudaEvent_t>(p)); }, ev);
+}
+
+} // namespace
+
 void cuda_backend::copy_to_device(void* dst, const void* src, size_t bytes) {
   if (!bytes) return;
   if (capturing_)
@@ -353,7 +381,7 @@ void cuda_backend::copy_to_device(void* dst, const void* src, size_t bytes) {
   while (bytes > 0) {
     const size_t n = std::min(bytes, ring);
     if (impl_->ring_at + n > ring) {
-      check(cudaEventSynchronize(impl_->ring_done), "copy_to_device(ring)");
+      check(wait_event(impl_->ring_done), "copy_to_device(ring)");
       impl_->ring_at = 0;
     }
     char* stage = impl_->bounce + impl_->ring_at;
@@ -379,7 +407,7 @@ void cuda_backend::copy_to_host(void* dst, const void* src, size_t bytes) {
   while (bytes > 0) {
     const size_t n = std::min(bytes, impl::bounce_bytes);
     check(cudaMemcpyAsync(impl_->bounce, s, n, cudaMemcpyDeviceToHost, impl_->compute), "copy_to_host");
-    check(cudaStreamSynchronize(impl_->compute), "copy_to_host(synchronize)");
+    check(wait_stream(impl_->compute), "copy_to_host(synchronize)");
     impl_->ring_at = 0;
     std::memcpy(d, impl_->bounce, n);
     d += n;
@@ -419,8 +447,8 @@ void cuda_backend::inject_device_fault() {
 
 void cuda_backend::synchronize() {
   if (capturing_) return; // nothing to wait for: the captured work has not run
-  check(cudaStreamSynchronize(impl_->compute), "synchronize");
-  check(cudaStreamSynchronize(impl_->aux), "synchronize(aux)");
+  check(wait_stream(impl_->compute), "synchronize");
+  check(wait_stream(impl_->aux), "synchronize(aux)");
 }
 
 // -- graphs --------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ void serve_and_compare(launched_cluster& c) {
 /// The served checks of a cluster whose EP groups move rows through the GPU plane (fp8 out, bf16 back): most
 /// completions equal the fp32 reference, every rank's steps went through the plane, and a decode rank restarted
 /// mid-request re-forms its group (new buffers or communicator) and the request finishes.
-void check_gpu_plane_cluster(launched_cluster& c) {
+void check_gpu_plane_cluster(launched_cluster& c, const std::string& decode_rank) {
   // fp8 rows into the experts, bf16 back: where the fp32 reference has a near tie the text may take the other
   // branch (measured: "Tell me about 1" -> '9' 6.528 vs '0' 6.494), so most completions, not all, equal it. The
   // logit-level tolerance is checked in tests/unit/test_cuda_ep_plane.
@@ -99,7 +99,7 @@ void check_gpu_plane_cluster(launched_cluster& c) {
   // A decode rank restarted mid-request: its group re-forms (new buffers, new handles) and the request finishes.
   auto fut = std::async(std::launch::async, [&] { return completion_text(c.port, "Once upon a time", 80); });
   std::this_thread::sleep_for(300ms);
-  auto r = run_petrel("restart " + c.cfg + " d0/rank1");
+  auto r = run_petrel("restart " + c.cfg + " " + decode_rank);
   CHECK_MESSAGE(r.exit_code == 0, r.output);
   const std::string after = fut.get(), ref = reference_text("Once upon a time", 80);
   CAPTURE(after);
@@ -231,24 +231,25 @@ TEST_CASE("EP groups with the GPU expert exchange (auto -> cuda_ipc) serve withi
     MESSAGE("skipped: no GPU");
     return;
   }
-  // The prefill group spans two node processes (its ranks open each other's buffers through CUDA IPC handles and
-  // take UCX for the control traffic); the decode group's two ranks are threads of one process.
+  // Every rank in a node process of its own (ranks of one group sharing a GPU must not share a CUDA context:
+  // cluster_config refuses it for cuda_ipc); the ranks open each other's buffers through CUDA IPC handles and take
+  // UCX for the control traffic.
   auto yaml = [](const std::string& run) {
     return "cluster: {name: gpuipc, run_dir: " + run + "}\n" + "model: {path: " + fortune_model_dir() +
            ", name: fortune-moe, backend: cuda, share_gpus: true}\n" +
            "gateway: {host: 127.0.0.1, port: 0}\n"
            "nodes:\n  - {name: p0, ranks: [cuda:0]}\n  - {name: p1, ranks: [cuda:0]}\n"
-           "  - {name: d0, ranks: [cuda:0, cuda:0]}\n"
+           "  - {name: d0, ranks: [cuda:0]}\n  - {name: d1, ranks: [cuda:0]}\n"
            "groups:\n"
            "  prefill: [{name: prefill0, nodes: [p0, p1], ep_size: 2, two_batch_overlap: true, chunk_tokens: 32, "
            "max_batch_tokens: 64}]\n"
-           "  decode: [{name: decode0, nodes: [d0], ep_size: 2, redundant_experts: 2, ep_mode: low_latency}]\n"
+           "  decode: [{name: decode0, nodes: [d0, d1], ep_size: 2, redundant_experts: 2, ep_mode: low_latency}]\n"
            "supervision: {node_intensity: 5, node_period: 60s, intensity: 20, period: 10s}\n";
     // No transport section: expert_exchange auto resolves to cuda_ipc (cuda ranks on one host); the ranks' stats
     // below show that the rows went through the GPU plane.
   };
   launched_cluster c("gpuipc", yaml, 180s);
-  check_gpu_plane_cluster(c);
+  check_gpu_plane_cluster(c, "d1/rank0");
 }
 
 TEST_CASE("EP groups with the NCCL expert exchange serve within fp8 tolerance, a GPU per rank, across processes too") {
@@ -273,7 +274,7 @@ TEST_CASE("EP groups with the NCCL expert exchange serve within fp8 tolerance, a
            "transport: {expert_exchange: nccl}\n";
   };
   launched_cluster c("gpunccl", yaml, 180s);
-  check_gpu_plane_cluster(c);
+  check_gpu_plane_cluster(c, "d0/rank1");
 }
 #else
 TEST_CASE("GPU cluster: this build has no CUDA") { MESSAGE("skipped: built without CUDA"); }

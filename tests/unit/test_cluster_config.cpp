@@ -605,6 +605,18 @@ TEST_CASE("an EP group over several node processes needs an exchange that crosse
                      "group 'prefill0' puts two ranks on cuda:0 of host '127.0.0.1' (nodes 'p0' and 'p1'), but "
                      "transport.expert_exchange 'nccl' needs a GPU per rank");
   CHECK_NOTHROW(dir.parse(shared + "transport: {expert_exchange: cuda_ipc}\n")); // cuda_ipc shares GPUs
+  // Two ranks of a group on one GPU in one node process share a CUDA context: cuda_ipc is refused, auto takes inproc.
+  std::string threads = gpu;
+  threads.replace(threads.find("{name: d0, ranks: [cuda:2]}"), 27, "{name: d0, ranks: [cuda:2, cuda:2]}");
+  threads.replace(threads.find("backend: cuda}"), 14, "backend: cuda, share_gpus: true}");
+  CHECK_CONFIG_ERROR(dir, threads + "transport: {expert_exchange: cuda_ipc}\n", 10,
+                     "group 'decode0': node 'd0' runs ranks 0 and 1 on cuda:2 in one process, but with "
+                     "transport.expert_exchange 'cuda_ipc' a rank spinning on the GPU for its peer blocks");
+  {
+    const cluster_config c = dir.parse(threads);
+    CHECK(c.expert_exchange_for(*c.find_group("decode0")) == "inproc");
+    CHECK(c.expert_exchange_for(*c.find_group("prefill0")) == "cuda_ipc");
+  }
   // fp8_experts: a group key of the cuda_ipc plane.
   std::string fp8 = gpu;
   fp8.replace(fp8.find("nodes: [p0, p1]"), 15, "nodes: [p0, p1]\n      fp8_experts: true");

@@ -31,11 +31,21 @@ dev() { # device of rank i
 }
 
 yaml_for() { # variant run_dir
-  local v=$1 run=$2 ranks_p ranks_d ep exchange=inproc
+  # Every rank in a node process of its own: EP ranks sharing a GPU must not share a CUDA context on the GPU plane
+  # (cluster_config refuses it), and the host-row variants keep the same layout to compare like with like.
+  local v=$1 run=$2 ep exchange=inproc
+  nodes="  - {name: p0, ranks: [$(dev 0)]}
+  - {name: d0, ranks: [$(dev 1)]}"
+  nodes_p="[p0]"; nodes_d="[d0]"
   case $v in
-    pd) ranks_p="[$(dev 0)]"; ranks_d="[$(dev 1)]"; ep_p=""; ep_d="" ;;
+    pd) ep_p=""; ep_d="" ;;
     ep_tbo_off|ep_tbo_on|ep_ipc_tbo_off|ep_ipc_tbo_on|ep_ipc_fp8|ep_nccl_tbo_off|ep_nccl_tbo_on)
-      ranks_p="[$(dev 0), $(dev 1)]"; ranks_d="[$(dev 2), $(dev 3)]"
+      nodes="  - {name: p0, ranks: [$(dev 0)]}
+  - {name: p1, ranks: [$(dev 1)]}
+  - {name: d0, ranks: [$(dev 2)]}
+  - {name: d1, ranks: [$(dev 3)]}"
+      nodes_p="[p0, p1]"; nodes_d="[d0, d1]"
+      exchange=ucx
       tbo=$([[ $v == *tbo_on ]] && echo true || echo false)
       ep_p=", ep_size: 2, two_batch_overlap: $tbo"; ep_d=", ep_size: 2, ep_mode: low_latency"
       [[ $v == ep_ipc_* ]] && exchange=cuda_ipc
@@ -48,11 +58,10 @@ cluster: {name: serve-$v, run_dir: $run}
 model: {path: dummy, dummy_config: $model, name: dsv3-wide, backend: $backend, share_gpus: true}
 gateway: {host: 127.0.0.1, port: 0, max_queued: 1024}
 nodes:
-  - {name: p0, ranks: $ranks_p}
-  - {name: d0, ranks: $ranks_d}
+$nodes
 groups:
-  prefill: [{name: prefill0, nodes: [p0], chunk_tokens: 4096, max_batch_tokens: 8192, kv_pages: 512, page_size: 64$ep_p}]
-  decode: [{name: decode0, nodes: [d0], page_size: 64, max_running: 64, kv_pages: 1024$ep_d}]
+  prefill: [{name: prefill0, nodes: $nodes_p, chunk_tokens: 4096, max_batch_tokens: 8192, kv_pages: 512, page_size: 64$ep_p}]
+  decode: [{name: decode0, nodes: $nodes_d, page_size: 64, max_running: 64, kv_pages: 1024$ep_d}]
 transport: {expert_exchange: $exchange}
 YAML
 }
