@@ -183,8 +183,8 @@ __global__ void rope_vec_kernel(const __nv_bfloat16* in, std::int64_t in_ld, std
 
 __global__ void swiglu_kernel(const __nv_bfloat16* __restrict__ gate_up, int n, __nv_bfloat16* out, std::uint8_t* out_fp8,
                               float* out_scales, std::int64_t scale_ld, const int* row_expert, const int* masked_m,
-                              std::int64_t max_m) {
-  const std::int64_t row = blockIdx.y;
+                              std::int64_t max_m, std::int64_t row_base) {
+  const std::int64_t row = row_base + blockIdx.y;
   if (row_expert && row_expert[row] < 0) return;  // whole CTA leaves together: no partial warps
   if (masked_m && row % max_m >= masked_m[row / max_m]) return;
   const int col = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
@@ -665,12 +665,14 @@ kernel_status swiglu_bf16(const void* gate_up, std::int64_t rows, int n, void* o
   if (masked_m && (max_m <= 0 || rows % max_m != 0)) return kernel_status::failure(std::string(who) + ": masked layout needs rows % max_m == 0");
   if (rows == 0) return kernel_status::success();
   if (!gate_up || !aligned16(gate_up) || (out && !aligned16(out))) return kernel_status::failure(std::string(who) + ": null or unaligned pointer");
-  // CUDA grids allow 65535 in y; fold larger row counts is unnecessary for DeepSeek-V3 shapes (<= 65535 rows).
-  if (rows > 65535) return kernel_status::failure(std::string(who) + ": at most 65535 rows per call");
-  const dim3 grid(static_cast<unsigned>((n / 8 + 255) / 256), static_cast<unsigned>(rows));
-  swiglu_kernel<<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(gate_up), n, static_cast<__nv_bfloat16*>(out),
-                                          static_cast<std::uint8_t*>(out_fp8), out_scales, fp8_scale_ld(rows),
-                                          row_expert, masked_m, max_m);
+  // CUDA grids allow 65535 in y: larger row counts (the contiguous layout of a big prefill micro-batch on the GPU
+  // expert plane reaches 131k) go in launches of at most that many rows.
+  for (std::int64_t base = 0; base < rows; base += 65535) {
+    const dim3 grid(static_cast<unsigned>((n / 8 + 255) / 256), static_cast<unsigned>(std::min<std::int64_t>(65535, rows - base)));
+    swiglu_kernel<<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(gate_up), n,
+                                            static_cast<__nv_bfloat16*>(out), static_cast<std::uint8_t*>(out_fp8),
+                                            out_scales, fp8_scale_ld(rows), row_expert, masked_m, max_m, base);
+  }
   return launched(who);
 }
 
