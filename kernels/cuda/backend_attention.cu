@@ -14,14 +14,12 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_backend_internal.cuh"
+#include "kernels/cuda/fp8_warp_quant.cuh"
 
 namespace petrel::kernels::cudabe {
 namespace {
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+using petrel::cuda::warp_max;
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

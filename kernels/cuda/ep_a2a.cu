@@ -17,6 +17,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/cuda/fp8_warp_quant.cuh"
+
 namespace petrel::cuda {
 namespace {
 
@@ -407,12 +409,6 @@ __global__ void normal_combine_reduce_kernel(kparams k, int tokens, void* out, i
 
 // -- low-latency mode ------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // One block per token (grid-stride): the bf16 row is cast to fp8 1x128 in shared memory (the same arithmetic
 // as quantize_bf16_to_fp8_1x128, so the bytes are identical), then one row per (token, k) goes to the expert's
 // rank: a system-scope atomic on the receiver's per-expert counter picks the row, so every expert's rows are
@@ -434,15 +430,7 @@ __global__ void __launch_bounds__(send_threads) ll_dispatch_send_kernel(kparams 
       const uint2 raw = *reinterpret_cast<const uint2*>(x + off);
       const float2 v01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
       const float2 v23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-      float amax = fmaxf(fmaxf(fabsf(v01.x), fabsf(v01.y)), fmaxf(fabsf(v23.x), fabsf(v23.y)));
-      amax = fmaxf(warp_max(amax), fp8_amax_floor);
-      const float scale = amax / fp8_e4m3_max;
-      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v01.x, scale), __fdiv_rn(v01.y, scale)),
-                                                               __NV_SATFINITE, __NV_E4M3);
-      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v23.x, scale), __fdiv_rn(v23.y, scale)),
-                                                               __NV_SATFINITE, __NV_E4M3);
-      *reinterpret_cast<std::uint32_t*>(q + b * fp8_block + lane * 4) =
-          std::uint32_t(lo) | (std::uint32_t(hi) << 16);
+      const float scale = quantize_block_1x128(make_float4(v01.x, v01.y, v23.x, v23.y), q + b * fp8_block + lane * 4);
       if (lane == 0) qs[b] = scale;
     }
     // reserve every (token, k) row at once: one atomic per k, in parallel

@@ -27,6 +27,7 @@
 #include "kernels/cuda/ep_a2a.hpp"
 #include "kernels/cuda/ep_nccl.hpp"
 #include "kernels/cuda/fp8_layout.hpp"
+#include "kernels/cuda/fp8_warp_quant.cuh"
 #include "kernels/cuda/grouped_gemm_fp8.hpp"
 #include "kernels/cuda/layer_ops.hpp"
 
@@ -49,15 +50,12 @@ unsigned grid_for(int64_t n, int threads, int64_t cap = 4096) {
   return unsigned(std::clamp<int64_t>(g, 1, cap));
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+using petrel::cuda::quantize_block_1x128;
+using petrel::cuda::warp_max;
 
 // -- conversions --------------------------------------------------------------------------------------------
 
-// One warp per (row, 128-block): the same 1x128 quantisation as kernels/cuda/quant (amax floored, IEEE divide),
+// One warp per (row, 128-block): the 1x128 quantisation of kernels/cuda/fp8_warp_quant.cuh (as kernels/cuda/quant),
 // from fp32 rows with a leading dimension.
 __global__ void quantize_f32_kernel(const float* __restrict__ x, int64_t ld, int64_t rows, int64_t hidden,
                                     int64_t scale_ld, uint8_t* __restrict__ q, float* __restrict__ scales) {
@@ -67,14 +65,7 @@ __global__ void quantize_f32_kernel(const float* __restrict__ x, int64_t ld, int
   for (int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); w < rows * blocks; w += warps) {
     const int64_t row = w / blocks, kb = w % blocks;
     const float4 v = *reinterpret_cast<const float4*>(x + row * ld + kb * fp8_block + lane * 4);
-    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    amax = fmaxf(warp_max(amax), petrel::cuda::fp8_amax_floor);
-    const float scale = amax / petrel::cuda::fp8_e4m3_max;
-    const __nv_fp8x2_storage_t lo =
-        __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.x, scale), __fdiv_rn(v.y, scale)), __NV_SATFINITE, __NV_E4M3);
-    const __nv_fp8x2_storage_t hi =
-        __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.z, scale), __fdiv_rn(v.w, scale)), __NV_SATFINITE, __NV_E4M3);
-    *reinterpret_cast<uint32_t*>(q + row * hidden + kb * fp8_block + lane * 4) = uint32_t(lo) | (uint32_t(hi) << 16);
+    const float scale = quantize_block_1x128(v, q + row * hidden + kb * fp8_block + lane * 4);
     if (lane == 0) scales[kb * scale_ld + row] = scale;
   }
 }

@@ -9,18 +9,13 @@
 
 #include <string>
 
+#include "kernels/cuda/fp8_warp_quant.cuh"
+
 namespace petrel::cuda {
 namespace {
 
 // -- constants --------------------------------------------------------------------------
 constexpr int rows_per_cta = 8; // one warp per row, 256 threads
-
-// -- device helpers ---------------------------------------------------------------------
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
 
 // -- kernel -----------------------------------------------------------------------------
 __global__ void __launch_bounds__(rows_per_cta * 32)
@@ -35,16 +30,7 @@ quantize_1x128_kernel(const __nv_bfloat16* __restrict__ x, std::int64_t rows, st
   const uint2 raw = *reinterpret_cast<const uint2*>(x + offset);
   const float2 v01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
   const float2 v23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-  float amax = fmaxf(fmaxf(fabsf(v01.x), fabsf(v01.y)), fmaxf(fabsf(v23.x), fabsf(v23.y)));
-  amax = fmaxf(warp_max(amax), fp8_amax_floor);
-  const float scale = amax / fp8_e4m3_max;
-  // Divide (IEEE, correctly rounded) rather than multiply by a reciprocal, so a CPU reference that
-  // does the same fp32 operations gets the same bytes.
-  const __nv_fp8x2_storage_t lo =
-      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v01.x, scale), __fdiv_rn(v01.y, scale)), __NV_SATFINITE, __NV_E4M3);
-  const __nv_fp8x2_storage_t hi =
-      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v23.x, scale), __fdiv_rn(v23.y, scale)), __NV_SATFINITE, __NV_E4M3);
-  *reinterpret_cast<std::uint32_t*>(q + offset) = static_cast<std::uint32_t>(lo) | (static_cast<std::uint32_t>(hi) << 16);
+  const float scale = quantize_block_1x128(make_float4(v01.x, v01.y, v23.x, v23.y), q + offset);
   if (lane == 0) scales[kb * scale_ld + row] = scale;
 }
 

@@ -5,6 +5,7 @@
 #   here:    tools/device/run_ep_plane.sh package [build-dir]   -> device/epplane/bundle.tar.xz (git-ignored)
 #   device:  bash tools/device/run_ep_plane.sh run [what...]    -> logs and bench JSON under $OUT
 # what: test (test_cuda_ep_plane), cluster (test_cuda_cluster), alltests (every test_cuda_* binary), bench,
+#       bench_nccl (bench-model with --ep-exchange cuda_ipc and nccl: EP1, and EP2 on a GPU per rank),
 #       chaos (tests/chaos/gpu/ep_ipc.yaml), serve (tools/device/run_gpu_serving.sh with the EP variants, host rows against GPU rows). Default: test bench.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bundle.sh"
@@ -54,6 +55,23 @@ for w in $what; do
     ;;
   serve)
     PETREL=$bin/petrel bash tools/device/run_gpu_serving.sh ${SERVE_VARIANTS:-ep_tbo_off ep_ipc_tbo_off ep_ipc_tbo_on} || rc=1
+    ;;
+  bench_nccl)
+    # The NCCL exchange against Petrel's kernels where one GPU allows it: EP1 (the rank's rows go to itself), and
+    # EP2 with a GPU per rank when the machine has two or more (--backend cuda:each).
+    wide=$PWD/tools/device/dsv3-wide
+    ngpu=$(nvidia-smi -L | wc -l)
+    for ex in cuda_ipc nccl; do
+      for ep in 1 2; do
+        (( ep > ngpu )) && continue
+        be=$([[ $ep == 1 ]] && echo cuda || echo cuda:each)
+        echo "-- $ex EP$ep"
+        timeout 200 "$bin/petrel" bench-model --backend $be --load dummy --ep-data both --ep-exchange $ex --model "$wide" --ep $ep --prefill-batch 4 --prompt-len 512 --steps 6 > "$out/bench_${ex}_ep${ep}_prefill.json" 2> "$out/bench_${ex}_ep${ep}_prefill.err"
+        echo "prefill rc=$? $(cat "$out/bench_${ex}_ep${ep}_prefill.json" | head -c 600)"
+        timeout 200 "$bin/petrel" bench-model --backend $be --load dummy --ep-data both --ep-exchange $ex --model "$wide" --ep $ep --ep-mode low_latency --prefill-batch 128 --prompt-len 1 --steps 10 > "$out/bench_${ex}_ep${ep}_decode.json" 2> "$out/bench_${ex}_ep${ep}_decode.err"
+        echo "decode rc=$? $(cat "$out/bench_${ex}_ep${ep}_decode.json" | head -c 600)"
+      done
+    done
     ;;
   bench)
     wide=$PWD/tools/device/dsv3-wide
