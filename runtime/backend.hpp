@@ -76,6 +76,11 @@ public:
   virtual void copy_device(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  /// A function the backend calls every so often while its host waits for the device (synchronize, copies to the
+  /// host), on the waiting thread; it may throw to abandon the wait (the exception leaves the backend call). An EP
+  /// rank whose GPU waits on peers uses it to hear of a peer's failure. Empty: none. Backends that never wait for a
+  /// device ignore it.
+  virtual void set_wait_hook(std::function<void()> hook) { (void)hook; }
 
   // -- dense math ----------------------------------------------------------------------------------
   /// C[M,N] = alpha * op(A) * op(B) + beta * C, row-major with leading dimensions; op(X) = X or X^T.

@@ -415,6 +415,11 @@ ep_rank::ep_rank(std::unique_ptr<deepseek_model> model, ep_placement placement, 
     // A rank waiting on the GPU for a peer whose step failed would otherwise spin until device_timeout_s.
     device_plane* plane = plane_.get();
     transport_.on_abort([plane](const std::string& reason) { plane->abort(reason); });
+    // While this rank's host waits for its GPU (which may wait for a peer), the transport keeps listening: a
+    // peer's abort message or a dead peer process (UCX) aborts the group, whose hook above releases this rank's
+    // kernels, and the wait throws instead of lasting until device_timeout_s.
+    ep_transport* t = &transport_;
+    be.set_wait_hook([t] { t->poll(); });
   }
 }
 
@@ -449,7 +454,10 @@ void ep_rank::sync_plane_experts() {
 }
 
 ep_rank::~ep_rank() {
-  if (plane_) transport_.on_abort({});
+  if (plane_) {
+    transport_.on_abort({});
+    model_->be().set_wait_hook({});
+  }
 }
 
 void ep_rank::step(std::span<const sequence_step> batch, kv_pool& kv, step_result& out) {

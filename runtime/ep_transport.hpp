@@ -72,6 +72,11 @@ public:
   /// non-blocking; an empty function removes it). A rank whose thread waits on the GPU, not in this transport,
   /// learns of the abort this way. Where the transport cannot tell (a peer in another process), nothing is called.
   virtual void on_abort(std::function<void(const std::string&)> hook) { (void)hook; }
+
+  /// Makes progress without waiting, from the rank's own thread, while it waits for something else (the GPU):
+  /// a transport that learns of the group's failure here (a peer's abort message, a peer process that died) aborts
+  /// the group, which calls the on_abort hook, and throws transport_error like a wait. Default: nothing to do.
+  virtual void poll() {}
 };
 
 /// Shared-memory mailboxes of N in-process ranks. make_rank(r) gives rank r's endpoint; the exchange must

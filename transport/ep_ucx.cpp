@@ -32,6 +32,8 @@ struct ep_ucx_transport::impl {
   std::vector<int> ep_rank_of; // err-handler argument storage
   bool aborted = false;
   std::string abort_reason;
+  std::function<void(const std::string&)> abort_hook; // ep_transport::on_abort; called once, on the rank's thread
+  bool hook_called = false;
   std::map<uint64_t, std::vector<void*>> sends;                  // tag -> send requests in flight
   std::map<uint64_t, std::vector<byte_buffer>> self_parts;       // tag -> this rank's part to itself
   std::vector<std::pair<impl*, int>> err_args;
@@ -78,7 +80,12 @@ struct ep_ucx_transport::impl {
   }
 
   void fail_if_aborted() {
-    if (aborted) throw transport_error("expert all-to-all aborted: " + abort_reason);
+    if (!aborted) return;
+    if (abort_hook && !hook_called) {
+      hook_called = true;
+      abort_hook(abort_reason);
+    }
+    throw transport_error("expert all-to-all aborted: " + abort_reason);
   }
 
   /// Receives an abort reason a peer sent, if any.
@@ -287,11 +294,27 @@ void ep_ucx_transport::wait_all_to_all(uint64_t tag, std::vector<byte_buffer>& r
   p.sends.erase(tag);
 }
 
+void ep_ucx_transport::on_abort(std::function<void(const std::string&)> hook) {
+  p_->abort_hook = std::move(hook);
+  p_->hook_called = false;
+}
+
+void ep_ucx_transport::poll() {
+  impl& p = *p_;
+  ucp_worker_progress(p.worker);
+  p.poll_abort_messages();
+  p.fail_if_aborted();
+}
+
 void ep_ucx_transport::abort(const std::string& reason) {
   impl& p = *p_;
   if (!p.aborted) {
     p.aborted = true;
     p.abort_reason = reason;
+  }
+  if (p.abort_hook && !p.hook_called) {
+    p.hook_called = true;
+    p.abort_hook(p.abort_reason);
   }
   // Best effort: tell every peer, then give the sends a moment to leave.
   std::vector<void*> reqs;

@@ -52,6 +52,8 @@ public:
   void start_all_to_all(uint64_t tag, std::span<const std::span<const std::byte>> send) override;
   void wait_all_to_all(uint64_t tag, std::vector<petrel::ep::byte_buffer>& recv) override;
   void abort(const std::string& reason) override;
+  void on_abort(std::function<void(const std::string&)> hook) override;
+  void poll() override;
 
 private:
   struct impl;

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <thread>
 #include <cstring>
+#include <functional>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -151,6 +152,7 @@ struct cuda_backend::impl {
   char* bounce = nullptr;
   size_t ring_at = 0;
   cudaEvent_t ring_done = nullptr;
+  std::function<void()> wait_hook; // set_wait_hook
 
   void flush_cache_locked() {
     for (auto& [cls, v] : cache)
@@ -349,21 +351,24 @@ namespace {
 // cudaStreamSynchronize while its stream waited for a peer kept that peer's first cuBLAS call of a new shape (its
 // algorithm heuristic enters the driver) from returning, so the peer never launched what the first rank waited
 // for, until the plane's bounded wait failed the step. A query holds the driver only for the query.
-cudaError_t poll_until_done(cudaError_t (*query)(void*), void* what) {
+// Every 32nd poll after the first 64 also runs the wait hook (set_wait_hook), which may throw.
+cudaError_t poll_until_done(cudaError_t (*query)(void*), void* what, const std::function<void()>& hook) {
   for (unsigned spin = 0;; ++spin) {
     const cudaError_t e = query(what);
     if (e != cudaErrorNotReady) return e;
-    if (spin < 64)
+    if (spin < 64) {
       std::this_thread::yield();
-    else
-      std::this_thread::sleep_for(std::chrono::microseconds(spin < 4096 ? 5 : 50));
+      continue;
+    }
+    if (hook && spin % 32 == 0) hook();
+    std::this_thread::sleep_for(std::chrono::microseconds(spin < 4096 ? 5 : 50));
   }
 }
-cudaError_t wait_stream(cudaStream_t s) {
-  return poll_until_done([](void* p) { return cudaStreamQuery(static_cast<cudaStream_t>(p)); }, s);
+cudaError_t wait_stream(cudaStream_t s, const std::function<void()>& hook) {
+  return poll_until_done([](void* p) { return cudaStreamQuery(static_cast<cudaStream_t>(p)); }, s, hook);
 }
-cudaError_t wait_event(cudaEvent_t ev) {
-  return poll_until_done([](void* p) { return cudaEventQuery(static_cast<cudaEvent_t>(p)); }, ev);
+cudaError_t wait_event(cudaEvent_t ev, const std::function<void()>& hook) {
+  return poll_until_done([](void* p) { return cudaEventQuery(static_cast<cudaEvent_t>(p)); }, ev, hook);
 }
 
 } // namespace
@@ -381,7 +386,7 @@ void cuda_backend::copy_to_device(void* dst, const void* src, size_t bytes) {
   while (bytes > 0) {
     const size_t n = std::min(bytes, ring);
     if (impl_->ring_at + n > ring) {
-      check(wait_event(impl_->ring_done), "copy_to_device(ring)");
+      check(wait_event(impl_->ring_done, impl_->wait_hook), "copy_to_device(ring)");
       impl_->ring_at = 0;
     }
     char* stage = impl_->bounce + impl_->ring_at;
@@ -407,7 +412,7 @@ void cuda_backend::copy_to_host(void* dst, const void* src, size_t bytes) {
   while (bytes > 0) {
     const size_t n = std::min(bytes, impl::bounce_bytes);
     check(cudaMemcpyAsync(impl_->bounce, s, n, cudaMemcpyDeviceToHost, impl_->compute), "copy_to_host");
-    check(wait_stream(impl_->compute), "copy_to_host(synchronize)");
+    check(wait_stream(impl_->compute, impl_->wait_hook), "copy_to_host(synchronize)");
     impl_->ring_at = 0;
     std::memcpy(d, impl_->bounce, n);
     d += n;
@@ -447,9 +452,11 @@ void cuda_backend::inject_device_fault() {
 
 void cuda_backend::synchronize() {
   if (capturing_) return; // nothing to wait for: the captured work has not run
-  check(wait_stream(impl_->compute), "synchronize");
-  check(wait_stream(impl_->aux), "synchronize(aux)");
+  check(wait_stream(impl_->compute, impl_->wait_hook), "synchronize");
+  check(wait_stream(impl_->aux, impl_->wait_hook), "synchronize(aux)");
 }
+
+void cuda_backend::set_wait_hook(std::function<void()> hook) { impl_->wait_hook = std::move(hook); }
 
 // -- graphs --------------------------------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ public:
   void copy_device(void* dst, const void* src, size_t bytes) override;
   void fill_zero(void* dst, size_t bytes) override;
   void synchronize() override;
+  void set_wait_hook(std::function<void()> hook) override;
 
   cuda_allocator_stats allocator_stats() const;
   /// Returns every cached (free) block to the driver.

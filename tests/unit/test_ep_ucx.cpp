@@ -120,3 +120,55 @@ TEST_CASE("EP over UCX: a failing rank aborts its peer instead of leaving it wai
   CHECK(errors[0].find("aborted") != std::string::npos);
   CHECK(errors[0].find("outside the vocabulary") != std::string::npos); // the reason travelled
 }
+
+TEST_CASE("EP over UCX: poll() hears a peer's abort or its loss while the rank waits elsewhere, and calls the hook once") {
+  // What a rank waiting on its GPU relies on (the backend's wait hook calls poll): no all-to-all is pending.
+  auto poll_until_throw = [](transport::ep_ucx_transport& t) -> std::string {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < until) {
+      try {
+        t.poll();
+      } catch (const transport_error& e) {
+        return e.what();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return "no failure heard within 10 s";
+  };
+  SUBCASE("a peer's abort message") {
+    auto ts = connected_group(2);
+    std::vector<std::string> heard;
+    ts[0]->on_abort([&](const std::string& why) { heard.push_back(why); });
+    ts[0]->poll(); // nothing yet: no throw
+    ts[1]->abort("rank 1 lost its GPU (test)");
+    const std::string e = poll_until_throw(*ts[0]);
+    CHECK(e.find("rank 1 lost its GPU (test)") != std::string::npos);
+    REQUIRE(heard.size() == 1);
+    CHECK(heard[0].find("rank 1 lost its GPU (test)") != std::string::npos);
+    CHECK_THROWS_AS(ts[0]->poll(), transport_error); // stays failed, the hook is not called again
+    CHECK(heard.size() == 1);
+  }
+  SUBCASE("a peer that is gone (its worker and connections closed)") {
+    auto ts = connected_group(2);
+    // One exchange first, so that the tcp connections exist.
+    std::vector<std::thread> th;
+    for (int r = 0; r < 2; ++r)
+      th.emplace_back([&, r] {
+        const std::byte b{1};
+        std::vector<std::span<const std::byte>> parts(2, std::span<const std::byte>(&b, 1));
+        ts[size_t(r)]->start_all_to_all(7, parts);
+        std::vector<byte_buffer> got;
+        ts[size_t(r)]->wait_all_to_all(7, got);
+      });
+    for (auto& t : th) t.join();
+    std::vector<std::string> heard;
+    ts[0]->on_abort([&](const std::string& why) { heard.push_back(why); });
+    ts[1].reset(); // no abort message: what a killed process leaves behind is a closed connection
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string e = poll_until_throw(*ts[0]);
+    MESSAGE("rank 0 heard after " << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
+                                  << " s: " << e);
+    CHECK(e.find("lost EP peer rank 1") != std::string::npos);
+    CHECK(heard.size() == 1);
+  }
+}
