@@ -51,6 +51,10 @@ for w in $what; do
     r=$?
     tail -25 "$out/chaos_ep_ipc.log"
     echo "chaos rc=$r"
+    mkdir -p "$out/chaos_logs"
+    for f in /tmp/petrel-gpu-ep-chaos/petrel-gpu-ep-chaos/*.log; do
+      [[ -f $f ]] && grep -a -v '^ep-plane' "$f" | tail -150 > "$out/chaos_logs/$(basename "$f")"
+    done
     [[ $r == 0 ]] || rc=1
     ;;
   serve)
