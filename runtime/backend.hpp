@@ -81,6 +81,9 @@ public:
   /// rank whose GPU waits on peers uses it to hear of a peer's failure. Empty: none. Backends that never wait for a
   /// device ignore it.
   virtual void set_wait_hook(std::function<void()> hook) { (void)hook; }
+  /// Makes the calling thread use this backend's device (CUDA: cudaSetDevice). A thread that drives the backend
+  /// after another constructed it calls this first; in-process groups with a GPU per rank need it.
+  virtual void bind_thread() {}
 
   // -- dense math ----------------------------------------------------------------------------------
   /// C[M,N] = alpha * op(A) * op(B) + beta * C, row-major with leading dimensions; op(X) = X or X^T.

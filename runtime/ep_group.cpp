@@ -113,7 +113,14 @@ ep_group::~ep_group() {
   workers_.reset(); // threads first: they may still reference ranks
 }
 
-void ep_group::run_on_ranks(const std::function<void(int)>& fn) { workers_->run(fn); }
+void ep_group::run_on_ranks(const std::function<void(int)>& fn) {
+  // Each rank's worker thread drives that rank's backend (its own GPU with backend "cuda:each").
+  const std::function<void(int)> bound = [&](int r) {
+    backends_[size_t(r)]->bind_thread();
+    fn(r);
+  };
+  workers_->run(bound);
+}
 
 void ep_group::step(std::span<const std::vector<sequence_step>> batches, std::span<kv_pool* const> kv,
                     std::span<step_result> outs) {

@@ -458,6 +458,8 @@ void cuda_backend::synchronize() {
 
 void cuda_backend::set_wait_hook(std::function<void()> hook) { impl_->wait_hook = std::move(hook); }
 
+void cuda_backend::bind_thread() { check(cudaSetDevice(device_), "cudaSetDevice"); }
+
 // -- graphs --------------------------------------------------------------------------------------------------
 
 void cuda_backend::begin_capture() {

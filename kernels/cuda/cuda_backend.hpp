@@ -82,6 +82,7 @@ public:
   void fill_zero(void* dst, size_t bytes) override;
   void synchronize() override;
   void set_wait_hook(std::function<void()> hook) override;
+  void bind_thread() override;
 
   cuda_allocator_stats allocator_stats() const;
   /// Returns every cached (free) block to the driver.

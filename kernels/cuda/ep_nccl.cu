@@ -144,6 +144,20 @@ __global__ void reduce_kernel(const __nv_bfloat16* __restrict__ back, const int*
 
 unsigned blocks_for(int64_t n) { return unsigned(std::clamp<int64_t>(n, 1, 65535)); }
 
+// The exchange's device is current for the scope of a call (a thread may drive ranks of several GPUs).
+struct device_guard {
+  int prev = -1;
+  explicit device_guard(int d) {
+    cudaGetDevice(&prev);
+    if (prev != d) cudaSetDevice(d);
+  }
+  ~device_guard() {
+    int now = -1;
+    cudaGetDevice(&now);
+    if (now != prev && prev >= 0) cudaSetDevice(prev);
+  }
+};
+
 } // namespace
 
 // -- state ----------------------------------------------------------------------------------------------------------
@@ -265,6 +279,7 @@ nccl_rows::nccl_rows(const nccl_rows_config& cfg) : st_(std::make_unique<state>(
 
 nccl_rows::~nccl_rows() {
   state& s = *st_;
+  const device_guard on_device(cfg_.device);
   // Let what is queued finish (bounded by the watchdog), then stop it.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(cfg_.timeout_s + 1);
   while (cudaStreamQuery(stream_) == cudaErrorNotReady && std::chrono::steady_clock::now() < deadline)
@@ -357,6 +372,7 @@ void nccl_rows::wait_host(const char* what) {
 void nccl_rows::dispatch(int mb, const void* x_fp8, const float* x_scales, const int* topk_idx,
                          const float* topk_weights, int tokens) {
   state& s = *st_;
+  const device_guard on_device(cfg_.device);
   if (mb < 0 || mb >= cfg_.micro_batches) throw std::invalid_argument("NCCL expert exchange: bad micro-batch");
   if (tokens < 0) throw std::invalid_argument("NCCL expert exchange: negative token count");
   if (s.failed) throw std::runtime_error("NCCL expert exchange: " + s.failure_text());
@@ -460,6 +476,7 @@ std::int64_t nccl_rows::received(int mb) const { return st_->mb[mb].received; }
 
 void nccl_rows::combine(int mb, const void* y_bf16, float* out) {
   state& s = *st_;
+  const device_guard on_device(cfg_.device);
   if (mb < 0 || mb >= cfg_.micro_batches) throw std::invalid_argument("NCCL expert exchange: bad micro-batch");
   if (s.failed) throw std::runtime_error("NCCL expert exchange: " + s.failure_text());
   auto& b = s.mb[mb];
