@@ -315,8 +315,56 @@ void nccl_rows::connect(const std::vector<std::uint8_t>& unique_id) {
   std::lock_guard<std::timed_mutex> g(s.mu);
   if (s.comm) throw std::logic_error("NCCL expert exchange: connect() called twice");
   ncclComm_t comm = nullptr;
+  // Non-blocking creation where the library has it, so that a rank that never joins (it died after the group's
+  // handle exchange) fails this one after timeout_s instead of holding it in NCCL's bootstrap.
+  if (s.api.comm_init_rank_config) {
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const ncclResult_t r = s.api.comm_init_rank_config(&comm, cfg_.ranks, id, cfg_.rank, &config);
+    if (r == ncclSuccess || r == ncclInProgress) {
+      nonblocking_ = true;
+      s.comm = comm;
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(cfg_.timeout_s);
+      for (;;) {
+        ncclResult_t state = ncclInProgress;
+        s.api.comm_get_async_error(comm, &state);
+        if (state == ncclSuccess) return;
+        if (state != ncclInProgress || std::chrono::steady_clock::now() > deadline) {
+          s.api.comm_abort(comm);
+          s.comm = nullptr;
+          if (state != ncclInProgress) s.api.check(state, "ncclCommInitRankConfig");
+          throw std::runtime_error("ncclCommInitRankConfig: not every rank of the group joined within " +
+                                   std::to_string(cfg_.timeout_s) + " s (a peer died or stalls)");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    }
+    if (r != ncclInvalidArgument && r != ncclInvalidUsage) s.api.check(r, "ncclCommInitRankConfig");
+    // An older library that rejects this config version: the blocking call.
+  }
   s.api.check(s.api.comm_init_rank(&comm, cfg_.ranks, id, cfg_.rank), "ncclCommInitRank");
   s.comm = comm;
+}
+
+void nccl_rows::end_group(const char* what) {
+  state& s = *st_;
+  ncclResult_t r = s.api.group_end();
+  if (r == ncclInProgress && nonblocking_) {
+    // A non-blocking communicator may finish the group (connection setup included) in the background; its kernels
+    // are on the stream once the communicator reports success.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(cfg_.timeout_s);
+    do {
+      r = ncclInProgress;
+      s.api.comm_get_async_error(s.comm, &r);
+      if (r == ncclInProgress) {
+        if (std::chrono::steady_clock::now() > deadline)
+          throw std::runtime_error(std::string("NCCL ") + what + " of rank " + std::to_string(cfg_.rank) +
+                                   " was not issued within " + std::to_string(cfg_.timeout_s) + " s");
+        std::this_thread::yield();
+      }
+    } while (r == ncclInProgress);
+  }
+  s.api.check(r, what);
 }
 
 bool nccl_rows::connected() const { return st_->comm != nullptr; }
@@ -401,7 +449,7 @@ void nccl_rows::dispatch(int mb, const void* x_fp8, const float* x_scales, const
       s.api.check(s.api.send(counts + p, 1, ncclInt32, p, s.comm, stream_), "ncclSend (counts)");
       s.api.check(s.api.recv(counts + N + p, 1, ncclInt32, p, s.comm, stream_), "ncclRecv (counts)");
     }
-    s.api.check(s.api.group_end(), "ncclGroupEnd (counts)");
+    end_group("ncclGroupEnd (counts)");
   }
   watch("count exchange");
   cuda_ok(cudaMemcpyAsync(b.counts_h, counts, sizeof(int) * size_t(2 * N), cudaMemcpyDeviceToHost, stream_),
@@ -445,7 +493,7 @@ void nccl_rows::dispatch(int mb, const void* x_fp8, const float* x_scales, const
                                size_t(b.recv_count[size_t(p)]) * size_t(rl.bytes()), ncclUint8, p, s.comm, stream_),
                     "ncclRecv (rows)");
     }
-    s.api.check(s.api.group_end(), "ncclGroupEnd (rows)");
+    end_group("ncclGroupEnd (rows)");
   }
   watch("dispatch");
   // Rows past the received total: no local expert.
@@ -498,7 +546,7 @@ void nccl_rows::combine(int mb, const void* y_bf16, float* out) {
                                size_t(b.send_count[size_t(p)]) * size_t(row), ncclUint8, p, s.comm, stream_),
                     "ncclRecv (combine)");
     }
-    s.api.check(s.api.group_end(), "ncclGroupEnd (combine)");
+    end_group("ncclGroupEnd (combine)");
   }
   watch("combine");
   if (b.tokens > 0)

@@ -58,7 +58,8 @@ public:
   nccl_rows(const nccl_rows&) = delete;
   nccl_rows& operator=(const nccl_rows&) = delete;
 
-  /// ncclCommInitRank with rank 0's id; every rank of the group calls it (it returns when all joined).
+  /// Creates the communicator from rank 0's id; every rank of the group calls it (it returns when all joined, and
+  /// throws when they have not after timeout_s: non-blocking creation, where the library has it).
   void connect(const std::vector<std::uint8_t>& unique_id);
   bool connected() const;
   cudaStream_t stream() const { return stream_; }
@@ -89,6 +90,8 @@ public:
 private:
   void watch(const char* what);     // hands the NCCL work just enqueued to the watchdog
   void wait_host(const char* what); // the host waits for the stream, bounded; throws on failure
+  void end_group(const char* what); // ncclGroupEnd, waiting (bounded) while a non-blocking communicator issues it
+  bool nonblocking_ = false;        // the communicator was created non-blocking
   std::unique_ptr<state> st_;
   nccl_rows_config cfg_;
   cudaStream_t stream_ = nullptr;

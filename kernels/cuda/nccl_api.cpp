@@ -38,10 +38,13 @@ nccl_api::nccl_api() {
   bind(group_end, "ncclGroupEnd");
   bind(error_string, "ncclGetErrorString");
   bind(get_version, "ncclGetVersion");
+  comm_init_rank_config = reinterpret_cast<decltype(comm_init_rank_config)>(dlsym(lib, "ncclCommInitRankConfig"));
 }
 
 void nccl_api::check(ncclResult_t r, const char* op) const {
-  if (r != ncclSuccess)
+  // ncclInProgress: a call on a non-blocking communicator that NCCL finishes in the background (callers that need
+  // it finished poll ncclCommGetAsyncError).
+  if (r != ncclSuccess && r != ncclInProgress)
     throw std::runtime_error(std::string(op) + ": " + (error_string ? error_string(r) : "NCCL error") + " (" +
                              std::to_string(int(r)) + ")");
 }

@@ -17,7 +17,7 @@ public:
 
   bool ok() const { return load_error_.empty(); }
   const std::string& load_error() const { return load_error_; }
-  /// Throws std::runtime_error "<op>: <NCCL's message>" unless r is ncclSuccess.
+  /// Throws std::runtime_error "<op>: <NCCL's message>" unless r is ncclSuccess or ncclInProgress.
   void check(ncclResult_t r, const char* op) const;
 
   ncclResult_t (*get_unique_id)(ncclUniqueId*) = nullptr;
@@ -31,6 +31,8 @@ public:
   ncclResult_t (*group_end)() = nullptr;
   const char* (*error_string)(ncclResult_t) = nullptr;
   ncclResult_t (*get_version)(int*) = nullptr;
+  /// Optional (NCCL >= 2.14): non-blocking communicator creation. nullptr when the library lacks it.
+  ncclResult_t (*comm_init_rank_config)(ncclComm_t*, int, ncclUniqueId, int, ncclConfig_t*) = nullptr;
 
 private:
   nccl_api();

@@ -25,6 +25,8 @@
 #include "runtime/generation.hpp"
 
 #ifdef PETREL_HAVE_CUDA
+#include "kernels/cuda/ep_nccl.hpp"
+#include "kernels/cuda/nccl_api.hpp"
 #include "tests/support/cuda_test_util.hpp"
 #endif
 
@@ -342,6 +344,40 @@ TEST_CASE("NCCL exchange: a dead or stalled peer fails the step instead of hangi
     CHECK(fr.errors[0].find("did not finish within") != std::string::npos);
     CHECK_FALSE(fr.errors[1].empty());
   }
+}
+
+TEST_CASE("NCCL exchange: a communicator whose peer never joins fails after the timeout instead of hanging") {
+  if (skip_without_gpu()) return;
+  if (!petrel::cuda::nccl_api::get().ok()) {
+    MESSAGE("no libnccl: " << petrel::cuda::nccl_api::get().load_error());
+    return;
+  }
+  if (!petrel::cuda::nccl_api::get().comm_init_rank_config) {
+    MESSAGE("this libnccl has no non-blocking creation; a rank that never joins holds its peers in NCCL");
+    return;
+  }
+  // Rank 0 of a 2-rank group whose rank 1 never calls in (it died after the handle exchange).
+  petrel::cuda::nccl_rows_config c;
+  c.rank = 0;
+  c.ranks = 2;
+  c.hidden = 256;
+  c.experts = 8;
+  c.topk = 2;
+  c.timeout_s = 2;
+  c.device = 0;
+  petrel::cuda::nccl_rows rows(c);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string why = "joined";
+  try {
+    rows.connect(petrel::cuda::nccl_rows::make_unique_id());
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  MESSAGE("after " << secs << " s: " << why);
+  CHECK(why.find("not every rank of the group joined") != std::string::npos);
+  CHECK(secs < 6);
+  CHECK_FALSE(rows.connected());
 }
 
 TEST_CASE("the GPU data plane refuses what it cannot carry, with the reason") {
