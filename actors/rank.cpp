@@ -149,8 +149,7 @@ ep_endpoint open_ep_generation(rank_state& st, uint64_t generation) {
   if (cfg.expert_exchange == "nccl" && cfg.ep_index == 0)
     out.bootstrap = ep::make_device_plane_bootstrap(ep::device_exchange_kind::nccl);
   // cuda_ipc and nccl move the rows through the GPU data plane; its control traffic takes ucx between processes.
-  const bool device = cfg.expert_exchange == "cuda_ipc" || cfg.expert_exchange == "nccl";
-  if (cfg.expert_exchange == "ucx" || (device && cfg.ep_spans_processes)) {
+  if (cfg.expert_exchange == "ucx" || (cfg.rows_on_gpu() && cfg.ep_spans_processes)) {
     transport::ep_ucx_options opts;
     opts.net_devices = cfg.net_devices;
     auto t = transport::ep_ucx_transport::create(cfg.ep_index, cfg.ep_size, opts);
@@ -185,7 +184,7 @@ void connect_ep_generation(rank_state& st, const ep_peers& peers) {
   opt.two_batch_overlap = cfg.two_batch_overlap;
   opt.device_fp8_experts = cfg.fp8_experts;
   opt.rebalance_every = cfg.rebalance_every;
-  opt.device_exchange = cfg.expert_exchange == "cuda_ipc" || cfg.expert_exchange == "nccl";
+  opt.device_exchange = cfg.rows_on_gpu();
   if (cfg.expert_exchange == "nccl") {
     if (peers.bootstrap.empty())
       throw std::invalid_argument("the NCCL expert exchange needs rank 0's NCCL unique id, and ep_peers carries none");

@@ -37,8 +37,10 @@ struct rank_config {
   int redundant_experts = 0;
   std::string init_expert_location;
   std::string expert_exchange = "inproc"; // inproc (ranks of one process) | ucx (ranks in several processes) |
-                                          // cuda_ipc (rows through the GPU data plane; control inproc or ucx)
+                                          // cuda_ipc or nccl (rows through the GPU data plane; control inproc or ucx)
   bool ep_spans_processes = false;        // the group's ranks live in more than one node process
+  /// The dispatch/combine rows move through the GPU data plane (cuda_ipc or nccl), not the transport.
+  bool rows_on_gpu() const { return expert_exchange == "cuda_ipc" || expert_exchange == "nccl"; }
   int ep_device_max_tokens = 1024;        // cuda_ipc: most tokens per rank and micro-batch the GPU buffers hold
   std::string net_devices;                // UCX_NET_DEVICES for the ucx exchange ("" = UCX's default)
   /// The node's KV engine: the rank registers its pool there so peers can write into it.

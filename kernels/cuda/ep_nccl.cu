@@ -254,8 +254,7 @@ nccl_rows::nccl_rows(const nccl_rows_config& cfg) : st_(std::make_unique<state>(
           if (std::chrono::steady_clock::now() > s.queue.front().deadline && !s.failed) {
             const std::string what = s.queue.front().what;
             lk.unlock();
-            abort("NCCL " + what + " of rank " + std::to_string(cfg_.rank) + " did not finish within " +
-                  std::to_string(cfg_.timeout_s) + " s (a peer died or stalls)");
+            abort(stalled(what));
             lk.lock();
           }
           break;
@@ -400,6 +399,11 @@ void nccl_rows::watch(const char* what) {
                      what});
 }
 
+std::string nccl_rows::stalled(const std::string& what) const {
+  return "NCCL " + what + " of rank " + std::to_string(cfg_.rank) + " did not finish within " +
+         std::to_string(cfg_.timeout_s) + " s (a peer died or stalls)";
+}
+
 void nccl_rows::wait_host(const char* what) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(cfg_.timeout_s);
   for (;;) {
@@ -408,8 +412,7 @@ void nccl_rows::wait_host(const char* what) {
     if (q != cudaErrorNotReady) cuda_ok(q, what);
     if (st_->failed) break; // an abort ended NCCL's kernels; the stream drains
     if (std::chrono::steady_clock::now() > deadline) {
-      abort(std::string("NCCL ") + what + " of rank " + std::to_string(cfg_.rank) + " did not finish within " +
-            std::to_string(cfg_.timeout_s) + " s (a peer died or stalls)");
+      abort(stalled(what));
       break;
     }
     std::this_thread::yield();

@@ -85,9 +85,10 @@ public:
   /// Device bytes this rank holds for the exchange (all micro-batches).
   std::size_t buffer_bytes() const;
 
-  struct state; // (public so the implementation's helpers can name it; opaque here)
-
 private:
+  struct state;
+  /// Why the exchange gives up on NCCL operation `what` that has not finished within timeout_s.
+  std::string stalled(const std::string& what) const;
   void watch(const char* what);     // hands the NCCL work just enqueued to the watchdog
   void wait_host(const char* what); // the host waits for the stream, bounded; throws on failure
   void end_group(const char* what); // ncclGroupEnd, waiting (bounded) while a non-blocking communicator issues it

@@ -119,6 +119,16 @@ struct run_result {
   int64_t device_steps = 0, tokens_sent = 0;
 };
 
+/// What `f` throws (its message), or `none` when it returns.
+std::string error_of(const std::function<void()>& f, const std::string& none) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return none;
+}
+
 /// The same group with the NCCL exchange, a GPU per rank.
 ep_group_options nccl_options(ep_group_options go) {
   go.rank.device_kind = device_exchange_kind::nccl;
@@ -367,12 +377,7 @@ TEST_CASE("NCCL exchange: a communicator whose peer never joins fails after the 
   c.device = 0;
   petrel::cuda::nccl_rows rows(c);
   const auto t0 = std::chrono::steady_clock::now();
-  std::string why = "joined";
-  try {
-    rows.connect(petrel::cuda::nccl_rows::make_unique_id());
-  } catch (const std::exception& e) {
-    why = e.what();
-  }
+  const std::string why = error_of([&] { rows.connect(petrel::cuda::nccl_rows::make_unique_id()); }, "joined");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   MESSAGE("after " << secs << " s: " << why);
   CHECK(why.find("not every rank of the group joined") != std::string::npos);
@@ -396,12 +401,7 @@ TEST_CASE("the GPU data plane refuses what it cannot carry, with the reason") {
   go = group_options(2, 0, ep_mode::normal, false, true);
   go.rank.device_kind = device_exchange_kind::nccl;
   go.backend = "cuda:0";
-  std::string why = "accepted";
-  try {
-    run(go);
-  } catch (const std::exception& e) {
-    why = e.what();
-  }
+  const std::string why = error_of([&] { run(go); }, "accepted");
   MESSAGE("two NCCL ranks on one GPU: " << why);
   CHECK(why.find("a GPU of its own") != std::string::npos);
 }
